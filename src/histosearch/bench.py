@@ -1,0 +1,119 @@
+"""Benchmarks behind `histosearch bench`: numbers for the README, never timed tests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from histosearch.fileio import atomic_path
+from histosearch.slide import OpenSlideSlide, Slide, open_slide
+from histosearch.tiling import read_tiles, tile_slide
+from histosearch.tissue import TissueDetector, is_tissue
+
+
+@dataclass(frozen=True)
+class TilingBenchmark:
+    """Tiles per second of raw OpenSlide `read_region` and of histosearch tiling + reading."""
+
+    slide: str
+    magnification: float
+    tiles: int
+    raw_tiles_per_s: float
+    histosearch_tiles_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.histosearch_tiles_per_s / self.raw_tiles_per_s
+
+
+def write_pyramidal_tiff(
+    path: str | Path, source: np.ndarray, side: int, mpp: float = 0.5, levels: int = 4
+) -> Path:
+    """Write a `side` x `side` JPEG-compressed tiled pyramidal TIFF at `mpp`, tiled from the real
+    pixels of `source` (mirrored so that neighbouring copies meet without seams)."""
+    mirrored = np.concatenate([source, source[:, ::-1]], axis=1)
+    mirrored = np.concatenate([mirrored, mirrored[::-1]], axis=0)
+    reps = (-(-side // mirrored.shape[0]), -(-side // mirrored.shape[1]), 1)
+    level = np.tile(mirrored, reps)[:side, :side]
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
+        for index in range(levels):
+            scale = 2**index
+            resolution = 1e4 / (mpp * scale)  # pixels per centimetre
+            tiff.write(
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=1 if index else 0,
+                resolution=(resolution, resolution),
+                resolutionunit="CENTIMETER",
+            )
+            level = cv2.resize(
+                level, (level.shape[1] // 2, level.shape[0] // 2), interpolation=cv2.INTER_AREA
+            )
+    return Path(path)
+
+
+def _best_rate(n: int, run, repeats: int) -> float:
+    best = min(_timed(run) for _ in range(repeats))
+    return n / best
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def bench_tiling(
+    slide: Slide, magnification: float, tile_size: int = 224, repeats: int = 3
+) -> TilingBenchmark:
+    """Compare raw OpenSlide reads of the tissue tiles with `tile_slide` + `read_tiles`.
+
+    Both read the same tiles from the same pyramid level; histosearch's time includes
+    reading the detection thumbnail and deciding which tiles hold tissue.
+    """
+    if not isinstance(slide, OpenSlideSlide):
+        raise ValueError(f"{slide.path}: the raw baseline needs an OpenSlide-readable slide")
+    grid = tile_slide(slide, magnification, tile_size)
+    coords = grid.tissue_coords.tolist()
+    level = slide.best_level(grid.downsample)
+    level_size = round(tile_size * grid.downsample / slide.level_downsamples[level])
+    handle = slide.handle
+
+    def raw() -> None:
+        for x, y in coords:
+            np.asarray(handle.read_region((x, y), level, (level_size, level_size)))
+
+    def ours() -> None:
+        tiled = tile_slide(slide, magnification, tile_size)
+        for _ in read_tiles(slide, tiled):
+            pass
+
+    raw()  # warm the file cache for both
+    return TilingBenchmark(
+        slide=Path(slide.path).name,
+        magnification=magnification,
+        tiles=len(coords),
+        raw_tiles_per_s=_best_rate(len(coords), raw, repeats),
+        histosearch_tiles_per_s=_best_rate(len(coords), ours, repeats),
+    )
+
+
+def tissue_accuracy(tiles_dir: str | Path, detector: TissueDetector) -> tuple[float, list[str]]:
+    """Accuracy of `detector` on labelled tiles (`no-tissue*`/`almost-white*` are background),
+    and the names of the tiles it gets wrong."""
+    wrong = []
+    paths = sorted(Path(tiles_dir).glob("*.png"))
+    for path in paths:
+        truth = not path.name.startswith(("no-tissue", "almost-white"))
+        with open_slide(path) as tile:
+            rgb = tile.read_scaled((0, 0), tile.dimensions, 1.0)
+        if is_tissue(rgb, detector) != truth:
+            wrong.append(path.name)
+    return 1 - len(wrong) / len(paths), wrong
