@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,17 @@ class TilingBenchmark:
 
 
 def write_pyramidal_tiff(
-    path: str | Path, source: np.ndarray, side: int, mpp: float = 0.5, levels: int = 4
+    path: str | Path, source: np.ndarray, side: int, mpp: float = 0.5, smallest: int = 1024
 ) -> Path:
     """Write a `side` x `side` JPEG-compressed tiled pyramidal TIFF at `mpp`, tiled from the real
-    pixels of `source` (mirrored so that neighbouring copies meet without seams)."""
+    pixels of `source` (mirrored so that neighbouring copies meet without seams), halving
+    down to a level of at most `smallest` pixels, as scanners do."""
     mirrored = np.concatenate([source, source[:, ::-1]], axis=1)
     mirrored = np.concatenate([mirrored, mirrored[::-1]], axis=0)
     reps = (-(-side // mirrored.shape[0]), -(-side // mirrored.shape[1]), 1)
     level = np.tile(mirrored, reps)[:side, :side]
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
-        for index in range(levels):
+        for index in range(max(1, math.ceil(math.log2(side / smallest)) + 1)):
             scale = 2**index
             resolution = 1e4 / (mpp * scale)  # pixels per centimetre
             tiff.write(
@@ -88,7 +90,7 @@ def bench_tiling(
 
     def raw() -> None:
         for x, y in coords:
-            np.asarray(handle.read_region((x, y), level, (level_size, level_size)))
+            np.asarray(handle.read_region((x, y), level, (level_size, level_size)).convert("RGB"))
 
     def ours() -> None:
         tiled = tile_slide(slide, magnification, tile_size)

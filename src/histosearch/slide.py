@@ -32,6 +32,9 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 # A level whose downsample is within 1% of the one wanted is read without resizing
 # (scanners store 2.0005 for a nominal 2).
 LEVEL_TOLERANCE = 0.01
+# An overview (tissue detection) may come from a level or stored thumbnail this many times
+# coarser than asked: detection needs shapes, not detail, and big reads cost the most.
+OVERVIEW_SLACK = 2.0
 # Regions larger than this at the source level are read block by block to bound memory.
 MAX_SOURCE_BLOCK = 4096
 
@@ -57,14 +60,11 @@ def _positive_float(value: Any) -> float | None:
     return number if number > 0 and math.isfinite(number) else None
 
 
-def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA array, transparent pixels (outside the scanned area) as white glass."""
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    if rgba.shape[-1] == 4:
-        transparent = rgba[..., 3] == 0
-        if transparent.any():
-            rgb[transparent] = 255
-    return rgb
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """RGB array of a PIL image; transparent pixels (outside the scanned area) become white."""
+    if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return np.asarray(image.convert("RGB"))
 
 
 class Slide(ABC):
@@ -189,13 +189,19 @@ class Slide(ABC):
         return self.read_scaled(location, size, self.downsample_for(magnification))
 
     def read_scaled(
-        self, location: tuple[int, int], size: tuple[int, int], downsample: float
+        self,
+        location: tuple[int, int],
+        size: tuple[int, int],
+        downsample: float,
+        level: int | None = None,
     ) -> np.ndarray:
-        """Like `read_region`, with the scale given as level-0 pixels per output pixel."""
+        """Like `read_region`, with the scale given as level-0 pixels per output pixel; `level`
+        forces the pyramid level read from (default: the smallest one detailed enough)."""
         out_w, out_h = size
         if out_w <= 0 or out_h <= 0:
             raise ValueError(f"region size must be positive, got {size}")
-        level = self.best_level(downsample)
+        if level is None:
+            level = self.best_level(downsample)
         scale = downsample / self.level_downsamples[level]  # level pixels per output pixel
         # Output pixels per block so that one source block stays within MAX_SOURCE_BLOCK.
         block = max(1, int(MAX_SOURCE_BLOCK / scale))
@@ -228,6 +234,11 @@ class Slide(ABC):
             return pixels
         interpolation = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
         return cv2.resize(pixels, (w, h), interpolation=interpolation)
+
+    def read_overview(self, size: tuple[int, int], downsample: float) -> np.ndarray:
+        """The region of `size` pixels from the top-left corner at `downsample`, read cheaply:
+        from a coarser level (up to OVERVIEW_SLACK times less detailed), then resized."""
+        return self.read_scaled((0, 0), size, downsample, self.best_level(downsample * OVERVIEW_SLACK))
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """The whole slide as an RGB array whose longer side is at most `max_size`."""
@@ -278,7 +289,26 @@ class OpenSlideSlide(Slide):
             raise SlideReadError(
                 self.path, f"reading {size[0]}x{size[1]} px at level {level} failed: {error}"
             ) from error
-        return _rgba_to_rgb(np.asarray(region))
+        return _to_rgb(region)
+
+    def read_overview(self, size: tuple[int, int], downsample: float) -> np.ndarray:
+        level = self.best_level(downsample * OVERVIEW_SLACK)
+        thumb_size = self._stored_thumbnail_size()
+        if thumb_size is None:
+            return super().read_overview(size, downsample)
+        thumb_downsample = self.dimensions[0] / thumb_size[0]
+        if not self.level_downsamples[level] < thumb_downsample <= downsample * OVERVIEW_SLACK:
+            return super().read_overview(size, downsample)
+        # The file's own thumbnail (Aperio and others store one) is cheaper than any level.
+        thumb = _to_rgb(self.handle.associated_images["thumbnail"])
+        box_w = min(thumb.shape[1], math.ceil(size[0] * downsample / thumb_downsample))
+        box_h = min(thumb.shape[0], math.ceil(size[1] * downsample / thumb_downsample))
+        return cv2.resize(thumb[:box_h, :box_w], size, interpolation=cv2.INTER_AREA)
+
+    def _stored_thumbnail_size(self) -> tuple[int, int] | None:
+        size = self.handle.properties.get(f"{self._property_prefix}.associated.thumbnail.width")
+        height = self.handle.properties.get(f"{self._property_prefix}.associated.thumbnail.height")
+        return None if size is None or height is None else (int(size), int(height))
 
     def close(self) -> None:
         self.handle.close()

@@ -115,7 +115,7 @@ def tile_slide(
     )
     if rows and cols:
         px = max(2, min(DETECTION_PX, tile_size, MAX_DETECTION_SIDE // max(rows, cols)))
-        thumb = slide.read_scaled((0, 0), (cols * px, rows * px), span / px)
+        thumb = slide.read_overview((cols * px, rows * px), span / px)
         fraction, keep = detector.detect(thumb, (px, px))
     else:
         fraction, keep = np.zeros((0,), np.float32), np.zeros((0,), bool)
