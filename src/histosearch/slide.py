@@ -238,7 +238,9 @@ class Slide(ABC):
     def read_overview(self, size: tuple[int, int], downsample: float) -> np.ndarray:
         """The region of `size` pixels from the top-left corner at `downsample`, read cheaply:
         from a coarser level (up to OVERVIEW_SLACK times less detailed), then resized."""
-        return self.read_scaled((0, 0), size, downsample, self.best_level(downsample * OVERVIEW_SLACK))
+        return self.read_scaled(
+            (0, 0), size, downsample, self.best_level(downsample * OVERVIEW_SLACK)
+        )
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """The whole slide as an RGB array whose longer side is at most `max_size`."""
