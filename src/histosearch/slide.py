@@ -64,7 +64,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     """RGB array of a PIL image; transparent pixels (outside the scanned area) become white."""
     if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255:
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
 
 
 class Slide(ABC):

@@ -1,0 +1,119 @@
+"""Batched embedding: tiles or images read by worker processes while the model runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from histosearch.encoders import Encoder
+from histosearch.errors import SlideReadError
+from histosearch.slide import Slide, open_slide
+from histosearch.tiling import TileGrid
+
+
+class TileDataset(Dataset):
+    """The tiles of a grid; each worker opens its own handle on the slide."""
+
+    def __init__(self, slide: Slide, grid: TileGrid, coords: np.ndarray) -> None:
+        self.path, self.coords = slide.path, coords
+        self.resolution = {"mpp": slide.mpp, "objective_power": slide.objective_power}
+        self.size, self.downsample = (grid.tile_size, grid.tile_size), grid.downsample
+        self._slide: Slide | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._slide is None:
+            self._slide = open_slide(self.path, **self.resolution)
+        x, y = self.coords[index]
+        return self._slide.read_scaled((int(x), int(y)), self.size, self.downsample)
+
+
+class ImageDataset(Dataset):
+    """Whole images (patches), each resized to the encoder's input size."""
+
+    def __init__(self, paths: Sequence[str | Path], size: int) -> None:
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = np.array(image.convert("RGB"))
+        except Exception as error:
+            raise SlideReadError(path, f"cannot read image: {error}") from error
+        if rgb.shape[:2] != (self.size, self.size):
+            interpolation = cv2.INTER_AREA if rgb.shape[0] > self.size else cv2.INTER_LINEAR
+            rgb = cv2.resize(rgb, (self.size, self.size), interpolation=interpolation)
+        return rgb
+
+
+def embed_dataset(
+    dataset: Dataset,
+    encoder: Encoder,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Embeddings (n, dim) float32 of every item, in order; `on_batch(n)` after each batch."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    out = np.empty((len(dataset), encoder.dim), np.float32)
+    start = 0
+    for batch in loader:
+        out[start : start + len(batch)] = encoder(batch)
+        start += len(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
+
+
+def default_device() -> str:
+    """CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embed_path(
+    path: str | Path,
+    encoder: Encoder,
+    magnification: float,
+    tile_size: int = 224,
+    tissue: str = "otsu",
+    *,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(features, level-0 coords, mpp) of a slide's tissue tiles at `magnification`; an image
+    no larger than a tile is one patch, embedded whole, at coordinate (0, 0)."""
+    from histosearch.errors import NoTissueError
+    from histosearch.tiling import tile_slide
+
+    with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
+        if max(slide.dimensions) <= tile_size:
+            features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
+            return features, np.zeros((1, 2), np.int64), slide.mpp
+        grid = tile_slide(slide, magnification, tile_size, tissue)
+        if grid.n_tissue == 0:
+            raise NoTissueError(
+                path, f"no tissue in the {len(grid)} tiles of {tile_size} px at {magnification:g}x"
+            )
+        dataset = TileDataset(slide, grid, grid.tissue_coords)
+        features = embed_dataset(dataset, encoder, batch_size, num_workers, on_batch)
+        return features, grid.tissue_coords, slide.mpp

@@ -1,0 +1,115 @@
+"""Building an archive from slides and patch groups: incremental, resumable, batch-tolerant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from histosearch.archive import Archive
+from histosearch.embed import ImageDataset, embed_dataset, embed_path
+from histosearch.encoders import Encoder
+from histosearch.errors import HistosearchError
+from histosearch.inputs import Item
+
+# Patch groups are embedded together in runs of about this many images, so that small groups
+# share one data loader; each group is stored as soon as its run is done.
+GROUP_RUN = 512
+
+
+@dataclass
+class IndexReport:
+    """What an `index` run did."""
+
+    added: int = 0
+    skipped: int = 0
+    patches: int = 0
+    failures: list[tuple[str, str]] | None = None
+
+
+def _runs(groups: list[Item]) -> list[list[Item]]:
+    """Consecutive groups gathered until each run holds about GROUP_RUN images."""
+    runs: list[list[Item]] = [[]]
+    for item in groups:
+        if sum(len(i.paths) for i in runs[-1]) >= GROUP_RUN:
+            runs.append([])
+        runs[-1].append(item)
+    return [run for run in runs if run]
+
+
+def index_items(
+    archive: Archive,
+    items: list[Item],
+    encoder: Encoder,
+    *,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    on_item: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> IndexReport:
+    """Embed and store every item not yet in the archive; failures are collected, not raised."""
+    report = IndexReport(failures=[])
+    stored = {record.path for record in archive.slides()}
+    todo = [item for item in items if item.key not in stored]
+    report.skipped = len(items) - len(todo)
+    magnification = float(archive.settings["magnification"])
+    tile_size = int(archive.settings["tile_size"])
+    tissue = archive.settings["tissue"]
+
+    def add(item: Item, features: np.ndarray, coords: np.ndarray, item_mpp: float | None) -> None:
+        archive.add(
+            item.key,
+            features,
+            coords,
+            name=item.name,
+            label=item.label,
+            patient=item.patient,
+            group=item.group,
+            mpp=item_mpp,
+            paths=[str(p) for p in item.paths] if item.is_group else None,
+        )
+        report.added += 1
+        report.patches += len(features)
+        if on_item is not None:
+            on_item(item.name)
+
+    for run in _runs([item for item in todo if item.is_group]):
+        paths = [p for item in run for p in item.paths]
+        try:
+            features = embed_dataset(
+                ImageDataset(paths, encoder.input_size), encoder, batch_size, num_workers, on_batch
+            )
+        except HistosearchError as error:
+            report.failures.extend((item.name, str(error)) for item in run)
+            continue
+        offsets = np.cumsum([0] + [len(item.paths) for item in run])
+        for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
+            add(item, features[a:b], np.zeros((b - a, 2), np.int64), None)
+
+    for item in (item for item in todo if not item.is_group):
+        try:
+            features, coords, item_mpp = embed_path(
+                item.paths[0],
+                encoder,
+                magnification,
+                tile_size,
+                tissue,
+                mpp=mpp,
+                objective_power=objective_power,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                on_batch=on_batch,
+            )
+            add(item, features, coords, item_mpp)
+        except HistosearchError as error:
+            report.failures.append((item.name, str(error)))
+        except Exception as error:  # one bad slide must not stop a batch
+            report.failures.append(
+                (item.name, f"{item.paths[0]}: unexpected {type(error).__name__}: {error}")
+            )
+    if report.added:
+        archive.build_index()
+    return report
