@@ -138,3 +138,78 @@ def synthetic_archive(
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     features = np.abs(rng.standard_normal((n_patches, dim), dtype=np.float32))
     return features, offsets
+
+
+# The paper's CPU runtimes of Table I (10-core Intel 9900X), in seconds.
+PAPER_CPU_SECONDS = {
+    (1.0, 2048): 60,
+    (2.5, 2048): 180,
+    (5.0, 2048): 600,
+    (10.0, 2048): 35 * 3600,
+    (1.0, 128): 60,
+    (2.5, 128): 120,
+    (5.0, 128): 480,
+    (10.0, 128): 30 * 3600,
+}
+
+
+@dataclass(frozen=True)
+class SearchBenchmark:
+    """Leave-one-out slide search over a synthetic archive of the paper's shape."""
+
+    magnification: float
+    dim: int
+    patches: int
+    dtype: str
+    seconds: float
+    peak_rss_gb: float
+
+    @property
+    def paper_seconds(self) -> float:
+        return PAPER_CPU_SECONDS[(self.magnification, self.dim)]
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_search(magnification: float, dim: int, dtype: str = "float32") -> SearchBenchmark:
+    """Time the full leave-one-out search (every slide against every other) at the paper's
+    scale for one magnification and embedding size."""
+    import torch
+
+    from histosearch.similarity import similarity_matrix
+
+    features, offsets = synthetic_archive(PAPER_PATCHES[magnification], dim)
+    start = time.perf_counter()
+    matrix = similarity_matrix(features, offsets, getattr(torch, dtype))
+    np.argsort(-matrix, axis=1)  # the rankings the search returns
+    seconds = time.perf_counter() - start
+    return SearchBenchmark(magnification, dim, len(features), dtype, seconds, _peak_rss_gb())
+
+
+def search_agreement(dtype: str = "float32") -> tuple[float, bool]:
+    """On a small case, the largest difference between the blocked search and the measure
+    computed pair by pair, and whether every top-5 ranking is identical."""
+    import torch
+
+    from histosearch.similarity import similarity_matrix, wsi_similarity
+
+    features, offsets = synthetic_archive(3000, 128, n_slides=24, seed=1)
+    blocked = similarity_matrix(features, offsets, getattr(torch, dtype))
+    n = len(offsets) - 1
+    plain = np.array(
+        [
+            [
+                wsi_similarity(
+                    features[offsets[i] : offsets[i + 1]], features[offsets[j] : offsets[j + 1]]
+                )
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
+    )
+    same = bool((np.argsort(-blocked, 1)[:, :6] == np.argsort(-plain, 1)[:, :6]).all())
+    return float(np.abs(blocked - plain).max()), same

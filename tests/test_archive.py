@@ -1,0 +1,300 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from data_paths import CMU, DATA, TCGA, WSI
+from typer.testing import CliRunner
+
+from histosearch.archive import Archive, ArchiveError
+from histosearch.cli import app
+from histosearch.search import Query, excluded_slides
+
+runner = CliRunner()
+LC = DATA / "lc25000-lung-dev"
+IDC = DATA / "idc-breast-dev"
+
+
+def write_manifest(path: Path, source: Path, column: str, per_class: int) -> Path:
+    """A manifest of the first `per_class` groups/patients of each label, absolute paths."""
+    with (source / "manifest.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    chosen: dict[str, list[str]] = {}
+    for row in rows:
+        members = chosen.setdefault(row["label"], [])
+        if row[column] not in members and len(members) < per_class:
+            members.append(row[column])
+    keep = {value for members in chosen.values() for value in members}
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            if row[column] in keep:
+                writer.writerow({**row, "path": str((source / row["path"]).resolve())})
+    return path
+
+
+@pytest.fixture(scope="module")
+def lc_archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lc")
+    manifest = write_manifest(root / "lc.csv", LC, "group", 3)
+    result = runner.invoke(
+        app,
+        [
+            "index",
+            str(manifest),
+            "--archive",
+            str(root / "archive"),
+            "--group-by",
+            "group",
+            "--mag",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return root / "archive"
+
+
+def test_catalog_and_hdf5_layout(lc_archive: Path):
+    with Archive(lc_archive) as archive:
+        records = archive.slides()
+        assert len(records) == 9 and {r.label for r in records} == {
+            "lung_aca",
+            "lung_n",
+            "lung_scc",
+        }
+        assert archive.settings["encoder"] == "efficientnet-lite0-imagenet"
+        assert archive.settings["reduction"] == "cov" and archive.settings["n_features"] == "128"
+        record = records[0]
+    # plain h5py reads the CLAM/TRIDENT layout
+    with h5py.File(lc_archive / record.feature_file, "r") as h5:
+        assert h5["features"].dtype == np.float16 and h5["features"].shape == (
+            record.n_patches,
+            1280,
+        )
+        assert h5["coords"].shape == (record.n_patches, 2)
+        assert len(h5["paths"]) == record.n_patches
+        assert h5.attrs["encoder"] == "efficientnet-lite0-imagenet"
+    assert not list(lc_archive.rglob("*.tmp"))
+
+
+def test_slide_search_ranks_same_class_first_and_excludes_itself(lc_archive: Path, tmp_path: Path):
+    with Archive(lc_archive) as archive:
+        query = next(r for r in archive.slides() if r.label == "lung_n")
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            query.name,
+            "--archive",
+            str(lc_archive),
+            "-k",
+            "3",
+            "--json",
+            "--gallery",
+            str(tmp_path / "g.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[: result.output.rindex("}") + 1])
+    results = payload["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3]
+    assert query.name not in [r["slide"] for r in results]
+    assert results[0]["label"] == "lung_n"
+    assert all(0 <= r["similarity"] <= 1 for r in results)
+    assert results[0]["similarity"] >= results[1]["similarity"] >= results[2]["similarity"]
+    assert len(results[0]["matches"]) == query.n_patches  # a best match for every query patch
+    assert (tmp_path / "g.png").stat().st_size > 20_000
+
+
+def test_patch_search_of_an_indexed_patch_finds_it_unless_its_group_is_excluded(lc_archive: Path):
+    with Archive(lc_archive) as archive:
+        record = archive.slides()[0]
+        patch = archive.read(record).paths[0]
+    result = runner.invoke(
+        app,
+        ["search", patch, "--archive", str(lc_archive), "-k", "3", "--json", "--mode", "patches"],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.output)["results"]
+    assert results[0]["patch"] == Path(patch).name and results[0]["similarity"] > 0.999
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            patch,
+            "--archive",
+            str(lc_archive),
+            "-k",
+            "3",
+            "--json",
+            "--exclude",
+            "group",
+            "--group",
+            record.group,
+        ],
+    )
+    results = json.loads(result.output)["results"]
+    assert len(results) == 3 and record.group not in [r["group"] for r in results]
+
+
+def test_exclusion_rules(tmp_path: Path):
+    manifest = write_manifest(tmp_path / "idc.csv", IDC, "patient", 2)
+    result = runner.invoke(
+        app, ["index", str(manifest), "--archive", str(tmp_path / "a"), "--mag", "2.5"]
+    )
+    assert result.exit_code == 0, result.output
+    with Archive(tmp_path / "a") as archive:
+        records = archive.slides()
+        assert len(records) == len(manifest.read_text().splitlines()) - 1  # one patch per entry
+        query = records[0]
+        same_patient = {r.id for r in records if r.patient == query.patient}
+        assert excluded_slides(records, Query.of(query), ["slide"]) == {query.id}
+        assert excluded_slides(records, Query.of(query), ["patient"]) == same_patient
+        assert excluded_slides(records, Query.of(None), ["patient", "slide"]) == set()
+        with pytest.raises(ValueError, match="unknown exclusion"):
+            excluded_slides(records, Query.of(query), ["hospital"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            query.name,
+            "--archive",
+            str(tmp_path / "a"),
+            "-k",
+            "5",
+            "--exclude",
+            "patient",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert all(r["patient"] != query.patient for r in json.loads(result.output)["results"])
+
+
+def test_incremental_add_and_mismatched_settings(tmp_path: Path):
+    archive_dir = tmp_path / "wsi"
+    result = runner.invoke(app, ["index", str(CMU), "--archive", str(archive_dir), "--mag", "5"])
+    assert result.exit_code == 0, result.output
+    first = (archive_dir / "index.faiss").stat().st_mtime_ns
+    result = runner.invoke(
+        app,
+        [
+            "index",
+            str(CMU),
+            str(TCGA),
+            "--objective-power",
+            "20",
+            "--archive",
+            str(archive_dir),
+            "--mag",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "added 1" in result.output and "1 already there" in result.output
+    with Archive(archive_dir) as archive:
+        assert [r.name for r in archive.slides()] == [CMU.name, TCGA.name]
+        index, mapping = archive.index()
+        assert index.ntotal == sum(r.n_patches for r in archive.slides()) == len(mapping)
+    assert (archive_dir / "index.faiss").stat().st_mtime_ns != first
+    result = runner.invoke(app, ["index", str(CMU), "--archive", str(archive_dir), "--mag", "10"])
+    assert result.exit_code != 0 and "magnification 10 (archive: 5)" in str(result.exception)
+    result = runner.invoke(
+        app, ["search", str(CMU), "--archive", str(archive_dir), "--encoder", "resnet50-imagenet"]
+    )
+    assert "encoder resnet50-imagenet (archive: efficientnet-lite0-imagenet)" in str(
+        result.exception
+    )
+
+
+def test_bad_archives_and_queries(tmp_path: Path):
+    with pytest.raises(ArchiveError, match="no archive here"):
+        Archive(tmp_path / "nothing")
+    settings = {
+        "encoder": "efficientnet-lite0-imagenet",
+        "dim": "1280",
+        "magnification": "5",
+        "tile_size": "224",
+        "tissue": "otsu",
+        "reduction": "cov",
+        "n_features": "128",
+    }
+    with (
+        Archive(tmp_path / "empty", settings) as archive,
+        pytest.raises(ArchiveError, match="empty"),
+    ):
+        archive.all_features()
+    cli = [sys.executable, "-m", "histosearch.cli"]
+    done = subprocess.run(
+        [
+            *cli,
+            "search",
+            str(WSI / "histolab" / "broken.svs"),
+            "--archive",
+            str(tmp_path / "empty"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "broken.svs: corrupt or unsupported" in done.stderr
+
+
+def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
+    images = sorted((LC / "images" / "lung_n").glob("*.jpeg"))[:40]
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).symlink_to(image)
+    archive_dir = tmp_path / "archive"
+    command = [
+        sys.executable,
+        "-m",
+        "histosearch.cli",
+        "index",
+        str(folder),
+        "--archive",
+        str(archive_dir),
+        "--workers",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    catalog = archive_dir / "catalog.sqlite"
+    deadline = time.monotonic() + 120
+    count = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        if catalog.exists():
+            try:
+                count = (
+                    sqlite3.connect(catalog).execute("SELECT COUNT(*) FROM slides").fetchone()[0]
+                )
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= 3:
+                break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 3 <= count < 40, "the run must be killed midway"
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with Archive(archive_dir) as archive:
+        records = archive.slides()
+        assert len(records) == 40 and len({r.path for r in records}) == 40
+        for record in records:
+            assert archive.read(record).features.shape == (1, 1280)
+        assert archive.index()[0].ntotal == 40
+    assert not list(archive_dir.rglob("*.tmp"))

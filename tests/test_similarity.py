@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from histosearch.bench import synthetic_archive
+from histosearch.similarity import (
+    match_patches,
+    similarity_matrix,
+    slide_similarities,
+    wsi_similarity,
+)
+
+
+def reference_similarity(query: np.ndarray, reference: np.ndarray) -> float:
+    """Equation (1)-(2) written out with loops, as the paper states it."""
+
+    def cosine(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b)
+        )
+
+    s = [[cosine(q, r) for r in reference] for q in query]
+    rows = sum(max(row) for row in s) / len(query)
+    columns = sum(max(s[i][j] for i in range(len(query))) for j in range(len(reference))) / len(
+        reference
+    )
+    return 0.5 * (rows + columns)
+
+
+@pytest.fixture(scope="module")
+def archive() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_archive(600, 24, n_slides=9, seed=3)
+
+
+def test_agrees_with_the_equation_written_out(archive):
+    features, offsets = archive
+    a, b = features[offsets[0] : offsets[1]], features[offsets[4] : offsets[5]]
+    assert wsi_similarity(a, b) == pytest.approx(
+        reference_similarity(a.tolist(), b.tolist()), abs=1e-6
+    )
+
+
+def test_properties(archive):
+    features, offsets = archive
+    matrix = similarity_matrix(features, offsets)
+    assert np.allclose(matrix, matrix.T)
+    assert np.all(np.diag(matrix) == 1.0)
+    assert matrix.min() >= 0 and matrix.max() <= 1
+    slide = features[offsets[2] : offsets[3]]
+    assert wsi_similarity(slide, slide) == pytest.approx(1.0, abs=1e-6)
+    # a slide made of a subset of another's patches matches those rows exactly
+    rows, cosines = match_patches(slide[:5], slide)
+    assert rows.tolist() == [0, 1, 2, 3, 4] and np.allclose(cosines, 1)
+
+
+def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):
+    features, offsets = archive
+    monkeypatch.setattr("histosearch.similarity.CHUNK_PATCHES", 50)  # many chunks
+    matrix = similarity_matrix(features, offsets)
+    n = len(offsets) - 1
+    direct = np.array(
+        [
+            [
+                wsi_similarity(
+                    features[offsets[i] : offsets[i + 1]], features[offsets[j] : offsets[j + 1]]
+                )
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
+    )
+    assert np.abs(matrix - direct).max() < 1e-6
+    assert (
+        np.abs(
+            slide_similarities(features[offsets[3] : offsets[4]], features, offsets) - direct[3]
+        ).max()
+        < 1e-6
+    )
+    bf16 = similarity_matrix(features, offsets, torch.bfloat16)
+    assert np.abs(bf16 - direct).max() < 5e-3
+    assert (np.argsort(-direct, axis=1)[:, :2] == np.argsort(-matrix, axis=1)[:, :2]).all()
