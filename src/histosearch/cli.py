@@ -624,6 +624,39 @@ def bench_search_command(
     console.print(table)
 
 
+@bench_app.command("extract")
+def bench_extract_command(
+    slide_path: Annotated[
+        Path | None, typer.Argument(help="Slide (default: the TCGA fixture).")
+    ] = None,
+    mag: Annotated[float, typer.Option("--mag")] = 20.0,
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+) -> None:
+    """Extraction throughput against the encoder's own forward throughput."""
+    from histosearch.bench import bench_extraction
+
+    path = (
+        slide_path
+        or data / "fixtures" / "wsi-fixtures" / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
+    )
+    with open_slide(path, objective_power=None if slide_path else 20.0) as slide:
+        result = bench_extraction(slide, mag, encoder_name, batch_size)
+    table = Table(
+        title=f"Extraction, {result.tiles} tiles of {path.name} at {mag:g}x, {default_device()}"
+    )
+    for column in ("encoder", "model alone img/s", "pipeline img/s", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        result.encoder,
+        f"{result.model_per_s:.1f}",
+        f"{result.pipeline_per_s:.1f}",
+        f"{result.ratio:.2f}",
+    )
+    console.print(table)
+
+
 @bench_app.command("tissue")
 def bench_tissue_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,

@@ -52,21 +52,30 @@ def _chunks(offsets: np.ndarray, first: int, last: int) -> list[tuple[int, int]]
 def _similarities(
     query: torch.Tensor, features: torch.Tensor, offsets: np.ndarray, first: int, last: int
 ) -> np.ndarray:
-    """sim(query, slide k) for k in first..last-1, one matrix product per chunk of slides."""
+    """sim(query, slide k) for k in first..last-1, one matrix product per chunk of slides.
+
+    The product is taken as (chunk x query) so that every slide's block is a contiguous run of
+    rows and both maxima are reductions over contiguous memory.
+    """
     sims = np.empty(last - first)
     for chunk_first, chunk_last in _chunks(offsets, first, last):
         base = offsets[chunk_first]
-        cosines = query @ features[base : offsets[chunk_last]].T
-        column_max = cosines.amax(dim=0).float()
+        cosines = features[base : offsets[chunk_last]] @ query.T  # (chunk patches, query patches)
+        best_for_reference = cosines.amax(dim=1).float()  # column max of S, per reference patch
         for k in range(chunk_first, chunk_last):
             a, b = offsets[k] - base, offsets[k + 1] - base
-            row_mean = cosines[:, a:b].amax(dim=1).float().mean()
-            sims[k - first] = 0.5 * float(row_mean + column_max[a:b].mean())
+            best_for_query = cosines[a:b].amax(dim=0).float()  # row max of S within slide k
+            sims[k - first] = 0.5 * float(best_for_query.mean() + best_for_reference[a:b].mean())
     return np.clip(sims, 0, 1)
 
 
 def _as_tensor(features: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(l2_normalize(features)).to(dtype)
+    """L2-normalised rows in `dtype`, converted a block at a time: no full float32 copy."""
+    out = torch.empty(features.shape, dtype=dtype)
+    for start in range(0, len(features), CHUNK_PATCHES):
+        block = l2_normalize(features[start : start + CHUNK_PATCHES])
+        out[start : start + len(block)] = torch.from_numpy(block)
+    return out
 
 
 def slide_similarities(
