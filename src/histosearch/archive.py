@@ -85,6 +85,11 @@ class Archive:
             raise ArchiveError(self.root, "no archive here (build one with histosearch index)")
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "features").mkdir(exist_ok=True)
+        if settings is not None:
+            # Temporary files of a killed run (its atomic writes never renamed): nothing refers
+            # to them, and the slides they were for are redone.
+            for stale in self.root.rglob(".*.tmp"):
+                stale.unlink()
         self._db = sqlite3.connect(catalog)
         self._db.executescript(SCHEMA)
         stored = dict(self._db.execute("SELECT key, value FROM settings"))
@@ -217,7 +222,11 @@ class Archive:
         features, offsets, records = self.all_features()
         kind, n_features = self.settings.get("reduction", "none"), int(self.settings["n_features"])
         if kind != "none":
-            save_reducer(make_reducer(kind, n_features).fit(features), self.root / "reducer.npz")
+            try:
+                reducer = make_reducer(kind, n_features).fit(features)
+            except ValueError as error:
+                raise ArchiveError(self.root, f"cannot fit the {kind} reduction: {error}") from None
+            save_reducer(reducer, self.root / "reducer.npz")
         reduced = self.reduce(features)
         index = faiss.IndexFlatIP(reduced.shape[1])
         index.add(reduced)

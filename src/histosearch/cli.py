@@ -17,6 +17,7 @@ from rich.table import Table
 from histosearch.archive import ArchiveError
 from histosearch.embed import default_device
 from histosearch.errors import HistosearchError, NoTissueError
+from histosearch.indexer import IndexReport
 from histosearch.slide import open_slide
 from histosearch.tiling import TileGrid, save_overlay, tile_slide
 from histosearch.tissue import DETECTORS, make_detector
@@ -221,14 +222,22 @@ def build_archive(
     objective_power: float | None,
     batch_size: int,
     workers: int,
-):
+) -> IndexReport:
     """`index` without the exit: build or extend the archive, print what was done."""
     from histosearch.archive import Archive
     from histosearch.encoders import create_encoder
     from histosearch.indexer import index_items
     from histosearch.inputs import collect_items
+    from histosearch.reduce import REDUCERS
 
-    make_detector(tissue)
+    try:
+        make_detector(tissue)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tissue") from None
+    if reduction not in (*REDUCERS, "none"):
+        raise typer.BadParameter(
+            f"choose from {', '.join(REDUCERS)} or none", param_hint="--reduction"
+        )
     items = collect_items(inputs, group_by)
     encoder = create_encoder(encoder_name, weights).to(default_device())
     settings = {
@@ -604,7 +613,7 @@ def bench_search_command(
         "this machine",
         "paper (10-core CPU)",
         "speed-up",
-        "peak RSS",
+        "process peak RSS",
     ):
         table.add_column(column, justify="right")
     for dim in dims or [2048, 128]:
