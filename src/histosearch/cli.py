@@ -191,18 +191,18 @@ def index(
     report = build_archive(
         inputs,
         archive_dir,
-        mag,
-        encoder_name,
-        weights,
-        tile_size,
-        tissue,
-        reduction,
-        n_features,
-        group_by,
-        mpp,
-        objective_power,
-        batch_size,
-        workers,
+        mag=mag,
+        encoder_name=encoder_name,
+        weights=weights,
+        tile_size=tile_size,
+        tissue=tissue,
+        reduction=reduction,
+        n_features=n_features,
+        group_by=group_by,
+        mpp=mpp,
+        objective_power=objective_power,
+        batch_size=batch_size,
+        workers=workers,
     )
     report_failures(report.failures, report.added + report.skipped + len(report.failures))
 
@@ -210,18 +210,19 @@ def index(
 def build_archive(
     inputs: list[Path],
     archive_dir: Path,
-    mag: float,
-    encoder_name: str,
-    weights: Path | None,
-    tile_size: int,
-    tissue: str,
-    reduction: str,
-    n_features: int,
-    group_by: str | None,
-    mpp: float | None,
-    objective_power: float | None,
-    batch_size: int,
-    workers: int,
+    *,
+    mag: float = 5.0,
+    encoder_name: str = DEFAULT_ENCODER,
+    weights: Path | None = None,
+    tile_size: int = 224,
+    tissue: str = "otsu",
+    reduction: str = "cov",
+    n_features: int = 128,
+    group_by: str | None = None,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    batch_size: int = 32,
+    workers: int = 1,
 ) -> IndexReport:
     """`index` without the exit: build or extend the archive, print what was done."""
     from histosearch.archive import Archive
@@ -301,34 +302,35 @@ def search(
     run_search(
         query,
         archive_dir,
-        k,
-        exclude or ["slide"],
-        mode,
-        patient,
-        group,
-        encoder_name,
-        weights,
-        mpp,
-        objective_power,
-        as_json,
-        gallery,
+        k=k,
+        exclude=exclude or ["slide"],
+        mode=mode,
+        patient=patient,
+        group=group,
+        encoder_name=encoder_name,
+        weights=weights,
+        mpp=mpp,
+        objective_power=objective_power,
+        as_json=as_json,
+        gallery=gallery,
     )
 
 
 def run_search(
     query: str,
     archive_dir: Path,
-    k: int,
-    exclude: list[str],
-    mode: str,
-    patient: str | None,
-    group: str | None,
-    encoder_name: str | None,
-    weights: Path | None,
-    mpp: float | None,
-    objective_power: float | None,
-    as_json: bool,
-    gallery: Path | None,
+    *,
+    k: int = 5,
+    exclude: Iterable[str] = ("slide",),
+    mode: str = "auto",
+    patient: str | None = None,
+    group: str | None = None,
+    encoder_name: str | None = None,
+    weights: Path | None = None,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    as_json: bool = False,
+    gallery: Path | None = None,
 ) -> None:
     """`search` as a function, for the demo."""
     import json
@@ -450,70 +452,26 @@ def demo(
     build_archive(
         [manifest, wsi / "cmu-1-small-region.svs", wsi / "tcga-cr-7395-01a-01-ts1.svs"],
         archive_dir,
-        5.0,
-        DEFAULT_ENCODER,
-        None,
-        224,
-        "otsu",
-        "cov",
-        128,
-        "group",
-        None,
-        20.0,
-        32,
-        1,
+        group_by="group",
+        objective_power=20.0,
     )
     slide_query = sorted(groups["lung_scc"])[0]
     console.rule(f"2. slide search: group {slide_query} against the others (WSI measure)")
-    run_search(
-        slide_query,
-        archive_dir,
-        k,
-        ["slide"],
-        "slides",
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        False,
-        out / "search-slides.png",
-    )
+    run_search(slide_query, archive_dir, k=k, mode="slides", gallery=out / "search-slides.png")
     patch = next(
         lc / r["path"] for r in rows if r["group"] in held_out and r["label"] == "lung_aca"
     )
     console.rule(f"3. patch search: {patch.name}, a lung_aca patch not in the archive (FAISS)")
     run_search(
-        str(patch),
-        archive_dir,
-        k,
-        [],
-        "patches",
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        False,
-        out / "search-patches.png",
+        str(patch), archive_dir, k=k, exclude=[], mode="patches", gallery=out / "search-patches.png"
     )
     console.rule("4. whole-slide search: the CMU-1 skin slide against the archive")
     run_search(
         str(wsi / "cmu-1-small-region.svs"),
         archive_dir,
-        k,
-        ["slide"],
-        "slides",
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        False,
-        out / "search-wsi.png",
+        k=k,
+        mode="slides",
+        gallery=out / "search-wsi.png",
     )
     console.print(f"archive in {archive_dir}/, galleries in {out}/search-*.png")
 

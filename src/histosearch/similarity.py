@@ -11,6 +11,8 @@ matrix, slide k owning rows offsets[k]:offsets[k+1].
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -107,3 +109,9 @@ def similarity_matrix(
         row = _similarities(tensor[offsets[q] : offsets[q + 1]], tensor, offsets, q + 1, n)
         matrix[q, q + 1 :] = matrix[q + 1 :, q] = row
     return matrix
+
+
+def pairwise_similarity_matrix(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The plain reference for `similarity_matrix`: `wsi_similarity` on every ordered pair."""
+    slides = [features[a:b] for a, b in itertools.pairwise(offsets)]
+    return np.array([[wsi_similarity(q, r) for r in slides] for q in slides])

@@ -308,9 +308,9 @@ class OpenSlideSlide(Slide):
         return cv2.resize(thumb[:box_h, :box_w], size, interpolation=cv2.INTER_AREA)
 
     def _stored_thumbnail_size(self) -> tuple[int, int] | None:
-        size = self.handle.properties.get(f"{self._property_prefix}.associated.thumbnail.width")
-        height = self.handle.properties.get(f"{self._property_prefix}.associated.thumbnail.height")
-        return None if size is None or height is None else (int(size), int(height))
+        props, prefix = self.handle.properties, f"{self._property_prefix}.associated.thumbnail"
+        width, height = props.get(f"{prefix}.width"), props.get(f"{prefix}.height")
+        return None if width is None or height is None else (int(width), int(height))
 
     def close(self) -> None:
         self.handle.close()
