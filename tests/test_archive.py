@@ -252,7 +252,8 @@ def test_bad_archives_and_queries(tmp_path: Path):
 
 
 def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
-    images = sorted((LC / "images" / "lung_n").glob("*.jpeg"))[:40]
+    # 300 single patches: embedded in runs of 128, each patch stored as its run finishes
+    images = sorted((LC / "images" / "lung_n").glob("*.jpeg"))[:300]
     folder = tmp_path / "patches"
     folder.mkdir()
     for image in images:
@@ -288,13 +289,13 @@ def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert 3 <= count < 40, "the run must be killed midway"
+    assert 3 <= count < 300, "the run must be killed midway"
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with Archive(archive_dir) as archive:
         records = archive.slides()
-        assert len(records) == 40 and len({r.path for r in records}) == 40
+        assert len(records) == 300 and len({r.path for r in records}) == 300
         for record in records:
             assert archive.read(record).features.shape == (1, 1280)
-        assert archive.index()[0].ntotal == 40
+        assert archive.index()[0].ntotal == 300
     assert not list(archive_dir.rglob("*.tmp"))

@@ -6,16 +6,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from histosearch.archive import Archive
 from histosearch.embed import ImageDataset, embed_dataset, embed_path
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
+from histosearch.slide import IMAGE_SUFFIXES
 
-# Patch groups are embedded together in runs of about this many images, so that small groups
-# share one data loader; each group is stored as soon as its run is done.
-GROUP_RUN = 512
+# Patches (single or in groups) are embedded together in runs of about this many images, so
+# that they share one data loader; each entry is stored as soon as its run is done.
+PATCH_RUN = 128
 
 
 @dataclass
@@ -28,14 +30,28 @@ class IndexReport:
     failures: list[tuple[str, str]] | None = None
 
 
-def _runs(groups: list[Item]) -> list[list[Item]]:
-    """Consecutive groups gathered until each run holds about GROUP_RUN images."""
+def _runs(items: list[Item]) -> list[list[Item]]:
+    """Consecutive patch entries gathered until each run holds about PATCH_RUN images."""
     runs: list[list[Item]] = [[]]
-    for item in groups:
-        if sum(len(i.paths) for i in runs[-1]) >= GROUP_RUN:
+    for item in items:
+        if sum(len(i.paths) for i in runs[-1]) >= PATCH_RUN:
             runs.append([])
         runs[-1].append(item)
     return [run for run in runs if run]
+
+
+def _is_patch(item: Item, tile_size: int) -> bool:
+    """A patch group, or an image no larger than a tile (read from its header only)."""
+    if item.is_group:
+        return True
+    path = item.paths[0]
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    try:
+        with Image.open(path) as image:
+            return max(image.size) <= tile_size
+    except Exception:  # unreadable: the slide path reports why
+        return False
 
 
 def index_items(
@@ -59,7 +75,9 @@ def index_items(
     tile_size = int(archive.settings["tile_size"])
     tissue = archive.settings["tissue"]
 
-    def add(item: Item, features: np.ndarray, coords: np.ndarray, item_mpp: float | None) -> None:
+    def add(
+        item: Item, features: np.ndarray, coords: np.ndarray, item_mpp: float | None, patches: bool
+    ) -> None:
         archive.add(
             item.key,
             features,
@@ -69,14 +87,17 @@ def index_items(
             patient=item.patient,
             group=item.group,
             mpp=item_mpp,
-            paths=[str(p) for p in item.paths] if item.is_group else None,
+            paths=[str(p) for p in item.paths] if patches else None,
         )
         report.added += 1
         report.patches += len(features)
         if on_item is not None:
             on_item(item.name)
 
-    for run in _runs([item for item in todo if item.is_group]):
+    is_patch = [_is_patch(item, tile_size) for item in todo]
+    patches = [item for item, flag in zip(todo, is_patch, strict=True) if flag]
+    slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
+    for run in _runs(patches):
         paths = [p for item in run for p in item.paths]
         try:
             features = embed_dataset(
@@ -87,9 +108,9 @@ def index_items(
             continue
         offsets = np.cumsum([0] + [len(item.paths) for item in run])
         for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
-            add(item, features[a:b], np.zeros((b - a, 2), np.int64), None)
+            add(item, features[a:b], np.zeros((b - a, 2), np.int64), None, patches=True)
 
-    for item in (item for item in todo if not item.is_group):
+    for item in slides:
         try:
             features, coords, item_mpp = embed_path(
                 item.paths[0],
@@ -103,7 +124,7 @@ def index_items(
                 num_workers=num_workers,
                 on_batch=on_batch,
             )
-            add(item, features, coords, item_mpp)
+            add(item, features, coords, item_mpp, patches=False)
         except HistosearchError as error:
             report.failures.append((item.name, str(error)))
         except Exception as error:  # one bad slide must not stop a batch
