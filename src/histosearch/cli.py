@@ -476,6 +476,158 @@ def demo(
     console.print(f"archive in {archive_dir}/, galleries in {out}/search-*.png")
 
 
+@app.command("eval")
+def eval_command(
+    manifest: Annotated[
+        Path | None, typer.Argument(help="Manifest CSV: path,label[,group,patient,slide,x,y].")
+    ] = None,
+    archive_dir: Annotated[
+        Path | None, typer.Option("--archive", help="Evaluate an archive's labelled slides.")
+    ] = None,
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("eval-output"),
+    exclude: Annotated[
+        str,
+        typer.Option("--exclude", help="Column whose matches are never neighbours, or none."),
+    ] = "auto",
+    metric: Annotated[str, typer.Option("--metric", help="cosine or l2.")] = "cosine",
+    ks: Annotated[list[int] | None, typer.Option("--k", help="Ranks (default 1 3 5).")] = None,
+    slide_column: Annotated[
+        str | None,
+        typer.Option("--slide-column", help="Also run the slide protocol, patches grouped by it."),
+    ] = None,
+    reduction: Annotated[
+        str, typer.Option("--reduction", help="Slide protocol: cov or pca.")
+    ] = "cov",
+    n_features: Annotated[int, typer.Option("--n-features")] = 128,
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs for ADDR and verification.")] = 5000,
+    near: Annotated[
+        float | None, typer.Option("--near", help="Near pairs: distance <= this.")
+    ] = None,
+    far: Annotated[float | None, typer.Option("--far", help="Far pairs: distance >= this.")] = None,
+    skip_missing: Annotated[
+        bool, typer.Option("--skip-missing", help="Evaluate the files that exist.")
+    ] = False,
+    queries_per_class: Annotated[int, typer.Option("--gallery-queries", min=1)] = 3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
+) -> None:
+    """Measure an encoder on a labelled set with the four papers' protocols and metrics."""
+    from histosearch.embed import ImageDataset, embed_dataset
+    from histosearch.encoders import create_encoder
+    from histosearch.report import (
+        archive_labelled_set,
+        check_evaluable,
+        evaluate_patches,
+        evaluate_slides,
+        group_features,
+        read_labelled_manifest,
+        save_figures,
+        write_report,
+    )
+
+    ks = sorted(set(ks or [1, 3, 5]))
+    if (manifest is None) == (archive_dir is None):
+        raise typer.BadParameter("give a manifest or --archive, not both")
+    if metric not in ("cosine", "l2"):
+        raise typer.BadParameter("choose cosine or l2", param_hint="--metric")
+    if (near is None) != (far is None):
+        raise typer.BadParameter("give both --near and --far", param_hint="--near/--far")
+    if manifest is not None:
+        data = read_labelled_manifest(manifest, skip_missing)
+        for path in data.missing:
+            error_console.print(f"[yellow]skipped missing[/yellow] {path}", highlight=False)
+    else:
+        data, features, encoder_name = archive_labelled_set(archive_dir)
+    if exclude == "auto":
+        exclude = next((c for c in ("group", "patient", "slide") if data.column(c)), "none")
+    exclude_column = None if exclude == "none" else exclude
+    check_evaluable(data, ks, exclude_column)
+    if manifest is not None:
+        encoder = create_encoder(encoder_name, weights).to(default_device())
+        with progress() as bar:
+            task = bar.add_task(f"embedding with {encoder_name}", total=len(data.paths))
+            features = embed_dataset(
+                ImageDataset(data.paths, encoder.input_size),
+                encoder,
+                batch_size,
+                workers,
+                lambda n: bar.advance(task, n),
+            )
+    patch = evaluate_patches(
+        features,
+        data,
+        ks,
+        exclude_column,
+        metric,
+        pairs,
+        None if near is None else (near, far),
+        seed,
+    )
+    slides = None
+    if slide_column is not None:
+        slide_features, slide_labels, names = group_features(features, data, slide_column)
+        patients = data.column("patient")
+        keys = None
+        if exclude_column == "patient" and patients is not None and slide_column != "patient":
+            by_slide = dict(zip(data.column(slide_column), patients, strict=True))
+            keys = [by_slide[name] for name in names]
+        slides = {
+            f"slides = {slide_column}": evaluate_slides(
+                slide_features, slide_labels, ks, [(reduction, n_features)], keys
+            )
+        }
+    settings = {
+        "source": data.source,
+        "encoder": encoder_name,
+        "items": len(data.labels),
+        "classes": sorted(set(data.labels)),
+        "exclude": exclude,
+        "metric": metric,
+        "k": ks,
+        "pairs": pairs,
+        "near_far": None if near is None else [near, far],
+        "slide_column": slide_column,
+        "reduction": f"{reduction} {n_features}",
+        "seed": seed,
+        "missing_skipped": len(data.missing),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with progress() as bar:
+        bar.add_task("figures", total=None)
+        figures = save_figures(
+            out, features, data, patch, max(ks), queries_per_class, seed, encoder_name
+        )
+    write_report(out, settings, patch, slides, figures)
+    _print_metrics(encoder_name, patch.metrics, slides)
+    console.print(f"report: {out}/report.md, {out}/metrics.json, figures: {', '.join(figures)}")
+
+
+def _print_metrics(encoder_name: str, metrics: dict, slides: dict | None) -> None:
+    table = Table(title=f"{encoder_name}: patch retrieval")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    for title, variants in (slides or {}).items():
+        table = Table(title=f"{encoder_name}: slide retrieval, {title}")
+        table.add_column("metric")
+        for name in variants:
+            table.add_column(name, justify="right")
+        for key in next(iter(variants.values())):
+            table.add_row(
+                key,
+                *[
+                    f"{v[key]:.4f}" if isinstance(v[key], float) else str(v[key])
+                    for v in variants.values()
+                ],
+            )
+        console.print(table)
+
+
 @bench_app.command("tiling")
 def bench_tiling_command(
     slides: Annotated[

@@ -50,3 +50,99 @@ def save_gallery(
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+def _colours(labels: list[str]) -> dict[str, tuple[float, ...]]:
+    classes = sorted(set(labels))
+    palette = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    return {cls: palette(i % palette.N) for i, cls in enumerate(classes)}
+
+
+def save_embedding_plot(
+    points: np.ndarray, labels: list[str], path: str | Path, title: str
+) -> None:
+    """A 2-D scatter of embeddings coloured by label."""
+    colours = _colours(labels)
+    figure, axis = plt.subplots(figsize=(6, 5.5))
+    labels_arr = np.asarray(labels)
+    for cls, colour in colours.items():
+        members = labels_arr == cls
+        axis.scatter(
+            *points[members].T, s=4, alpha=0.6, color=colour, label=f"{cls} ({members.sum()})"
+        )
+    axis.set_title(title, fontsize=10)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.legend(markerscale=4, fontsize=8, loc="best")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
+def save_rank_gallery(
+    rows: list[tuple[GalleryItem, list[GalleryItem]]], path: str | Path, title: str
+) -> None:
+    """Queries down the side, each followed by its ranked results framed green/red."""
+    depth = max(len(hits) for _, hits in rows) + 1
+    figure, axes = plt.subplots(
+        len(rows), depth, figsize=(1.25 * depth, 1.45 * len(rows)), squeeze=False
+    )
+    for axis_row, (query, hits) in zip(axes, rows, strict=True):
+        for axis, item, is_query in zip(
+            axis_row, [query, *hits], [True] + [False] * len(hits), strict=False
+        ):
+            axis.imshow(item.image)
+            axis.set_title(item.title, fontsize=6)
+            colour = (
+                "black"
+                if is_query
+                else {True: "tab:green", False: "tab:red", None: "grey"}[item.correct]
+            )
+            for spine in axis.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+        for axis in axis_row:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        for axis in axis_row[len(hits) + 1 :]:
+            axis.axis("off")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def save_confusion(truth: list[str], predicted: list[object], path: str | Path, title: str) -> None:
+    """The confusion matrix of majority-vote predictions, counts and row fractions."""
+    classes = sorted(set(truth))
+    index = {cls: i for i, cls in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), int)
+    for t, p in zip(truth, predicted, strict=True):
+        if p in index:
+            matrix[index[t], index[p]] += 1
+    fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 1.8))
+    axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            colour = "white" if fractions[i, j] > 0.6 else "black"
+            axis.text(
+                j,
+                i,
+                f"{matrix[i, j]}\n{fractions[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
+    axis.set_xticks(range(len(classes)), classes, rotation=30, ha="right", fontsize=8)
+    axis.set_yticks(range(len(classes)), classes, fontsize=8)
+    axis.set_xlabel("majority vote of the top k")
+    axis.set_ylabel("true label")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)

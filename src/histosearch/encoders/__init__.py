@@ -1,6 +1,6 @@
 """Encoders: `create_encoder("efficientnet-lite0-imagenet")`, `@register("name")` for more."""
 
-from histosearch.encoders import imagenet  # noqa: F401  (registers the built-ins)
+from histosearch.encoders import handcrafted, imagenet  # noqa: F401  (registers the built-ins)
 from histosearch.encoders.registry import (
     Encoder,
     EncoderError,

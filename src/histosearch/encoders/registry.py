@@ -27,6 +27,7 @@ class Encoder:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    device: str = "cpu"
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels_last."""
@@ -42,12 +43,12 @@ class Encoder:
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embeddings (B, dim) float32 of uint8 tiles (B, H, W, 3)."""
-        batch = torch.as_tensor(tiles)
-        device = next(self.model.parameters()).device
-        return self.model(self.preprocess(batch.to(device))).float().cpu().numpy()
+        batch = torch.as_tensor(tiles).to(self.device)
+        return self.model(self.preprocess(batch)).float().cpu().numpy()
 
-    def to(self, device: str | torch.device) -> Encoder:
+    def to(self, device: str) -> Encoder:
         self.model.to(device)
+        self.device = device
         return self
 
 

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_paths import DATA
+from typer.testing import CliRunner
+
+from histosearch.cli import app
+from histosearch.evaluate import (
+    addr,
+    best_threshold,
+    label_pairs,
+    majority_vote,
+    pair_verification,
+    rank_neighbours,
+    retrieval_metrics,
+    spatial_pairs,
+)
+
+runner = CliRunner()
+LC = DATA / "lc25000-lung-dev"
+
+# Five items, hand-ranked (rows: queries; -1: no more candidates).
+LABELS = ["a", "a", "b", "b", "a"]
+NEIGHBOURS = np.array([[1, 2, 3], [2, 4, 0], [0, 1, 3], [2, -1, -1], [3, 2, 1]])
+
+
+def test_ranking_metrics_by_hand():
+    m = retrieval_metrics(LABELS, NEIGHBOURS, ks=(1, 2, 3))
+    assert m.acc[1] == pytest.approx(2 / 5) and m.acc[3] == pytest.approx(1.0)
+    # MV@3: q0 [a,b,b] no, q1 [b,a,a] yes, q2 [a,a,b] no, q3 [b] yes, q4 [b,b,a] no
+    assert m.mv[3] == pytest.approx(2 / 5)
+    assert m.mmv[3] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # MV@2 ties go to the higher-ranked label: q0 [a,b] -> a (right), q1 [b,a] -> b (wrong)
+    assert m.votes[2][:2] == ["a", "b"]
+    # AP@3 with min(k, relevant) in the denominator: 1/2, (1/2 + 2/3)/2, (1/3)/1, 1/1, (1/3)/2
+    assert m.map[3] == pytest.approx((0.5 + 7 / 12 + 1 / 3 + 1 + 1 / 6) / 5)
+    assert m.recall[3] == pytest.approx((0.5 + 1 + 1 + 1 + 0.5) / 5)
+    assert (m.eta_p, m.eta_w) == pytest.approx((0.4, (1 / 3 + 1 / 2) / 2))
+    assert m.eta_tot == pytest.approx(m.eta_p * m.eta_w)
+    assert m.per_class["b"]["n"] == 2 and m.per_class["a"]["Acc@1"] == pytest.approx(1 / 3)
+
+
+def test_k_larger_than_the_candidates():
+    # q3 has a single candidate: Acc@3 counts it, AP@3 divides by min(3, 1)
+    m = retrieval_metrics(LABELS[2:4], np.array([[1, -1, -1], [0, -1, -1]]), ks=(3,))
+    assert m.acc[3] == 1.0 and m.map[3] == 1.0 and m.recall[3] == 1.0
+
+
+def test_kimia_eta_worked_example():
+    # three scans of 2, 2 and 4 patches; top-1 right for 2/2, 1/2 and 1/4 of them
+    labels = ["s0", "s0", "s1", "s1", "s2", "s2", "s2", "s2"]
+    top1 = np.array([[1], [0], [3], [4], [5], [0], [2], [0]])
+    m = retrieval_metrics(labels, top1, ks=(1,))
+    assert m.eta_p == pytest.approx(4 / 8)
+    assert m.eta_w == pytest.approx((1 + 0.5 + 0.25) / 3)
+    assert m.eta_tot == pytest.approx(0.5 * 1.75 / 3)
+
+
+def test_majority_vote():
+    assert majority_vote(["b", "a", "a"]) == "a"
+    assert majority_vote(["b", "a"]) == "b"
+    assert majority_vote(["c", "a", "b", "a", "b"]) == "a"
+    assert majority_vote([]) is None
+
+
+def test_rank_neighbours_excludes_keys_keeps_ties_in_order_and_pads():
+    features = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    indices, sims = rank_neighbours(features, k=3)
+    assert indices[0].tolist() == [1, 2, 3]  # the tie between 1 and 2 keeps index order
+    assert sims[0, :2] == pytest.approx([1.0, 1.0])
+    indices, _ = rank_neighbours(features, k=3, exclude_keys=["g", "g", "h", "h"])
+    assert indices.tolist() == [[2, 3, -1], [2, 3, -1], [0, 1, -1], [0, 1, -1]]
+    indices, sims = rank_neighbours(features * [[1], [2], [3], [1]], k=1, metric="l2")
+    assert indices[:, 0].tolist() == [1, 0, 1, 0]
+
+
+def test_addr_and_pairs():
+    features = np.array([[0.0], [1.0], [3.0]])
+    assert addr(features, np.array([[0, 1]]), np.array([[0, 2]])) == pytest.approx(3.0)
+    similar, dissimilar = label_pairs(
+        ["a", "a", "b", "b"] * 5, 50, exclude_keys=list(range(10)) * 2
+    )
+    keys = np.array(list(range(10)) * 2)
+    assert (keys[similar[:, 0]] != keys[similar[:, 1]]).all()
+    assert len(similar) == len(dissimilar) == 50
+    slides = ["s1"] * 3 + ["s2"] * 2
+    xy = np.array([[0, 0], [50, 0], [1000, 0], [0, 0], [40, 0]])
+    near, far = spatial_pairs(slides, xy, near=60, far=900, n_pairs=10)
+    assert sorted(map(tuple, near.tolist())) == [(0, 1), (3, 4)]  # never across slides
+    assert sorted(map(tuple, far.tolist())) == [(0, 2), (1, 2)]
+
+
+def test_threshold_and_verification():
+    threshold, accuracy = best_threshold(
+        np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 1, 0, 1], bool)
+    )
+    assert threshold == pytest.approx(0.375) and accuracy == 1.0
+    rng = np.random.default_rng(0)
+    centres = np.eye(4)[[0, 1]]
+    labels = np.repeat([0, 1], 50)
+    features = centres[labels] + 0.2 * rng.normal(size=(100, 4))
+    similar, dissimilar = label_pairs(labels, 200)
+    result = pair_verification(features, similar, dissimilar)
+    assert result.roc_auc > 0.95 and result.test_accuracy > 0.9
+
+
+def _subset_manifest(path: Path, groups_per_class: int, extra_column: str | None = None) -> Path:
+    with (LC / "manifest.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    keep: dict[str, list[str]] = {}
+    for row in rows:
+        members = keep.setdefault(row["label"], [])
+        if row["group"] not in members and len(members) < groups_per_class:
+            members.append(row["group"])
+    chosen = {g for members in keep.values() for g in members}
+    with path.open("w", newline="") as file:
+        fields = ["path", "label", "group"] + ([extra_column] if extra_column else [])
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            if row["group"] in chosen:
+                writer.writerow(
+                    {**row, "path": str((LC / row["path"]).resolve())}
+                    | ({extra_column: "x"} if extra_column else {})
+                )
+    return path
+
+
+def test_group_exclusion_removes_the_near_duplicates(tmp_path: Path):
+    from histosearch.embed import ImageDataset, embed_dataset
+    from histosearch.encoders import create_encoder
+
+    manifest = _subset_manifest(tmp_path / "m.csv", 3)
+    rows = list(csv.DictReader(manifest.open()))
+    encoder = create_encoder("color-histogram")
+    features = embed_dataset(ImageDataset([r["path"] for r in rows], 224), encoder, 64, 0)
+    groups = np.array([r["group"] for r in rows])
+    free, _ = rank_neighbours(features, 5)
+    excluded, _ = rank_neighbours(features, 5, exclude_keys=groups)
+    # the augmented copies of a source tile are each other's nearest neighbours ...
+    assert (groups[free[:, 0]] == groups).mean() > 0.5
+    # ... and never appear once the group is excluded
+    assert not (groups[excluded] == groups[:, None]).any()
+
+
+def test_eval_command_writes_the_report(tmp_path: Path):
+    manifest = _subset_manifest(tmp_path / "m.csv", 4)
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(manifest),
+            "--encoder",
+            "color-histogram",
+            "--out",
+            str(out),
+            "--slide-column",
+            "group",
+            "--pairs",
+            "300",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["settings"]["exclude"] == "group"
+    metrics = payload["patch"]["metrics"]
+    assert 0.5 < metrics["mMV@5"] <= 1 and 0 < metrics["eta_tot"] <= 1
+    assert metrics["ADDR (label pairs)"] > 1
+    assert set(payload["slide"]["slides = group"]) == {"full (512-d)", "cov 128-d"}
+    assert {"pca.png", "umap.png", "confusion.png", "gallery.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "## Patch retrieval" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: _subset_manifest(tmp / "m.csv", 2, extra_column="colour"), "unknown: colour"),
+        (
+            lambda tmp: _write(tmp, "path,label\nnope.png,a\nnada.png,b\n"),
+            "2 of 2 listed files are missing",
+        ),
+        (
+            lambda tmp: _write(tmp, f"path,label\n{_image(0)},a\n{_image(1)},a\n"),
+            "at least two labels",
+        ),
+        (
+            lambda tmp: _write(tmp, f"path,label\n{_image(0)},a\n{_image(1)},b\n"),
+            "cannot give top-5",
+        ),
+    ],
+)
+def test_bad_manifests_fail_before_any_work(tmp_path: Path, make, message: str):
+    result = runner.invoke(
+        app,
+        ["eval", str(make(tmp_path)), "--encoder", "color-histogram", "--out", str(tmp_path / "o")],
+    )
+    assert result.exit_code != 0
+    assert message in str(result.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def _image(index: int) -> str:
+    return str(sorted((LC / "images" / "lung_n").glob("*.jpeg"))[index].resolve())
+
+
+def _write(tmp: Path, text: str) -> Path:
+    (tmp / "m.csv").write_text(text)
+    return tmp / "m.csv"
