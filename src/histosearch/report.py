@@ -306,7 +306,7 @@ def save_figures(
     )
     figures.append("pca.png")
     points = umap.UMAP(
-        n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed
+        n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed, n_jobs=1
     ).fit_transform(unit)
     save_embedding_plot(points, data.labels, out / "umap.png", f"UMAP of {encoder_name} embeddings")
     figures.append("umap.png")
