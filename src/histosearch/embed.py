@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from histosearch.encoders import Encoder
 from histosearch.errors import SlideReadError
-from histosearch.slide import Slide, open_slide
+from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide
 from histosearch.tiling import TileGrid
 
 
@@ -56,6 +56,17 @@ class ImageDataset(Dataset):
             interpolation = cv2.INTER_AREA if rgb.shape[0] > self.size else cv2.INTER_LINEAR
             rgb = cv2.resize(rgb, (self.size, self.size), interpolation=interpolation)
         return rgb
+
+
+def is_patch_file(path: Path, tile_size: int) -> bool:
+    """An image file no larger than a tile (only its header is read): embedded whole."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    try:
+        with Image.open(path) as image:
+            return max(image.size) <= tile_size
+    except Exception:  # unreadable: opening it as a slide reports why
+        return False
 
 
 def embed_dataset(

@@ -6,14 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from histosearch.archive import Archive
-from histosearch.embed import ImageDataset, embed_dataset, embed_path
+from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
-from histosearch.slide import IMAGE_SUFFIXES
 
 # Patches (single or in groups) are embedded together in runs of about this many images, so
 # that they share one data loader; each entry is stored as soon as its run is done.
@@ -38,20 +36,6 @@ def _runs(items: list[Item]) -> list[list[Item]]:
             runs.append([])
         runs[-1].append(item)
     return [run for run in runs if run]
-
-
-def _is_patch(item: Item, tile_size: int) -> bool:
-    """A patch group, or an image no larger than a tile (read from its header only)."""
-    if item.is_group:
-        return True
-    path = item.paths[0]
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return False
-    try:
-        with Image.open(path) as image:
-            return max(image.size) <= tile_size
-    except Exception:  # unreadable: the slide path reports why
-        return False
 
 
 def index_items(
@@ -94,7 +78,7 @@ def index_items(
         if on_item is not None:
             on_item(item.name)
 
-    is_patch = [_is_patch(item, tile_size) for item in todo]
+    is_patch = [item.is_group or is_patch_file(item.paths[0], tile_size) for item in todo]
     patches = [item for item, flag in zip(todo, is_patch, strict=True) if flag]
     slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
     for run in _runs(patches):
