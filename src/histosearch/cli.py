@@ -516,6 +516,12 @@ def eval_command(
     objective_power: Annotated[
         float | None, typer.Option("--objective-power", help="For slides that lack it.")
     ] = None,
+    save_threshold: Annotated[
+        bool,
+        typer.Option(
+            "--save-threshold", help="Store the verification threshold in the checkpoint."
+        ),
+    ] = False,
     queries_per_class: Annotated[int, typer.Option("--gallery-queries", min=1)] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
@@ -621,6 +627,15 @@ def eval_command(
         )
     write_report(out, settings, patch, slides, figures)
     _print_metrics(encoder_name, patch.metrics, slides)
+    if save_threshold:
+        from histosearch.train.checkpoint import save_threshold as store
+
+        if not (encoder_name.endswith(".pt") and Path(encoder_name).is_file()):
+            raise typer.BadParameter("only a trained checkpoint.pt stores a threshold")
+        store(Path(encoder_name), float(patch.metrics["verification threshold"]))
+        console.print(
+            f"threshold {patch.metrics['verification threshold']:.4f} saved in {encoder_name}"
+        )
     console.print(f"report: {out}/report.md, {out}/metrics.json, figures: {', '.join(figures)}")
 
 
@@ -698,6 +713,117 @@ def _print_metrics(encoder_name: str, metrics: dict, slides: dict | None) -> Non
                 ],
             )
         console.print(table)
+
+
+@app.command()
+def train(
+    method: Annotated[
+        str, typer.Argument(help="spatial (Gildenblat & Klaiman) or byol (Huang & Chen).")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="Manifest CSV of the training images.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoint.pt.")],
+    backbone: Annotated[
+        str,
+        typer.Option(
+            "--backbone", help="timm name, or efficientnet-lite0-imagenet to start from ImageNet."
+        ),
+    ] = "resnet18",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=16, help="Training input side.")
+    ] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    coord_mpp: Annotated[
+        float | None, typer.Option("--coord-mpp", help="spatial: microns per x, y unit.")
+    ] = None,
+    near_um: Annotated[
+        float, typer.Option("--near-um", help="spatial: similar within this.")
+    ] = 1792.0,
+    far_um: Annotated[
+        float, typer.Option("--far-um", help="spatial: dissimilar beyond this.")
+    ] = 9408.0,
+    pairs_per_epoch: Annotated[int, typer.Option("--pairs-per-epoch", min=1)] = 8192,
+    margin: Annotated[float, typer.Option("--margin", help="spatial: contrastive margin.")] = 1.0,
+    stain_target: Annotated[
+        Path | None, typer.Option("--stain-target", help="Reinhard-normalise to this image.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
+) -> None:
+    """Train a self-supervised encoder; the checkpoint works as --encoder everywhere."""
+    from histosearch.train.trainer import TrainSettings
+    from histosearch.train.trainer import train as run_training
+
+    settings = TrainSettings(
+        method=method,
+        manifest=str(data),
+        backbone=backbone,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        coord_mpp=coord_mpp,
+        near_um=near_um,
+        far_um=far_um,
+        pairs_per_epoch=pairs_per_epoch,
+        margin=margin,
+        stain_target=None if stain_target is None else str(stain_target),
+    )
+    device = default_device()
+    with progress() as bar:
+        task = bar.add_task(f"{method} on {device}", total=None)
+
+        def on_step(epoch: int, step: int, loss: float) -> None:
+            bar.update(task, description=f"{method} epoch {epoch + 1}/{epochs} loss {loss:.4f}")
+            bar.advance(task)
+
+        path = run_training(
+            settings, out, resume=resume, device=device, workers=workers, on_step=on_step
+        )
+    import torch
+
+    history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+    console.print(
+        f"{path}: {len(history)} epochs, mean loss per epoch "
+        + " ".join(f"{value:.4f}" for value in history),
+        highlight=False,
+    )
+
+
+@app.command()
+def verify(
+    image_a: Annotated[Path, typer.Argument(help="First image.")],
+    image_b: Annotated[Path, typer.Argument(help="Second image.")],
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
+    weights: Annotated[Path | None, typer.Option("--weights")] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Default: the one saved with the encoder.")
+    ] = None,
+) -> None:
+    """Same category or not: the cosine similarity of two images against a threshold."""
+    from histosearch.embed import ImageDataset, embed_dataset
+    from histosearch.encoders import create_encoder
+    from histosearch.similarity import l2_normalize
+
+    encoder = create_encoder(encoder_name, weights)
+    threshold = threshold if threshold is not None else encoder.threshold
+    features = l2_normalize(
+        embed_dataset(ImageDataset([image_a, image_b], encoder.input_size), encoder, 2, 0)
+    )
+    cosine = float(features[0] @ features[1])
+    if threshold is None:
+        console.print(
+            f"cosine similarity {cosine:.4f} (no threshold: pass --threshold, or save one "
+            "with histosearch eval --save-threshold)"
+        )
+        return
+    decision = "same category" if cosine >= threshold else "different categories"
+    console.print(f"cosine similarity {cosine:.4f}, threshold {threshold:.4f}: {decision}")
 
 
 @bench_app.command("tiling")

@@ -28,6 +28,10 @@ class Encoder:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: str = "cpu"
+    # Applied to each uint8 tile before batching (a trained encoder's stain normalisation).
+    tile_transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # Cosine at or above which two images count as the same category (pair verification).
+    threshold: float | None = None
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels_last."""
@@ -43,6 +47,8 @@ class Encoder:
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embeddings (B, dim) float32 of uint8 tiles (B, H, W, 3)."""
+        if self.tile_transform is not None:
+            tiles = np.stack([self.tile_transform(np.asarray(tile)) for tile in tiles])
         batch = torch.as_tensor(tiles).to(self.device)
         return self.model(self.preprocess(batch)).float().cpu().numpy()
 
@@ -81,7 +87,11 @@ def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     path = None if weights is None else Path(weights)
     if path is not None and not path.is_file():
         raise EncoderError(path, "weights file not found")
-    if name.startswith("timm:"):
+    if name.endswith(".pt") and Path(name).is_file():
+        from histosearch.train.checkpoint import encoder_from_checkpoint
+
+        encoder = encoder_from_checkpoint(Path(name))
+    elif name.startswith("timm:"):
         from histosearch.encoders.timm_models import timm_encoder
 
         encoder = timm_encoder(name.removeprefix("timm:"), path)
@@ -91,7 +101,7 @@ def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         raise EncoderError(
             None,
             f"unknown encoder {name!r}; choose from {', '.join(available_encoders())} "
-            "or timm:<model> with --weights",
+            "timm:<model> with --weights, or a checkpoint.pt from histosearch train",
         )
     encoder.model.eval().requires_grad_(False)
     encoder.model.to(memory_format=torch.channels_last)

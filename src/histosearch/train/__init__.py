@@ -1,0 +1,1 @@
+"""Self-supervised training of domain encoders: spatial-continuity siamese and BYOL."""

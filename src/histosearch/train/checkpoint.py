@@ -1,0 +1,39 @@
+"""Trained checkpoints as encoders, and the verification threshold saved with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from histosearch.encoders.registry import Encoder
+from histosearch.fileio import atomic_path
+from histosearch.train.trainer import TrainSettings, _stain, build_model, load_checkpoint
+
+
+def encoder_from_checkpoint(path: Path) -> Encoder:
+    """The search embedding of a `histosearch train` checkpoint: the siamese net's 128-d
+    output, or BYOL's online encoder; with its stain normalisation and threshold."""
+    checkpoint = load_checkpoint(path)
+    settings = TrainSettings(**checkpoint["settings"])
+    model = build_model(settings)
+    model.load_state_dict(checkpoint["model"])
+    stain = _stain(settings)
+    return Encoder(
+        name=str(path),
+        model=model.embedding(),
+        dim=model.out_dim,
+        input_size=settings.image_size,
+        mean=tuple(settings.mean),
+        std=tuple(settings.std),
+        tile_transform=None if stain is None else stain.transform,
+        threshold=checkpoint.get("threshold"),
+    )
+
+
+def save_threshold(path: Path, threshold: float) -> None:
+    """Store the pair-verification threshold chosen by `eval` in the checkpoint, atomically."""
+    checkpoint = load_checkpoint(path)
+    checkpoint["threshold"] = float(threshold)
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)

@@ -1,0 +1,249 @@
+"""Training runs: settings checked before any work, a checkpoint every epoch, resumable."""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from histosearch.errors import HistosearchError
+from histosearch.fileio import atomic_path
+from histosearch.stain import ReinhardNormalizer
+from histosearch.train.data import (
+    PairDataset,
+    TwoViewDataset,
+    byol_augment,
+    load_images,
+    spatial_augment,
+)
+from histosearch.train.losses import byol_loss, contrastive_loss, ema_update
+from histosearch.train.models import IMAGENET_LITE0, BYOLNet, SiameseNet
+from histosearch.train.pairs import PAPER_FAR_UM, PAPER_NEAR_UM, sample_spatial_pairs
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "histosearch-encoder/1"
+
+
+class TrainingError(HistosearchError):
+    """Settings, data or a checkpoint that training cannot use."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run decides; saved in its checkpoints and compared on resume."""
+
+    method: str
+    manifest: str
+    backbone: str = "resnet18"
+    epochs: int = 5
+    image_size: int = 64
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    # spatial
+    coord_mpp: float | None = None
+    near_um: float = PAPER_NEAR_UM
+    far_um: float = PAPER_FAR_UM
+    pairs_per_epoch: int = 8192
+    margin: float = 1.0
+    out_dim: int = 128
+    # BYOL
+    projection: int = 512
+    hidden: int = 2048
+    ema: float = 0.99
+    stain_target: str | None = None
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+def build_model(settings: TrainSettings) -> SiameseNet | BYOLNet:
+    if settings.method == "spatial":
+        return SiameseNet(settings.backbone, settings.out_dim)
+    if settings.method == "byol":
+        return BYOLNet(settings.backbone, settings.projection, settings.hidden)
+    raise TrainingError(None, f"unknown method {settings.method!r}; choose spatial or byol")
+
+
+def normalise(batch: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> the float input the backbone expects, channels_last."""
+    mean = torch.tensor(settings.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(settings.std, device=batch.device).view(1, 3, 1, 1)
+    return ((batch.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise TrainingError(path, "no such manifest")
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows or "path" not in rows[0]:
+        raise TrainingError(path, "needs a 'path' column and at least one row")
+    missing = [r["path"] for r in rows if not (path.parent / r["path"]).is_file()]
+    if missing:
+        raise TrainingError(path, f"{len(missing)} listed files are missing, e.g. {missing[0]}")
+    return rows
+
+
+def _stain(settings: TrainSettings) -> ReinhardNormalizer | None:
+    if settings.stain_target is None:
+        return None
+    from histosearch.slide import open_slide
+
+    with open_slide(settings.stain_target) as target:
+        return ReinhardNormalizer().fit(target.read_scaled((0, 0), target.dimensions, 1.0))
+
+
+def prepare(settings: TrainSettings) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Check the data and, for spatial training, the pairs, before any training: returns
+    the images and (pairs, labels)."""
+    manifest = Path(settings.manifest)
+    rows = _read_manifest(manifest)
+    pairs = labels = None
+    if settings.method == "spatial":
+        columns = set(rows[0])
+        slide_column = next((c for c in ("slide", "patient") if c in columns), None)
+        if slide_column is None or not {"x", "y"} <= columns:
+            raise TrainingError(manifest, "spatial pairs need x, y and a slide or patient column")
+        if settings.coord_mpp is None:
+            raise TrainingError(manifest, "give --coord-mpp: microns per x, y unit (IDC: 4.0)")
+        xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]) * settings.coord_mpp
+        pairs, labels = sample_spatial_pairs(
+            [r[slide_column] for r in rows],
+            xy,
+            settings.near_um,
+            settings.far_um,
+            32,
+            32,
+            settings.seed,
+        )
+    if len(rows) < settings.batch_size:
+        raise TrainingError(
+            manifest, f"{len(rows)} images is fewer than one batch of {settings.batch_size}"
+        )
+    images = load_images(
+        [manifest.parent / r["path"] for r in rows], settings.image_size, _stain(settings)
+    )
+    return images, pairs, labels
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A histosearch training checkpoint, or a clear error."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(path, f"not a readable checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise TrainingError(path, "not a histosearch encoder checkpoint")
+    return checkpoint
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    settings: TrainSettings,
+    out: Path,
+    resume: bool = False,
+    device: str = "cpu",
+    workers: int = 1,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """Train, writing `out/checkpoint.pt` after every epoch; `resume` continues from it.
+
+    `on_step(epoch, step, loss)` reports progress. Returns the checkpoint's path.
+    """
+    if settings.backbone == IMAGENET_LITE0:
+        settings.mean, settings.std = [0.5] * 3, [0.5] * 3  # the TF-Lite models' scaling
+    else:
+        try:
+            config = timm.data.resolve_data_config(
+                {}, model=timm.create_model(settings.backbone, num_classes=0)
+            )
+        except Exception as error:
+            raise TrainingError(
+                None, f"timm cannot build backbone {settings.backbone!r}: {error}"
+            ) from error
+        settings.mean, settings.std = list(config["mean"]), list(config["std"])
+    path = out / CHECKPOINT
+    start_epoch, state = 0, None
+    if resume and path.exists():
+        state = load_checkpoint(path)
+        saved = state["settings"]
+        different = [
+            k
+            for k in ("method", "backbone", "image_size", "out_dim")
+            if saved.get(k) != asdict(settings)[k]
+        ]
+        if different:
+            raise TrainingError(
+                path,
+                "made with other settings: "
+                + ", ".join(f"{k} {saved[k]} (asked {asdict(settings)[k]})" for k in different),
+            )
+        start_epoch = state["epoch"]
+    images, pairs, labels = prepare(settings)
+    model = build_model(settings).to(device).to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+    history: list[float] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+    for epoch in range(start_epoch, settings.epochs):
+        _set_seed(settings.seed * 1000 + epoch)  # an epoch's data and augmentations, resumable
+        if settings.method == "spatial":
+            assert pairs is not None and labels is not None
+            chosen = np.random.permutation(len(pairs))[: settings.pairs_per_epoch]
+            dataset = PairDataset(
+                images, pairs[chosen], labels[chosen], spatial_augment(settings.image_size)
+            )
+        else:
+            dataset = TwoViewDataset(images, byol_augment(settings.image_size))
+        loader = DataLoader(
+            dataset, settings.batch_size, shuffle=True, drop_last=True, num_workers=workers
+        )
+        model.train()
+        total, steps = 0.0, 0
+        for step, batch in enumerate(loader):
+            a, b = (normalise(t.to(device), settings) for t in batch[:2])
+            if settings.method == "spatial":
+                loss = contrastive_loss(model(a), model(b), batch[2].to(device), settings.margin)
+            else:
+                loss = byol_loss(model.online(a), model.target(b)) + byol_loss(
+                    model.online(b), model.target(a)
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if settings.method == "byol":
+                ema_update(model.target_backbone, model.backbone, settings.ema)
+                ema_update(model.target_projector, model.projector, settings.ema)
+            total, steps = total + loss.item(), steps + 1
+            if on_step is not None:
+                on_step(epoch, step, loss.item())
+        history.append(total / max(steps, 1))
+        with atomic_path(path) as tmp:
+            torch.save(
+                {
+                    "format": FORMAT,
+                    "settings": asdict(settings),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "threshold": None if state is None else state.get("threshold"),
+                },
+                tmp,
+            )
+    return path
