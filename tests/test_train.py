@@ -93,7 +93,7 @@ def test_tiny_training_lowers_the_loss_and_the_checkpoint_is_an_encoder(
     settings = TrainSettings(
         method=method,
         manifest=str(_idc_subset(tmp_path, 3)),
-        backbone="resnet18",
+        backbone="resnet10t",
         epochs=3,
         image_size=32,
         batch_size=32,
@@ -144,6 +144,8 @@ def test_resume_after_kill_and_refuse_another_backbone(tmp_path: Path):
         str(manifest),
         "--out",
         str(out),
+        "--backbone",
+        "resnet10t",
         "--epochs",
         "6",
         "--image-size",
@@ -192,4 +194,66 @@ def test_resume_after_kill_and_refuse_another_backbone(tmp_path: Path):
             "--resume",
         ],
     )
-    assert refused.exit_code != 0 and "backbone resnet18 (asked resnet34)" in str(refused.exception)
+    assert refused.exit_code != 0
+    assert "backbone resnet10t (asked resnet34)" in str(refused.exception)
+
+
+def test_checkpoint_works_in_index_search_eval_and_verify(tmp_path: Path):
+    settings = TrainSettings(
+        method="spatial",
+        manifest=str(_idc_subset(tmp_path, 3)),
+        backbone="resnet10t",
+        epochs=1,
+        image_size=32,
+        batch_size=32,
+        coord_mpp=4.0,
+        near_um=450,
+        far_um=2000,
+        pairs_per_epoch=64,
+    )
+    checkpoint = str(train(settings, tmp_path / "run", workers=0))
+    manifest = _idc_subset(tmp_path, 4)
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(manifest),
+            "--encoder",
+            checkpoint,
+            "--out",
+            str(out),
+            "--pairs",
+            "200",
+            "--save-threshold",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics.json").is_file() and "saved in" in result.output
+    threshold = load_checkpoint(Path(checkpoint))["threshold"]
+    assert threshold is not None
+    rows = list(csv.DictReader(manifest.open()))
+    verdict = runner.invoke(
+        app, ["verify", rows[0]["path"], rows[1]["path"], "--encoder", checkpoint]
+    )
+    assert verdict.exit_code == 0 and f"threshold {threshold:.4f}" in verdict.output
+    archive = tmp_path / "archive"
+    indexed = runner.invoke(
+        app,
+        [
+            "index",
+            str(manifest),
+            "--archive",
+            str(archive),
+            "--encoder",
+            checkpoint,
+            "--group-by",
+            "patient",
+        ],
+    )
+    assert indexed.exit_code == 0, indexed.output
+    found = runner.invoke(
+        app, ["search", rows[0]["patient"], "--archive", str(archive), "-k", "2", "--json"]
+    )
+    assert found.exit_code == 0, found.output
+    assert '"rank": 2' in found.output

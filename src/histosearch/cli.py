@@ -516,6 +516,9 @@ def eval_command(
     objective_power: Annotated[
         float | None, typer.Option("--objective-power", help="For slides that lack it.")
     ] = None,
+    tile_size: Annotated[
+        int, typer.Option("--tile-size", help="Images up to this size are patches, embedded whole.")
+    ] = 224,
     save_threshold: Annotated[
         bool,
         typer.Option(
@@ -560,7 +563,7 @@ def eval_command(
     check_evaluable(data, ks, exclude_column)
     if manifest is not None:
         encoder = create_encoder(encoder_name, weights).to(default_device())
-        if not is_patch_file(data.paths[0], encoder.input_size):
+        if not is_patch_file(data.paths[0], tile_size):
             _eval_slide_manifest(
                 data,
                 encoder,
@@ -568,6 +571,7 @@ def eval_command(
                 ks,
                 exclude_column,
                 mags or [5.0],
+                tile_size,
                 objective_power,
                 (reduction, n_features),
             )
@@ -646,6 +650,7 @@ def _eval_slide_manifest(
     ks: list[int],
     exclude_column: str | None,
     mags: list[float],
+    tile_size: int,
     objective_power: float | None,
     reduction: tuple[str, int],
 ) -> None:
@@ -662,7 +667,7 @@ def _eval_slide_manifest(
             for index, path in enumerate(data.paths):
                 try:
                     tiles, _, _ = embed_path(
-                        path, encoder, mag, encoder.input_size, objective_power=objective_power
+                        path, encoder, mag, tile_size, objective_power=objective_power
                     )
                 except HistosearchError as error:
                     failures.append((path, str(error)))
