@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Self
 
 import numpy as np
@@ -47,7 +48,10 @@ class ReinhardNormalizer:
         lab, mean, std = self._lab_stats(rgb)
         scale = self.target_std / np.maximum(std, 1e-6)
         normalised = (lab - mean) * scale + self.target_mean
-        return np.round(lab2rgb(normalised) * 255).astype(np.uint8)
+        with warnings.catch_warnings():  # out-of-gamut colours are clipped, as they must be
+            warnings.simplefilter("ignore", UserWarning)
+            rgb_out = lab2rgb(normalised)
+        return np.round(rgb_out * 255).astype(np.uint8)
 
 
 class MacenkoNormalizer:
