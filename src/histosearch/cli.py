@@ -360,34 +360,23 @@ def run_search(
         if use_patches:
             hits = search_patches(archive, features[:1], k, skip)[0]
             rows = [
-                {
-                    "rank": i + 1,
-                    "slide": h.record.name,
-                    "label": h.record.label,
-                    "patient": h.record.patient,
-                    "group": h.record.group,
-                    "patch": _patch_name(archive, h.record, h.row),
-                    "similarity": round(h.similarity, 4),
-                }
+                _hit_row(i, h.record, h.similarity, patch=_patch_name(archive, h.record, h.row))
                 for i, h in enumerate(hits)
             ]
             pictures = [(h.record, h.row, h.similarity) for h in hits]
         else:
             slide_hits = search_slides(archive, features, k, skip)
             rows = [
-                {
-                    "rank": i + 1,
-                    "slide": h.record.name,
-                    "label": h.record.label,
-                    "patient": h.record.patient,
-                    "group": h.record.group,
-                    "patches": h.record.n_patches,
-                    "similarity": round(h.similarity, 4),
-                    "matches": [
+                _hit_row(
+                    i,
+                    h.record,
+                    h.similarity,
+                    patches=h.record.n_patches,
+                    matches=[
                         [int(q), int(r), round(float(c), 4)]
                         for q, (r, c) in enumerate(zip(h.best_rows, h.best_cosines, strict=True))
                     ],
-                }
+                )
                 for i, h in enumerate(slide_hits)
             ]
             pictures = [
@@ -1005,6 +994,19 @@ def main() -> None:
     except HistosearchError as error:
         error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
+
+
+def _hit_row(index: int, record, similarity: float, **extra: object) -> dict:
+    """One ranked result as the table and --json show it."""
+    return {
+        "rank": index + 1,
+        "slide": record.name,
+        "label": record.label,
+        "patient": record.patient,
+        "group": record.group,
+        **extra,
+        "similarity": round(similarity, 4),
+    }
 
 
 def _patch_name(archive, record, row: int) -> str:

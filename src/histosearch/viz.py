@@ -23,6 +23,22 @@ class GalleryItem:
     correct: bool | None = None
 
 
+def _draw_cell(
+    axis: plt.Axes, item: GalleryItem, is_query: bool, fontsize: int, frame: int
+) -> None:
+    """One picture with its title, framed black (query), green/red (right/wrong) or grey."""
+    axis.imshow(item.image)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(item.title, fontsize=fontsize)
+    colour = (
+        "black" if is_query else {True: "tab:green", False: "tab:red", None: "grey"}[item.correct]
+    )
+    for spine in axis.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(frame if item.correct is not None or is_query else 1)
+
+
 def save_gallery(
     query: GalleryItem, hits: list[GalleryItem], path: str | Path, title: str = ""
 ) -> None:
@@ -32,18 +48,7 @@ def save_gallery(
     for axis, item, is_query in zip(
         axes[0], [query, *hits], [True] + [False] * len(hits), strict=True
     ):
-        axis.imshow(item.image)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        colour = (
-            "black"
-            if is_query
-            else {True: "tab:green", False: "tab:red", None: "grey"}[item.correct]
-        )
-        for spine in axis.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(4 if item.correct is not None or is_query else 1)
-        axis.set_title(item.title, fontsize=8)
+        _draw_cell(axis, item, is_query, fontsize=8, frame=4)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -92,19 +97,7 @@ def save_rank_gallery(
         for axis, item, is_query in zip(
             axis_row, [query, *hits], [True] + [False] * len(hits), strict=False
         ):
-            axis.imshow(item.image)
-            axis.set_title(item.title, fontsize=6)
-            colour = (
-                "black"
-                if is_query
-                else {True: "tab:green", False: "tab:red", None: "grey"}[item.correct]
-            )
-            for spine in axis.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(3)
-        for axis in axis_row:
-            axis.set_xticks([])
-            axis.set_yticks([])
+            _draw_cell(axis, item, is_query, fontsize=6, frame=3)
         for axis in axis_row[len(hits) + 1 :]:
             axis.axis("off")
     figure.suptitle(title, fontsize=9)
