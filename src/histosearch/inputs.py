@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from histosearch.errors import HistosearchError
@@ -28,7 +28,6 @@ SLIDE_SUFFIXES = (
     )
     | IMAGE_SUFFIXES
 )
-MANIFEST_COLUMNS = {"path", "label", "patient", "group", "slide", "x", "y"}
 
 
 class ManifestError(HistosearchError):
@@ -46,7 +45,6 @@ class Item:
     patient: str | None = None
     group: str | None = None
     is_group: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:

@@ -85,6 +85,3 @@ class MacenkoNormalizer:
         stained = self._check_stained(rgb, "image")
         normalised, _, _ = self._normalizer.normalize(stained, stains=False, **self.params)
         return normalised
-
-
-NORMALIZERS = {"reinhard": ReinhardNormalizer, "macenko": MacenkoNormalizer}
