@@ -712,7 +712,10 @@ def _print_metrics(encoder_name: str, metrics: dict, slides: dict | None) -> Non
 @app.command()
 def train(
     method: Annotated[
-        str, typer.Argument(help="spatial (Gildenblat & Klaiman) or byol (Huang & Chen).")
+        str,
+        typer.Argument(
+            help="spatial (Gildenblat & Klaiman), byol (Huang & Chen) or lgffem (Nunez-Fernandez)."
+        ),
     ],
     data: Annotated[Path, typer.Option("--data", help="Manifest CSV of the training images.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for checkpoint.pt.")],
@@ -727,7 +730,9 @@ def train(
         int, typer.Option("--image-size", min=16, help="Training input side.")
     ] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Default 1e-3; lgffem 5e-3 (cosine to 8e-5).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     coord_mpp: Annotated[
         float | None, typer.Option("--coord-mpp", help="spatial: microns per x, y unit.")
@@ -743,6 +748,14 @@ def train(
     stain_target: Annotated[
         Path | None, typer.Option("--stain-target", help="Reinhard-normalise to this image.")
     ] = None,
+    channels: Annotated[int, typer.Option("--channels", help="lgffem: neck width (C_in).")] = 512,
+    layers: Annotated[int, typer.Option("--layers", min=1, help="lgffem: neck layers.")] = 3,
+    fine_tune: Annotated[
+        bool, typer.Option("--fine-tune", help="lgffem: train the backbone too.")
+    ] = False,
+    holdout_fraction: Annotated[
+        float, typer.Option("--holdout-fraction", help="lgffem: groups kept for evaluation.")
+    ] = 0.3,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")
     ] = False,
@@ -759,7 +772,11 @@ def train(
         epochs=epochs,
         image_size=image_size,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr if lr is not None else (5e-3 if method == "lgffem" else 1e-3),
+        channels=channels,
+        layers=layers,
+        fine_tune=fine_tune,
+        holdout_fraction=holdout_fraction,
         seed=seed,
         coord_mpp=coord_mpp,
         near_um=near_um,

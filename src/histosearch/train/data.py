@@ -91,3 +91,17 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         return self.augment(image), self.augment(image)
+
+
+class LabelledDataset(Dataset):
+    """(augmented image, class index), for supervised metric learning."""
+
+    def __init__(self, images: np.ndarray, classes: np.ndarray, augment: v2.Transform) -> None:
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.classes, self.augment = classes, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.augment(self.images[index]), int(self.classes[index])

@@ -17,12 +17,14 @@ from histosearch.errors import HistosearchError
 from histosearch.fileio import atomic_path
 from histosearch.stain import ReinhardNormalizer
 from histosearch.train.data import (
+    LabelledDataset,
     PairDataset,
     TwoViewDataset,
     byol_augment,
     load_images,
     spatial_augment,
 )
+from histosearch.train.lgffem import LGFFEM
 from histosearch.train.losses import byol_loss, contrastive_loss, ema_update
 from histosearch.train.models import IMAGENET_LITE0, BYOLNet, SiameseNet
 from histosearch.train.pairs import PAPER_FAR_UM, PAPER_NEAR_UM, sample_spatial_pairs
@@ -59,16 +61,41 @@ class TrainSettings:
     hidden: int = 2048
     ema: float = 0.99
     stain_target: str | None = None
+    # LGFFEM (supervised): neck width and depth, Sub-center ArcFace, cosine-annealed AdamW
+    channels: int = 512
+    layers: int = 3
+    fine_tune: bool = False
+    arcface_margin: float = 17.2
+    arcface_scale: float = 64.0
+    lr_min: float = 8e-5
+    holdout_fraction: float = 0.3
+    classes: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
-def build_model(settings: TrainSettings) -> SiameseNet | BYOLNet:
+METHODS = ("spatial", "byol", "lgffem")
+
+
+def build_model(settings: TrainSettings) -> SiameseNet | BYOLNet | LGFFEM:
     if settings.method == "spatial":
         return SiameseNet(settings.backbone, settings.out_dim)
     if settings.method == "byol":
         return BYOLNet(settings.backbone, settings.projection, settings.hidden)
-    raise TrainingError(None, f"unknown method {settings.method!r}; choose spatial or byol")
+    if settings.method == "lgffem":
+        return LGFFEM(settings.backbone, settings.channels, settings.layers, settings.fine_tune)
+    raise TrainingError(None, f"unknown method {settings.method!r}; choose {', '.join(METHODS)}")
+
+
+def _arcface(settings: TrainSettings, dim: int) -> torch.nn.Module:
+    from pytorch_metric_learning.losses import SubCenterArcFaceLoss
+
+    return SubCenterArcFaceLoss(
+        num_classes=len(settings.classes),
+        embedding_size=dim,
+        margin=settings.arcface_margin,
+        scale=settings.arcface_scale,
+    )
 
 
 def normalise(batch: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
@@ -100,12 +127,52 @@ def _stain(settings: TrainSettings) -> ReinhardNormalizer | None:
         return ReinhardNormalizer().fit(target.read_scaled((0, 0), target.dimensions, 1.0))
 
 
-def prepare(settings: TrainSettings) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Check the data and, for spatial training, the pairs, before any training: returns
-    the images and (pairs, labels)."""
+@dataclass
+class TrainData:
+    """What an epoch draws from: images, and the pairs or class indices of the method."""
+
+    images: np.ndarray
+    pairs: np.ndarray | None = None
+    pair_labels: np.ndarray | None = None
+    classes: np.ndarray | None = None
+
+
+def _split_column(rows: list[dict[str, str]]) -> str | None:
+    return next((c for c in ("group", "patient", "slide") if c in rows[0]), None)
+
+
+def _holdout(
+    rows: list[dict[str, str]], settings: TrainSettings, manifest: Path, out: Path
+) -> list[dict[str, str]]:
+    """Keep a seeded fraction of the groups/patients out of training (written to
+    `out/heldout.csv` for `eval`); never the same group on both sides."""
+    column = _split_column(rows)
+    if column is None:
+        raise TrainingError(manifest, "lgffem needs a group, patient or slide column to hold out")
+    values = sorted({r[column] for r in rows})
+    rng = np.random.default_rng(settings.seed)
+    held = set(
+        rng.choice(values, max(1, round(len(values) * settings.holdout_fraction)), replace=False)
+    )
+    train_rows = [r for r in rows if r[column] not in held]
+    test_rows = [r for r in rows if r[column] in held]
+    unseen = sorted({r["label"] for r in test_rows} - {r["label"] for r in train_rows})
+    if unseen:
+        raise TrainingError(manifest, f"held-out labels unseen at training: {', '.join(unseen)}")
+    with atomic_path(out / "heldout.csv") as tmp, tmp.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(
+            {**r, "path": str((manifest.parent / r["path"]).resolve())} for r in test_rows
+        )
+    return train_rows
+
+
+def prepare(settings: TrainSettings, out: Path) -> TrainData:
+    """Check the data (and build pairs or classes) before any training."""
     manifest = Path(settings.manifest)
     rows = _read_manifest(manifest)
-    pairs = labels = None
+    data = TrainData(images=np.empty(0))
     if settings.method == "spatial":
         columns = set(rows[0])
         slide_column = next((c for c in ("slide", "patient") if c in columns), None)
@@ -114,7 +181,7 @@ def prepare(settings: TrainSettings) -> tuple[np.ndarray, np.ndarray | None, np.
         if settings.coord_mpp is None:
             raise TrainingError(manifest, "give --coord-mpp: microns per x, y unit (IDC: 4.0)")
         xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]) * settings.coord_mpp
-        pairs, labels = sample_spatial_pairs(
+        data.pairs, data.pair_labels = sample_spatial_pairs(
             [r[slide_column] for r in rows],
             xy,
             settings.near_um,
@@ -123,14 +190,23 @@ def prepare(settings: TrainSettings) -> tuple[np.ndarray, np.ndarray | None, np.
             32,
             settings.seed,
         )
+    if settings.method == "lgffem":
+        if "label" not in rows[0]:
+            raise TrainingError(manifest, "lgffem needs a label column")
+        labels = sorted({r["label"] for r in rows})
+        if len(labels) < 2:
+            raise TrainingError(manifest, f"lgffem needs at least two labels, found {labels}")
+        rows = _holdout(rows, settings, manifest, out)
+        settings.classes = labels
+        data.classes = np.array([labels.index(r["label"]) for r in rows])
     if len(rows) < settings.batch_size:
         raise TrainingError(
             manifest, f"{len(rows)} images is fewer than one batch of {settings.batch_size}"
         )
-    images = load_images(
+    data.images = load_images(
         [manifest.parent / r["path"] for r in rows], settings.image_size, _stain(settings)
     )
-    return images, pairs, labels
+    return data
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -191,42 +267,44 @@ def train(
                 + ", ".join(f"{k} {saved[k]} (asked {asdict(settings)[k]})" for k in different),
             )
         start_epoch = state["epoch"]
-    images, pairs, labels = prepare(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(settings, out)
     model = build_model(settings).to(device).to(memory_format=torch.channels_last)
+    criterion = (
+        _arcface(settings, model.out_dim).to(device) if settings.method == "lgffem" else None
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+    if criterion is not None:
+        trainable += list(criterion.parameters())
+    optimizer, scheduler = _optimiser(settings, trainable, data)
     history: list[float] = []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if criterion is not None:
+            criterion.load_state_dict(state["criterion"])
         history = list(state["history"])
     for epoch in range(start_epoch, settings.epochs):
         _set_seed(settings.seed * 1000 + epoch)  # an epoch's data and augmentations, resumable
-        if settings.method == "spatial":
-            assert pairs is not None and labels is not None
-            chosen = np.random.permutation(len(pairs))[: settings.pairs_per_epoch]
-            dataset = PairDataset(
-                images, pairs[chosen], labels[chosen], spatial_augment(settings.image_size)
-            )
-        else:
-            dataset = TwoViewDataset(images, byol_augment(settings.image_size))
         loader = DataLoader(
-            dataset, settings.batch_size, shuffle=True, drop_last=True, num_workers=workers
+            _epoch_dataset(settings, data),
+            settings.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
         )
         model.train()
         total, steps = 0.0, 0
         for step, batch in enumerate(loader):
-            a, b = (normalise(t.to(device), settings) for t in batch[:2])
-            if settings.method == "spatial":
-                loss = contrastive_loss(model(a), model(b), batch[2].to(device), settings.margin)
-            else:
-                loss = byol_loss(model.online(a), model.target(b)) + byol_loss(
-                    model.online(b), model.target(a)
-                )
+            loss = _batch_loss(settings, model, criterion, batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if settings.method == "byol":
+            if scheduler is not None:
+                scheduler.step()
+            if isinstance(model, BYOLNet):
                 ema_update(model.target_backbone, model.backbone, settings.ema)
                 ema_update(model.target_projector, model.projector, settings.ema)
             total, steps = total + loss.item(), steps + 1
@@ -241,9 +319,53 @@ def train(
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "criterion": None if criterion is None else criterion.state_dict(),
                     "history": history,
                     "threshold": None if state is None else state.get("threshold"),
                 },
                 tmp,
             )
     return path
+
+
+def _optimiser(
+    settings: TrainSettings, parameters: list[torch.nn.Parameter], data: TrainData
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam for the self-supervised methods (Gildenblat & Klaiman); AdamW with cosine
+    annealing from lr to lr_min over the whole run for LGFFEM."""
+    if settings.method != "lgffem":
+        return torch.optim.Adam(parameters, lr=settings.lr), None
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr)
+    steps = settings.epochs * (len(data.images) // settings.batch_size)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, max(1, steps), settings.lr_min
+    )
+
+
+def _epoch_dataset(settings: TrainSettings, data: TrainData) -> torch.utils.data.Dataset:
+    if settings.method == "spatial":
+        assert data.pairs is not None and data.pair_labels is not None
+        chosen = np.random.permutation(len(data.pairs))[: settings.pairs_per_epoch]
+        augment = spatial_augment(settings.image_size)
+        return PairDataset(data.images, data.pairs[chosen], data.pair_labels[chosen], augment)
+    if settings.method == "byol":
+        return TwoViewDataset(data.images, byol_augment(settings.image_size))
+    assert data.classes is not None
+    return LabelledDataset(data.images, data.classes, spatial_augment(settings.image_size))
+
+
+def _batch_loss(
+    settings: TrainSettings,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module | None,
+    batch: list[torch.Tensor],
+    device: str,
+) -> torch.Tensor:
+    if settings.method == "lgffem":
+        assert criterion is not None
+        return criterion(model(normalise(batch[0].to(device), settings)), batch[1].to(device))
+    a, b = (normalise(t.to(device), settings) for t in batch[:2])
+    if settings.method == "spatial":
+        return contrastive_loss(model(a), model(b), batch[2].to(device), settings.margin)
+    return byol_loss(model.online(a), model.target(b)) + byol_loss(model.online(b), model.target(a))

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_paths import DATA
+
+from histosearch.encoders import create_encoder
+from histosearch.train.lgffem import GRN, LGFFEM, FusionNode, GeM, LGFFEMError, multiscale_backbone
+from histosearch.train.trainer import TrainingError, TrainSettings, load_checkpoint, train
+
+LC = DATA / "lc25000-lung-dev"
+
+
+@pytest.fixture(scope="module")
+def model() -> LGFFEM:
+    torch.manual_seed(0)
+    return LGFFEM("efficientnet-lite0-imagenet", channels=32, layers=2).eval()
+
+
+def test_shapes_through_every_node(model: LGFFEM):
+    x = torch.randn(2, 3, 128, 128)
+    features = model.backbone(x)
+    assert [f.shape[-1] for f in features] == [32, 16, 8, 4]  # strides 4, 8, 16, 32
+    laterals = [conv(f) for conv, f in zip(model.lateral, features, strict=True)]
+    assert all(p.shape[1] == 32 for p in laterals)
+    nodes = model.nodes(x)
+    assert [tuple(n.shape) for n in nodes] == [
+        (2, 32, 32, 32),
+        (2, 32, 16, 16),
+        (2, 32, 8, 8),
+        (2, 32, 4, 4),
+    ]
+    assert model(x).shape == (2, 4 * 32) and model.out_dim == 128
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # frozen by default
+
+
+def test_fusion_weights_stay_normalised():
+    node = FusionNode([torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity()])
+    with torch.no_grad():
+        node.weights.copy_(torch.tensor([2.0, -1.0, 6.0]))
+    w = node.normalised_weights()
+    assert (w >= 0).all() and w.sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert w.tolist() == pytest.approx([0.25, 0.0, 0.75], abs=1e-4)
+    x = torch.ones(1, 1, 2, 2)
+    out = node([x, 5 * x, torch.full((1, 1, 1, 1), 2.0)], (2, 2))  # the last one is resized
+    assert torch.allclose(out, torch.full_like(out, 0.25 + 0.75 * 2), atol=1e-3)
+
+
+def test_gem_against_a_direct_computation():
+    x = torch.rand(2, 3, 4, 5) + 0.1
+    gem = GeM(p=3.0)
+    direct = (x.numpy() ** 3).mean(axis=(2, 3)) ** (1 / 3)
+    assert np.allclose(gem(x).detach().numpy(), direct, atol=1e-5)
+    assert GeM().p.item() == pytest.approx(4.6) and GeM().p.requires_grad
+
+
+def test_grn_starts_as_the_identity():
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(GRN(8)(x), x)
+
+
+def test_backbone_with_too_few_levels(monkeypatch):
+    class ThreeLevels:
+        feature_info = (1, 2, 3)
+
+    monkeypatch.setattr("histosearch.train.lgffem.timm.create_model", lambda *a, **k: ThreeLevels())
+    with pytest.raises(LGFFEMError, match="gives 3 feature levels; LGFFEM needs 4"):
+        multiscale_backbone("tiny")
+
+
+def _lc_subset(tmp: Path, groups_per_class: int) -> Path:
+    with (LC / "manifest.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    chosen: dict[str, list[str]] = {}
+    for row in rows:
+        members = chosen.setdefault(row["label"], [])
+        if row["group"] not in members and len(members) < groups_per_class:
+            members.append(row["group"])
+    keep = {g for members in chosen.values() for g in members}
+    path = tmp / "lc.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["path", "label", "group"])
+        writer.writeheader()
+        writer.writerows(
+            {**r, "path": str((LC / r["path"]).resolve())} for r in rows if r["group"] in keep
+        )
+    return path
+
+
+def test_tiny_lgffem_run_lowers_the_loss_and_holds_groups_out(tmp_path: Path):
+    settings = TrainSettings(
+        method="lgffem",
+        manifest=str(_lc_subset(tmp_path, 5)),
+        backbone="resnet10t",
+        epochs=4,
+        image_size=64,
+        batch_size=16,
+        lr=5e-3,
+        channels=16,
+        layers=1,
+        holdout_fraction=0.34,
+    )
+    path = train(settings, tmp_path / "run", workers=0)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["history"][-1] < checkpoint["history"][0]
+    held = list(csv.DictReader((tmp_path / "run" / "heldout.csv").open()))
+    trained_groups = 15 - len({r["group"] for r in held})
+    assert {r["group"] for r in held} and trained_groups > 0
+    encoder = create_encoder(str(path))
+    assert encoder.dim == 64 and encoder(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 64)
+
+
+def test_single_class_is_refused(tmp_path: Path):
+    manifest = tmp_path / "one.csv"
+    images = sorted((LC / "images" / "lung_n").glob("*.jpeg"))[:20]
+    manifest.write_text(
+        "path,label,group\n" + "".join(f"{p},lung_n,g{i % 4}\n" for i, p in enumerate(images))
+    )
+    with pytest.raises(TrainingError, match="at least two labels"):
+        train(
+            TrainSettings(method="lgffem", manifest=str(manifest), backbone="resnet10t"),
+            tmp_path / "o",
+        )
