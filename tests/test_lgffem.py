@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from data_paths import DATA
+from PIL import Image
 
 from histosearch.encoders import create_encoder
 from histosearch.train.lgffem import GRN, LGFFEM, FusionNode, GeM, LGFFEMError, multiscale_backbone
@@ -125,3 +126,47 @@ def test_single_class_is_refused(tmp_path: Path):
             TrainSettings(method="lgffem", manifest=str(manifest), backbone="resnet10t"),
             tmp_path / "o",
         )
+
+
+def test_gradcam_maps_and_figure(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from histosearch.cli import app
+    from histosearch.explain import NODE_NAMES, gradcam
+
+    settings = TrainSettings(
+        method="lgffem",
+        manifest=str(_lc_subset(tmp_path, 3)),
+        backbone="resnet10t",
+        epochs=1,
+        image_size=64,
+        batch_size=16,
+        channels=16,
+        layers=1,
+        holdout_fraction=0.34,
+    )
+    checkpoint = str(train(settings, tmp_path / "run", workers=0))
+    encoder = create_encoder(checkpoint)
+    images = sorted((LC / "images" / "lung_aca").glob("*.jpeg"))[:2]
+    rgb = np.asarray(Image.open(images[0]).convert("RGB"))
+    maps = gradcam(encoder, rgb)
+    assert list(maps) == [*NODE_NAMES, "combined"]
+    for cam in maps.values():
+        assert cam.shape == rgb.shape[:2] and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+    out = tmp_path / "cam.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(images[0]),
+            "--encoder",
+            checkpoint,
+            "--reference",
+            str(images[1]),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 20_000
+    assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen again

@@ -837,6 +837,46 @@ def verify(
     console.print(f"cosine similarity {cosine:.4f}, threshold {threshold:.4f}: {decision}")
 
 
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="The image to explain.")],
+    encoder_name: Annotated[str, typer.Option("--encoder", help="An LGFFEM checkpoint.pt.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="A retrieved image: explain their similarity."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("gradcam.png"),
+) -> None:
+    """Grad-CAM heatmaps of LGFFEM's outer fusion nodes P1_2..P4_2 and their combination."""
+    from histosearch.encoders import create_encoder
+    from histosearch.explain import embed_for_cam, gradcam
+    from histosearch.viz import save_cam_figure
+
+    encoder = create_encoder(encoder_name)
+
+    def load(path: Path) -> np.ndarray:
+        with open_slide(path) as slide:
+            return slide.read_scaled((0, 0), slide.dimensions, 1.0)
+
+    query = load(image)
+    if reference is None:
+        rows = [(image.name, query, gradcam(encoder, query))]
+        title = f"Grad-CAM of the {image.name} descriptor"
+    else:
+        other = load(reference)
+        rows = [
+            (f"query {image.name}", query, gradcam(encoder, query, embed_for_cam(encoder, other))),
+            (
+                f"retrieved {reference.name}",
+                other,
+                gradcam(encoder, other, embed_for_cam(encoder, query)),
+            ),
+        ]
+        title = "Grad-CAM of the query-retrieved similarity"
+    save_cam_figure(rows, out, title)
+    console.print(f"heatmaps: {out}")
+
+
 @bench_app.command("tiling")
 def bench_tiling_command(
     slides: Annotated[

@@ -139,3 +139,28 @@ def save_confusion(truth: list[str], predicted: list[object], path: str | Path, 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+def save_cam_figure(
+    rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], path: str | Path, title: str
+) -> None:
+    """For each (label, image, maps): the image, then each map overlaid on it (jet, 45%)."""
+    columns = 1 + len(rows[0][2])
+    figure, axes = plt.subplots(
+        len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False
+    )
+    for axis_row, (label, image, maps) in zip(axes, rows, strict=True):
+        axis_row[0].imshow(image)
+        axis_row[0].set_title(label, fontsize=8)
+        for axis, (name, cam) in zip(axis_row[1:], maps.items(), strict=True):
+            axis.imshow(image)
+            axis.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axis.set_title(name, fontsize=8)
+        for axis in axis_row:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
