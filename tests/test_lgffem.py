@@ -170,3 +170,16 @@ def test_gradcam_maps_and_figure(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 20_000
     assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen again
+
+
+def test_backbone_weights_from_a_local_checkpoint(tmp_path: Path):
+    import timm
+
+    from histosearch.encoders import EncoderError
+
+    source = timm.create_model("resnet10t", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "r10t.pth")
+    loaded = multiscale_backbone("resnet10t", str(tmp_path / "r10t.pth"))
+    assert torch.equal(loaded.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    with pytest.raises(EncoderError, match="checkpoint does not fit"):
+        multiscale_backbone("resnet18", str(tmp_path / "r10t.pth"))

@@ -750,6 +750,10 @@ def train(
     ] = None,
     channels: Annotated[int, typer.Option("--channels", help="lgffem: neck width (C_in).")] = 512,
     layers: Annotated[int, typer.Option("--layers", min=1, help="lgffem: neck layers.")] = 3,
+    backbone_weights: Annotated[
+        Path | None,
+        typer.Option("--backbone-weights", help="lgffem: local backbone checkpoint (ConvNeXt V2)."),
+    ] = None,
     fine_tune: Annotated[
         bool, typer.Option("--fine-tune", help="lgffem: train the backbone too.")
     ] = False,
@@ -775,6 +779,7 @@ def train(
         lr=lr if lr is not None else (5e-3 if method == "lgffem" else 1e-3),
         channels=channels,
         layers=layers,
+        backbone_weights=None if backbone_weights is None else str(backbone_weights),
         fine_tune=fine_tune,
         holdout_fraction=holdout_fraction,
         seed=seed,

@@ -150,9 +150,9 @@ class MiniHead(nn.Module):
         return self.fc2(F.normalize(self.fc1(self.gem(x)), dim=1))
 
 
-def multiscale_backbone(name: str) -> nn.Module:
+def multiscale_backbone(name: str, weights: str | None = None) -> nn.Module:
     """A timm backbone giving four feature levels; `efficientnet-lite0-imagenet` loads the
-    offline ImageNet weights."""
+    offline ImageNet weights, `weights` a local checkpoint (e.g. ConvNeXt V2's)."""
     arch = "tf_efficientnet_lite0" if name == "efficientnet-lite0-imagenet" else name
     try:
         model = timm.create_model(arch, pretrained=False, features_only=True)
@@ -177,6 +177,12 @@ def multiscale_backbone(name: str) -> nn.Module:
         if missing:
             raise LGFFEMError(None, f"ImageNet Lite0 weights lack {sorted(missing)[:3]}")
         model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    elif weights is not None:
+        from pathlib import Path
+
+        from histosearch.encoders.timm_models import load_into, load_state_dict
+
+        load_into(model, load_state_dict(Path(weights)), Path(weights))
     return model
 
 
@@ -185,10 +191,15 @@ class LGFFEM(nn.Module):
     neck layers -> four GeM mini-heads, concatenated (4 x channels)."""
 
     def __init__(
-        self, backbone: str, channels: int = 512, layers: int = 3, fine_tune: bool = False
+        self,
+        backbone: str,
+        channels: int = 512,
+        layers: int = 3,
+        fine_tune: bool = False,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.backbone = multiscale_backbone(backbone)
+        self.backbone = multiscale_backbone(backbone, weights)
         self.backbone.requires_grad_(fine_tune)
         widths = self.backbone.feature_info.channels()
         self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths)

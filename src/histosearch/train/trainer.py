@@ -64,6 +64,7 @@ class TrainSettings:
     # LGFFEM (supervised): neck width and depth, Sub-center ArcFace, cosine-annealed AdamW
     channels: int = 512
     layers: int = 3
+    backbone_weights: str | None = None
     fine_tune: bool = False
     arcface_margin: float = 17.2
     arcface_scale: float = 64.0
@@ -83,7 +84,13 @@ def build_model(settings: TrainSettings) -> SiameseNet | BYOLNet | LGFFEM:
     if settings.method == "byol":
         return BYOLNet(settings.backbone, settings.projection, settings.hidden)
     if settings.method == "lgffem":
-        return LGFFEM(settings.backbone, settings.channels, settings.layers, settings.fine_tune)
+        return LGFFEM(
+            settings.backbone,
+            settings.channels,
+            settings.layers,
+            settings.fine_tune,
+            settings.backbone_weights,
+        )
     raise TrainingError(None, f"unknown method {settings.method!r}; choose {', '.join(METHODS)}")
 
 
