@@ -299,3 +299,37 @@ def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
             assert archive.read(record).features.shape == (1, 1280)
         assert archive.index()[0].ntotal == 300
     assert not list(archive_dir.rglob("*.tmp"))
+
+
+def test_l2_patch_index(tmp_path: Path):
+    import faiss
+
+    manifest = write_manifest(tmp_path / "lc.csv", LC, "group", 2)
+    archive_dir = tmp_path / "archive"
+    result = runner.invoke(
+        app,
+        [
+            "index",
+            str(manifest),
+            "--archive",
+            str(archive_dir),
+            "--group-by",
+            "group",
+            "--index-metric",
+            "l2",
+            "--reduction",
+            "none",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with Archive(archive_dir) as archive:
+        index, _ = archive.index()
+        assert index.metric_type == faiss.METRIC_L2
+        patch = archive.read(archive.slides()[0]).paths[0]
+    result = runner.invoke(
+        app, ["search", patch, "--archive", str(archive_dir), "-k", "2", "--json"]
+    )
+    hits = json.loads(result.output)["results"]
+    # itself, re-embedded: only the float16 storage separates them
+    assert hits[0]["patch"] == Path(patch).name and hits[0]["similarity"] > 0.99
+    assert 0 < hits[1]["similarity"] < 1

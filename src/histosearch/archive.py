@@ -43,7 +43,19 @@ CREATE TABLE IF NOT EXISTS slides (
 );
 """
 # What an archive is built with; a query must be embedded the same way.
-SETTING_KEYS = ("encoder", "dim", "magnification", "tile_size", "tissue", "reduction", "n_features")
+SETTING_KEYS = (
+    "encoder",
+    "dim",
+    "magnification",
+    "tile_size",
+    "tissue",
+    "reduction",
+    "n_features",
+    "index_metric",
+)
+# The patch index: inner product of L2-normalised vectors (cosine), or L2 distance of the
+# reduced vectors as the LGFFEM paper indexes them.
+INDEX_METRICS = ("cosine", "l2")
 
 
 class ArchiveError(HistosearchError):
@@ -212,10 +224,19 @@ class Archive:
         path = self.root / "reducer.npz"
         return load_reducer(path) if path.is_file() else None
 
-    def reduce(self, features: np.ndarray) -> np.ndarray:
+    def reduce(self, features: np.ndarray, normalise: bool = True) -> np.ndarray:
         """Features as the archive compares them: reduced (if it reduces), L2-normalised."""
         reducer = self.reducer()
-        return l2_normalize(features if reducer is None else reducer.transform(features))
+        reduced = features if reducer is None else reducer.transform(features)
+        return l2_normalize(reduced) if normalise else np.asarray(reduced, np.float32)
+
+    @property
+    def index_metric(self) -> str:
+        return self.settings.get("index_metric", "cosine")
+
+    def index_vectors(self, features: np.ndarray) -> np.ndarray:
+        """Features as the patch index holds them (normalised for cosine, raw for L2)."""
+        return self.reduce(features, normalise=self.index_metric == "cosine")
 
     def build_index(self) -> int:
         """Fit the reduction on all patches, then (re)build the FAISS index; returns its size."""
@@ -227,8 +248,9 @@ class Archive:
             except ValueError as error:
                 raise ArchiveError(self.root, f"cannot fit the {kind} reduction: {error}") from None
             save_reducer(reducer, self.root / "reducer.npz")
-        reduced = self.reduce(features)
-        index = faiss.IndexFlatIP(reduced.shape[1])
+        reduced = self.index_vectors(features)
+        flat = faiss.IndexFlatL2 if self.index_metric == "l2" else faiss.IndexFlatIP
+        index = flat(reduced.shape[1])
         index.add(reduced)
         slide_of_row = np.repeat([r.id for r in records], np.diff(offsets))
         row_in_slide = np.arange(len(reduced)) - np.repeat(offsets[:-1], np.diff(offsets))

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from histosearch.archive import ArchiveError
+from histosearch.archive import INDEX_METRICS, ArchiveError
 from histosearch.embed import default_device
 from histosearch.errors import HistosearchError, NoTissueError
 from histosearch.indexer import IndexReport
@@ -178,6 +178,9 @@ def index(
     n_features: Annotated[
         int, typer.Option("--n-features", help="Features kept by the reduction.")
     ] = 128,
+    index_metric: Annotated[
+        str, typer.Option("--index-metric", help="Patch index: cosine or l2 (LGFFEM's).")
+    ] = "cosine",
     group_by: Annotated[
         str | None,
         typer.Option("--group-by", help="Manifest column gathering patches into slides."),
@@ -198,6 +201,7 @@ def index(
         tissue=tissue,
         reduction=reduction,
         n_features=n_features,
+        index_metric=index_metric,
         group_by=group_by,
         mpp=mpp,
         objective_power=objective_power,
@@ -218,6 +222,7 @@ def build_archive(
     tissue: str = "otsu",
     reduction: str = "cov",
     n_features: int = 128,
+    index_metric: str = "cosine",
     group_by: str | None = None,
     mpp: float | None = None,
     objective_power: float | None = None,
@@ -235,6 +240,10 @@ def build_archive(
         make_detector(tissue)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--tissue") from None
+    if index_metric not in INDEX_METRICS:
+        raise typer.BadParameter(
+            f"choose from {', '.join(INDEX_METRICS)}", param_hint="--index-metric"
+        )
     if reduction not in (*REDUCERS, "none"):
         raise typer.BadParameter(
             f"choose from {', '.join(REDUCERS)} or none", param_hint="--reduction"
@@ -249,6 +258,7 @@ def build_archive(
         "tissue": tissue,
         "reduction": reduction,
         "n_features": str(n_features if reduction != "none" else encoder.dim),
+        "index_metric": index_metric,
     }
     with Archive(archive_dir, settings) as archive, progress() as bar:
         slides_task = bar.add_task("slides", total=len(items))

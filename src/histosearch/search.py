@@ -96,12 +96,15 @@ def search_slides(
 def search_patches(
     archive: Archive, query_features: np.ndarray, k: int, skip: set[int]
 ) -> list[list[PatchHit]]:
-    """For each query patch, the k most similar archive patches (cosine), best first."""
+    """For each query patch, the k most similar archive patches, best first: similarity is
+    the cosine (clipped to [0, 1]) or, for an L2 index, 1 / (1 + distance)."""
     index, mapping = archive.index()
     records = {r.id: r for r in archive.slides()}
     skipped = sum(records[i].n_patches for i in skip if i in records)
     depth = min(index.ntotal, k + skipped)  # deep enough that k survive the exclusions
-    sims, rows = index.search(archive.reduce(query_features), depth)
+    scores, rows = index.search(archive.index_vectors(query_features), depth)
+    # IndexFlatL2 returns squared distances
+    sims = 1 / (1 + np.sqrt(scores)) if archive.index_metric == "l2" else np.clip(scores, 0, 1)
     results = []
     for row_sims, row_ids in zip(sims, rows, strict=True):
         hits = []
@@ -109,9 +112,7 @@ def search_patches(
             slide_id, row_in_slide = mapping[row]
             if row < 0 or slide_id in skip:
                 continue
-            hits.append(
-                PatchHit(records[int(slide_id)], int(row_in_slide), float(np.clip(sim, 0, 1)))
-            )
+            hits.append(PatchHit(records[int(slide_id)], int(row_in_slide), float(sim)))
             if len(hits) == k:
                 break
         results.append(hits)
