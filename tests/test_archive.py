@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from data_paths import CMU, DATA, TCGA, WSI
+from data_paths import CMU, IDC, LC, TCGA, WSI, write_manifest
 from typer.testing import CliRunner
 
 from histosearch.archive import Archive, ArchiveError
@@ -21,27 +20,6 @@ from histosearch.cli import app
 from histosearch.search import Query, excluded_slides
 
 runner = CliRunner()
-LC = DATA / "lc25000-lung-dev"
-IDC = DATA / "idc-breast-dev"
-
-
-def write_manifest(path: Path, source: Path, column: str, per_class: int) -> Path:
-    """A manifest of the first `per_class` groups/patients of each label, absolute paths."""
-    with (source / "manifest.csv").open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    chosen: dict[str, list[str]] = {}
-    for row in rows:
-        members = chosen.setdefault(row["label"], [])
-        if row[column] not in members and len(members) < per_class:
-            members.append(row[column])
-    keep = {value for members in chosen.values() for value in members}
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            if row[column] in keep:
-                writer.writerow({**row, "path": str((source / row["path"]).resolve())})
-    return path
 
 
 @pytest.fixture(scope="module")

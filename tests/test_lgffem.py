@@ -6,14 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_paths import DATA
+from data_paths import LC, write_manifest
 from PIL import Image
 
 from histosearch.encoders import create_encoder
 from histosearch.train.lgffem import GRN, LGFFEM, FusionNode, GeM, LGFFEMError, multiscale_backbone
 from histosearch.train.trainer import TrainingError, TrainSettings, load_checkpoint, train
-
-LC = DATA / "lc25000-lung-dev"
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +71,10 @@ def test_backbone_with_too_few_levels(monkeypatch):
         multiscale_backbone("tiny")
 
 
-def _lc_subset(tmp: Path, groups_per_class: int) -> Path:
-    with (LC / "manifest.csv").open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    chosen: dict[str, list[str]] = {}
-    for row in rows:
-        members = chosen.setdefault(row["label"], [])
-        if row["group"] not in members and len(members) < groups_per_class:
-            members.append(row["group"])
-    keep = {g for members in chosen.values() for g in members}
-    path = tmp / "lc.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["path", "label", "group"])
-        writer.writeheader()
-        writer.writerows(
-            {**r, "path": str((LC / r["path"]).resolve())} for r in rows if r["group"] in keep
-        )
-    return path
-
-
 def test_tiny_lgffem_run_lowers_the_loss_and_holds_groups_out(tmp_path: Path):
     settings = TrainSettings(
         method="lgffem",
-        manifest=str(_lc_subset(tmp_path, 5)),
+        manifest=str(write_manifest(tmp_path / "lc.csv", LC, "group", 5)),
         backbone="resnet10t",
         epochs=4,
         image_size=64,
@@ -136,7 +115,7 @@ def test_gradcam_maps_and_figure(tmp_path: Path):
 
     settings = TrainSettings(
         method="lgffem",
-        manifest=str(_lc_subset(tmp_path, 3)),
+        manifest=str(write_manifest(tmp_path / "lc.csv", LC, "group", 3)),
         backbone="resnet10t",
         epochs=1,
         image_size=64,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_paths import DATA
+from data_paths import IDC
 from typer.testing import CliRunner
 
 from histosearch.cli import app
@@ -21,7 +21,6 @@ from histosearch.train.pairs import PairError, sample_spatial_pairs
 from histosearch.train.trainer import TrainingError, TrainSettings, load_checkpoint, train
 
 runner = CliRunner()
-IDC = DATA / "idc-breast-dev"
 
 
 def test_spatial_pairs_respect_micrometres_counts_and_slides():
