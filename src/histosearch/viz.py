@@ -23,6 +23,14 @@ class GalleryItem:
     correct: bool | None = None
 
 
+def _save(figure: plt.Figure, path: str | Path, dpi: int) -> None:
+    """Lay out, write as PNG atomically, and free the figure."""
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)
+
+
 def _draw_cell(
     axis: plt.Axes, item: GalleryItem, is_query: bool, fontsize: int, frame: int
 ) -> None:
@@ -51,10 +59,7 @@ def save_gallery(
         _draw_cell(axis, item, is_query, fontsize=8, frame=4)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, path, dpi=110)
 
 
 def _colours(labels: list[str]) -> dict[str, tuple[float, ...]]:
@@ -79,10 +84,7 @@ def save_embedding_plot(
     axis.set_xticks([])
     axis.set_yticks([])
     axis.legend(markerscale=4, fontsize=8, loc="best")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, path, dpi=110)
 
 
 def save_rank_gallery(
@@ -101,10 +103,7 @@ def save_rank_gallery(
         for axis in axis_row[len(hits) + 1 :]:
             axis.axis("off")
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    _save(figure, path, dpi=100)
 
 
 def save_confusion(truth: list[str], predicted: list[object], path: str | Path, title: str) -> None:
@@ -135,10 +134,7 @@ def save_confusion(truth: list[str], predicted: list[object], path: str | Path, 
     axis.set_xlabel("majority vote of the top k")
     axis.set_ylabel("true label")
     axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, path, dpi=110)
 
 
 def save_cam_figure(
@@ -160,7 +156,4 @@ def save_cam_figure(
             axis.set_xticks([])
             axis.set_yticks([])
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    _save(figure, path, dpi=100)
