@@ -62,6 +62,12 @@ class ArchiveError(HistosearchError):
     """A missing, empty or incompatible archive."""
 
 
+def catalog_key(path: str | Path) -> str:
+    """How the catalog names a source: the resolved path of a file, else the text as given
+    (a manifest group such as `manifest.csv::group=g1`)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 @dataclass(frozen=True)
 class SlideRecord:
     """One catalog row: a slide, or a group of patches standing for one."""
@@ -150,7 +156,7 @@ class Archive:
 
     def find(self, path: str | Path) -> SlideRecord | None:
         """The record of the slide stored from `path`, if any."""
-        key = str(Path(path).resolve()) if Path(path).exists() else str(path)
+        key = catalog_key(path)
         return next((s for s in self.slides() if s.path == key), None)
 
     def add(
@@ -167,7 +173,7 @@ class Archive:
         paths: list[str] | None = None,
     ) -> SlideRecord:
         """Store one slide's patch embeddings (written atomically, then catalogued)."""
-        key = str(Path(path).resolve()) if Path(path).exists() else str(path)
+        key = catalog_key(path)
         name = name or Path(path).name
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         feature_file = f"features/{Path(name).stem}-{digest}.h5"
@@ -179,25 +185,26 @@ class Archive:
             h5.attrs.update(
                 {"slide": key, **{k: self.settings[k] for k in SETTING_KEYS if k in self.settings}}
             )
+        row = (name, key, label, patient, group, mpp, len(features), feature_file)
         with self._db:
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO slides (name, path, label, patient, grp, mpp, n_patches, feature_file)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, key, label, patient, group, mpp, len(features), feature_file),
+                row,
             )
-        record = self.find(key)
-        assert record is not None
-        return record
+        return SlideRecord(cursor.lastrowid, *row)
 
-    def read(self, record: SlideRecord) -> SlideFeatures:
-        """A slide's stored features (float32), coordinates and patch paths."""
+    def read(self, record: SlideRecord, with_features: bool = True) -> SlideFeatures:
+        """A slide's stored features (float32; empty unless `with_features`), coordinates
+        and patch paths."""
         with h5py.File(self.root / record.feature_file, "r") as h5:
             paths = [p.decode() for p in h5["paths"][:]] if "paths" in h5 else None
-            return SlideFeatures(h5["features"][:].astype(np.float32), h5["coords"][:], paths)
+            features = h5["features"][:].astype(np.float32) if with_features else np.empty((0, 0))
+            return SlideFeatures(features, h5["coords"][:], paths)
 
     def patch_image(self, record: SlideRecord, row: int) -> np.ndarray:
         """RGB pixels of one stored patch: its image file, or its tile re-read from the slide."""
-        stored = self.read(record)
+        stored = self.read(record, with_features=False)
         if stored.paths is not None:
             with open_slide(stored.paths[row]) as image:
                 return image.read_scaled((0, 0), image.dimensions, 1.0)

@@ -1082,7 +1082,7 @@ def _hit_row(index: int, record, similarity: float, **extra: object) -> dict:
 
 
 def _patch_name(archive, record, row: int) -> str:
-    stored = archive.read(record)
+    stored = archive.read(record, with_features=False)
     if stored.paths is not None:
         return Path(stored.paths[row]).name
     x, y = stored.coords[row]
@@ -1112,7 +1112,7 @@ def _save_search_gallery(archive, query: str, record, pictures, path: Path) -> N
     if record is not None:
         query_image = (
             archive.patch_image(record, 0)
-            if record.n_patches and archive.read(record).paths
+            if record.n_patches and archive.read(record, with_features=False).paths
             else None
         )
         label = record.label

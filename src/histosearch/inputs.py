@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from histosearch.archive import catalog_key
 from histosearch.errors import HistosearchError
 from histosearch.slide import IMAGE_SUFFIXES
 
@@ -77,7 +78,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
 
     if group_by is None:
         return [
-            item(str((manifest.parent / r["path"]).resolve()), Path(r["path"]).name, [r], False)
+            item(catalog_key(manifest.parent / r["path"]), Path(r["path"]).name, [r], False)
             for r in rows
         ]
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -97,8 +98,7 @@ def collect_items(inputs: list[Path], group_by: str | None = None) -> list[Item]
             items.extend(read_manifest(path, group_by))
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
-            items.extend(Item(str(p.resolve()), p.name, [p]) for p in files)
+            items.extend(Item(catalog_key(p), p.name, [p]) for p in files)
         else:
-            key = str(path.resolve()) if path.exists() else str(path)
-            items.append(Item(key, path.name, [path]))
+            items.append(Item(catalog_key(path), path.name, [path]))
     return items

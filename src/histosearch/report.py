@@ -259,7 +259,7 @@ def archive_labelled_set(archive_dir: Path) -> tuple[LabelledSet, np.ndarray, st
         counts = np.diff(offsets)
         paths: list[Path] = []
         for record in records:
-            stored = archive.read(record).paths
+            stored = archive.read(record, with_features=False).paths
             paths += [Path(p) for p in stored] if stored else [Path(record.path)] * record.n_patches
     unlabelled = [r.name for r in records if r.label is None]
     if unlabelled:
