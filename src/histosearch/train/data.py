@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from histosearch.errors import HistosearchError
+from histosearch.embed import ImageDataset
 from histosearch.stain import ReinhardNormalizer
 
 
@@ -19,19 +17,10 @@ def load_images(
     paths: list[Path], size: int, stain: ReinhardNormalizer | None = None
 ) -> np.ndarray:
     """(n, size, size, 3) uint8, each image resized (and stain-normalised if asked)."""
+    images = ImageDataset(paths, size)  # read and resized exactly as the encoder will see them
     out = np.empty((len(paths), size, size, 3), np.uint8)
-    for index, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
-        except Exception as error:
-            raise HistosearchError(path, f"cannot read image: {error}") from error
-        rgb = cv2.resize(
-            rgb,
-            (size, size),
-            interpolation=cv2.INTER_AREA if rgb.shape[0] > size else cv2.INTER_LINEAR,
-        )
-        out[index] = rgb if stain is None else stain.transform(rgb)
+    for index in range(len(paths)):
+        out[index] = images[index] if stain is None else stain.transform(images[index])
     return out
 
 
