@@ -1,0 +1,45 @@
+"""The `histosearch` command line: one module per command group, assembled here."""
+
+from __future__ import annotations
+
+import typer
+
+from histosearch.cli.archive import demo, index, search
+from histosearch.cli.bench import (
+    bench_extract_command,
+    bench_search_command,
+    bench_tiling_command,
+    bench_tissue_command,
+)
+from histosearch.cli.common import error_console
+from histosearch.cli.evaluation import eval_command
+from histosearch.cli.slides import tile
+from histosearch.cli.training import explain, train, verify
+from histosearch.errors import HistosearchError
+
+app = typer.Typer(
+    help="Content-based similarity search for histopathology slides and patches.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+for command in (tile, index, search):
+    app.command()(command)
+app.command("eval")(eval_command)
+for command in (train, verify, explain, demo):
+    app.command()(command)
+
+bench_app = typer.Typer(help="Benchmarks whose figures the README reports.", no_args_is_help=True)
+bench_app.command("tiling")(bench_tiling_command)
+bench_app.command("search")(bench_search_command)
+bench_app.command("extract")(bench_extract_command)
+bench_app.command("tissue")(bench_tissue_command)
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """Console entry point: a bad input ends with its one-line reason, not a traceback."""
+    try:
+        app()
+    except HistosearchError as error:
+        error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None

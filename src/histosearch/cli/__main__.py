@@ -1,0 +1,5 @@
+"""`python -m histosearch.cli`."""
+
+from histosearch.cli import main
+
+main()

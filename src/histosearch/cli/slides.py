@@ -1,0 +1,96 @@
+"""`histosearch tile`: slides into tissue tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from histosearch.cli.common import (
+    console,
+    report_failures,
+    run_batch,
+)
+from histosearch.errors import NoTissueError
+from histosearch.slide import open_slide
+from histosearch.tiling import TileGrid, save_overlay, tile_slide
+from histosearch.tissue import DETECTORS, make_detector
+
+
+def _tile_row(grid: TileGrid, size: tuple[int, int]) -> list[str]:
+    mpp = f"{grid.mpp:.3f}" if grid.mpp else "-"
+    return [
+        Path(grid.slide_path).name,
+        f"{grid.magnification:g}x",
+        mpp,
+        f"{size[0]}x{size[1]}",
+        f"{grid.rows}x{grid.cols}",
+        str(grid.n_tissue),
+        str(grid.n_background),
+    ]
+
+
+def tile(
+    slides: Annotated[list[Path], typer.Argument(help="Slide or image files.")],
+    mag: Annotated[
+        float, typer.Option("--mag", help="Magnification of the tiles, e.g. 5 or 2.5.")
+    ] = 5.0,
+    tile_size: Annotated[
+        int, typer.Option("--tile-size", min=8, help="Tile side in pixels.")
+    ] = 224,
+    tissue: Annotated[
+        str, typer.Option("--tissue", help=f"Tissue detection: {' or '.join(DETECTORS)}.")
+    ] = "otsu",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the CSV and PNG per slide.")
+    ] = Path("tiles"),
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="Microns per pixel, for files that lack it.")
+    ] = None,
+    objective_power: Annotated[
+        float | None,
+        typer.Option("--objective-power", help="Scan magnification, for files that lack it."),
+    ] = None,
+) -> None:
+    """Grid slides into tiles at a magnification and find the tissue tiles.
+
+    Writes OUT/<slide>.tiles.csv (level-0 x, y of every tile, its tissue fraction and
+    decision) and OUT/<slide>.tiles.png (a thumbnail with the kept tiles outlined).
+    """
+    try:
+        detector = make_detector(tissue)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tissue") from None
+    table = Table(title=f"Tiles of {tile_size} px at {mag:g}x ({tissue} tissue detection)")
+    for column in (
+        "slide",
+        "mag",
+        "um/px",
+        "size at mag",
+        "grid (rows x cols)",
+        "tissue",
+        "background",
+    ):
+        table.add_column(column, justify="left" if column == "slide" else "right", overflow="fold")
+
+    def work(path: Path) -> None:
+        with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
+            grid = tile_slide(slide, mag, tile_size, detector)
+            size = slide.size_at(mag)
+            table.add_row(*_tile_row(grid, size))
+            if len(grid) == 0:
+                raise NoTissueError(
+                    path,
+                    f"no {tile_size} px tile fits: the slide is {size[0]}x{size[1]} px at {mag:g}x",
+                )
+            grid.to_csv(out / f"{path.name}.tiles.csv")
+            save_overlay(slide, grid, out / f"{path.name}.tiles.png")
+            if grid.n_tissue == 0:
+                raise NoTissueError(path, f"no tissue in any of the {len(grid)} tiles at {mag:g}x")
+
+    failures = run_batch(slides, work, "tiling")
+    console.print(table)
+    console.print(f"coordinates and thumbnails in {out}/")
+    report_failures(failures, len(slides))
