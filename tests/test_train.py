@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_paths import IDC
+from data_paths import IDC, TARGET
+from PIL import Image
 from typer.testing import CliRunner
 
 from histosearch.cli import app
 from histosearch.encoders import create_encoder
+from histosearch.stain import ReinhardNormalizer
 from histosearch.train.losses import byol_loss, contrastive_loss, ema_update
 from histosearch.train.pairs import PairError, sample_spatial_pairs
 from histosearch.train.trainer import TrainingError, TrainSettings, load_checkpoint, train
@@ -89,9 +91,12 @@ def _idc_subset(tmp: Path, patients: int) -> Path:
 def test_tiny_training_lowers_the_loss_and_the_checkpoint_is_an_encoder(
     tmp_path: Path, method: str
 ):
+    target = tmp_path / "target.png"
+    target.write_bytes(TARGET.read_bytes())
     settings = TrainSettings(
         method=method,
         manifest=str(_idc_subset(tmp_path, 3)),
+        stain_target=str(target) if method == "spatial" else None,
         backbone="resnet10t",
         epochs=3,
         image_size=32,
@@ -107,7 +112,13 @@ def test_tiny_training_lowers_the_loss_and_the_checkpoint_is_an_encoder(
     path = train(settings, tmp_path / "run", workers=0)
     history = load_checkpoint(path)["history"]
     assert len(history) == 3 and history[-1] < history[0]
+    target.unlink()  # the checkpoint carries the target's LAB statistics, not its path
     encoder = create_encoder(str(path))
+    if method == "spatial":
+        tile = np.asarray(Image.open(next((IDC / "images").rglob("*.png"))).convert("RGB"))
+        expected = ReinhardNormalizer().fit(np.asarray(Image.open(TARGET).convert("RGB")))
+        assert encoder.tile_transform is not None
+        np.testing.assert_allclose(encoder.tile_transform(tile), expected.transform(tile), atol=1)
     assert encoder.input_size == 32 and encoder.dim == (128 if method == "spatial" else 512)
     out = encoder(np.zeros((2, 50, 50, 3), np.uint8))
     assert out.shape == (2, encoder.dim) and np.isfinite(out).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Self
 
 import numpy as np
@@ -35,6 +36,14 @@ class ReinhardNormalizer:
     def _lab_stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lab = rgb2lab(_check_rgb(rgb))
         return lab, lab.mean(axis=(0, 1)), lab.std(axis=(0, 1))
+
+    @classmethod
+    def from_lab_stats(cls, mean: Sequence[float], std: Sequence[float]) -> Self:
+        """A normaliser to saved target statistics (LAB mean and std per channel)."""
+        normaliser = cls()
+        normaliser.target_mean = np.asarray(mean, np.float64)
+        normaliser.target_std = np.asarray(std, np.float64)
+        return normaliser
 
     def fit(self, target: np.ndarray) -> Self:
         """Learn the LAB statistics of `target`."""

@@ -8,7 +8,12 @@ import torch
 
 from histosearch.encoders.registry import Encoder
 from histosearch.fileio import atomic_path
-from histosearch.train.trainer import TrainSettings, _stain, build_model, load_checkpoint
+from histosearch.train.trainer import (
+    TrainSettings,
+    build_model,
+    load_checkpoint,
+    stain_normaliser,
+)
 
 
 def encoder_from_checkpoint(path: Path) -> Encoder:
@@ -18,7 +23,7 @@ def encoder_from_checkpoint(path: Path) -> Encoder:
     settings = TrainSettings(**checkpoint["settings"])
     model = build_model(settings)
     model.load_state_dict(checkpoint["model"])
-    stain = _stain(settings)
+    stain = stain_normaliser(settings)
     return Encoder(
         name=str(path),
         model=model.embedding(),

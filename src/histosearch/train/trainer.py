@@ -61,6 +61,8 @@ class TrainSettings:
     hidden: int = 2048
     ema: float = 0.99
     stain_target: str | None = None
+    # The target's LAB mean and std (6 numbers): a checkpoint normalises without the file.
+    stain_lab: list[float] | None = None
     # LGFFEM (supervised): neck width and depth, Sub-center ArcFace, cosine-annealed AdamW
     channels: int = 512
     layers: int = 3
@@ -125,13 +127,18 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _stain(settings: TrainSettings) -> ReinhardNormalizer | None:
-    if settings.stain_target is None:
-        return None
-    from histosearch.slide import open_slide
+def stain_normaliser(settings: TrainSettings) -> ReinhardNormalizer | None:
+    """The run's Reinhard normaliser: from the saved LAB statistics, else fitted on
+    `stain_target` (whose statistics are then recorded in the settings)."""
+    if settings.stain_lab is None:
+        if settings.stain_target is None:
+            return None
+        from histosearch.slide import open_slide
 
-    with open_slide(settings.stain_target) as target:
-        return ReinhardNormalizer().fit(target.read_scaled((0, 0), target.dimensions, 1.0))
+        with open_slide(settings.stain_target) as target:
+            fitted = ReinhardNormalizer().fit(target.read_scaled((0, 0), target.dimensions, 1.0))
+        settings.stain_lab = [*map(float, fitted.target_mean), *map(float, fitted.target_std)]
+    return ReinhardNormalizer.from_lab_stats(settings.stain_lab[:3], settings.stain_lab[3:])
 
 
 @dataclass
@@ -211,7 +218,7 @@ def prepare(settings: TrainSettings, out: Path) -> TrainData:
             manifest, f"{len(rows)} images is fewer than one batch of {settings.batch_size}"
         )
     data.images = load_images(
-        [manifest.parent / r["path"] for r in rows], settings.image_size, _stain(settings)
+        [manifest.parent / r["path"] for r in rows], settings.image_size, stain_normaliser(settings)
     )
     return data
 
