@@ -13,7 +13,9 @@ from histosearch.cli import app
 from histosearch.evaluate import (
     addr,
     best_threshold,
+    label_agreement,
     label_pairs,
+    linear_probe,
     majority_vote,
     pair_verification,
     rank_neighbours,
@@ -94,6 +96,18 @@ def test_addr_and_pairs():
     assert sorted(map(tuple, far.tolist())) == [(0, 2), (1, 2)]
 
 
+def test_linear_probe_and_label_agreement():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b"] * 60)
+    groups = np.repeat(np.arange(12), 10)
+    separable = rng.normal(size=(120, 8)) + (labels == "a")[:, None] * 4.0
+    assert linear_probe(separable, labels, groups) == pytest.approx(1.0)
+    noise = rng.normal(size=(120, 8))
+    assert 0.3 < linear_probe(noise, labels, groups) < 0.7
+    assert linear_probe(separable, labels, np.zeros(120)) is None  # one group cannot be split
+    assert label_agreement(["a", "a", "b"], np.array([[0, 1], [0, 2]])) == pytest.approx(0.5)
+
+
 def test_threshold_and_verification():
     threshold, accuracy = best_threshold(
         np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 1, 0, 1], bool)
@@ -156,6 +170,7 @@ def test_eval_command_writes_the_report(tmp_path: Path):
     metrics = payload["patch"]["metrics"]
     assert 0.5 < metrics["mMV@5"] <= 1 and 0 < metrics["eta_tot"] <= 1
     assert metrics["ADDR (label pairs)"] > 1
+    assert 0.5 < metrics["linear probe balanced accuracy"] <= 1
     assert set(payload["slide"]["slides = group"]) == {"full (512-d)", "cov 128-d"}
     assert {"pca.png", "umap.png", "confusion.png", "gallery.png"} <= {
         p.name for p in out.iterdir()

@@ -16,6 +16,10 @@ Definitions (k = 1, 3, 5 by default):
   with a retrieval correct when the top-1 has the query's label (scan), eta_p = correct /
   all queries, eta_w = mean over labels of the correct fraction, eta_tot = eta_p * eta_w.
 - ADDR (Gildenblat & Klaiman): mean L2 distance of dissimilar pairs over that of similar pairs.
+- Linear probe (the self-supervised literature's check): a class-balanced logistic
+  regression on standardised embeddings, cross-validated over folds that never split a
+  group/patient; its balanced accuracy tells what a supervised read-out of the same
+  embeddings reaches, next to what kNN retrieval does with them.
 - Pair verification (Huang & Chen): same/different label decided by cosine >= threshold; the
   threshold maximising accuracy on a validation half of the pairs, accuracy on the other
   half, and the ROC AUC of the cosine.
@@ -27,7 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from histosearch.similarity import l2_normalize
 
@@ -180,6 +188,40 @@ def addr(features: np.ndarray, similar: np.ndarray, dissimilar: np.ndarray) -> f
         return float(np.linalg.norm(x[pairs[:, 0]] - x[pairs[:, 1]], axis=1).mean())
 
     return mean_distance(dissimilar) / mean_distance(similar)
+
+
+def linear_probe(
+    features: np.ndarray,
+    labels: Sequence[object],
+    groups: Sequence[object] | None = None,
+    folds: int = 5,
+    regularisation: float = 0.01,
+) -> float | None:
+    """Balanced accuracy of a class-balanced logistic regression (inverse regularisation
+    `regularisation`) predicting each item from folds that hold out whole groups; None when
+    there are fewer than two groups (or items) to split."""
+    labels_arr = np.asarray(labels, dtype=object).astype(str)
+    codes = np.arange(len(labels_arr)) if groups is None else _codes(groups)
+    n_folds = min(folds, int(codes.max()) + 1)
+    if n_folds < 2 or len(set(labels_arr)) < 2:
+        return None
+    predicted = np.empty_like(labels_arr)
+    for train, test in GroupKFold(n_folds).split(features, labels_arr, codes):
+        if len(set(labels_arr[train])) < 2:
+            return None
+        model = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=regularisation, class_weight="balanced", max_iter=2000),
+        )
+        predicted[test] = model.fit(features[train], labels_arr[train]).predict(features[test])
+    return float(balanced_accuracy_score(labels_arr, predicted))
+
+
+def label_agreement(labels: Sequence[object], pairs: np.ndarray) -> float:
+    """Fraction of the pairs whose two items share a label (how well a pair rule, such as
+    spatial nearness, stands in for the labels)."""
+    labels_arr = np.asarray(labels, dtype=object).astype(str)
+    return float((labels_arr[pairs[:, 0]] == labels_arr[pairs[:, 1]]).mean())
 
 
 def label_pairs(

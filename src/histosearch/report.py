@@ -21,7 +21,9 @@ import torch
 from histosearch.errors import HistosearchError
 from histosearch.evaluate import (
     addr,
+    label_agreement,
     label_pairs,
+    linear_probe,
     majority_vote,
     pair_verification,
     rank_neighbours,
@@ -139,6 +141,7 @@ def evaluate_patches(
         "verification accuracy": verification.test_accuracy,
         "verification ROC AUC": verification.roc_auc,
         "verification pairs": verification.n_pairs,
+        "linear probe balanced accuracy": linear_probe(features, data.labels, keys),
     }
     slides = data.column("slide") or data.column("patient")
     if near_far is not None and data.xy is not None and slides is not None:
@@ -146,6 +149,9 @@ def evaluate_patches(
         if len(near) and len(far):
             metrics["ADDR (near/far pairs)"] = addr(unit, near, far)
             metrics["near/far pairs"] = [len(near), len(far)]
+            metrics["label agreement (near/far pairs)"] = [
+                round(label_agreement(data.labels, pairs), 4) for pairs in (near, far)
+            ]
     return PatchEvaluation(metrics, result.per_class, neighbours, result.votes[max(ks)])
 
 
@@ -239,6 +245,8 @@ def write_report(
 
 
 def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
