@@ -119,6 +119,8 @@ class Archive:
                     self._db.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
                 stored = dict(settings)
         self.settings = stored
+        self._reducer: Reducer | None = None
+        self._reducer_loaded = False
 
     def _check(self, stored: dict[str, str], wanted: dict[str, str]) -> None:
         different = [
@@ -228,8 +230,11 @@ class Archive:
 
     def reducer(self) -> Reducer | None:
         """The archive's fitted reduction, or None when it keeps the full features."""
-        path = self.root / "reducer.npz"
-        return load_reducer(path) if path.is_file() else None
+        if not self._reducer_loaded:
+            path = self.root / "reducer.npz"
+            self._reducer = load_reducer(path) if path.is_file() else None
+            self._reducer_loaded = True
+        return self._reducer
 
     def reduce(self, features: np.ndarray, normalise: bool = True) -> np.ndarray:
         """Features as the archive compares them: reduced (if it reduces), L2-normalised."""
@@ -255,6 +260,7 @@ class Archive:
             except ValueError as error:
                 raise ArchiveError(self.root, f"cannot fit the {kind} reduction: {error}") from None
             save_reducer(reducer, self.root / "reducer.npz")
+            self._reducer, self._reducer_loaded = reducer, True
         reduced = self.index_vectors(features)
         flat = faiss.IndexFlatL2 if self.index_metric == "l2" else faiss.IndexFlatIP
         index = flat(reduced.shape[1])
