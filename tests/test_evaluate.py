@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from histosearch.cli import app
 from histosearch.evaluate import (
     addr,
+    agreement_by_distance,
     best_threshold,
     label_agreement,
     label_pairs,
@@ -106,6 +107,18 @@ def test_linear_probe_and_label_agreement():
     assert 0.3 < linear_probe(noise, labels, groups) < 0.7
     assert linear_probe(separable, labels, np.zeros(120)) is None  # one group cannot be split
     assert label_agreement(["a", "a", "b"], np.array([[0, 1], [0, 2]])) == pytest.approx(0.5)
+
+
+def test_agreement_by_distance_by_hand():
+    labels = ["a", "a", "b", "b", "b"]
+    slides = ["s1", "s1", "s1", "s2", "s2"]
+    xy = np.array([[0, 0], [10, 0], [100, 0], [0, 0], [10, 0]])
+    found = agreement_by_distance(labels, slides, xy, n_bins=2)
+    # near bin: the two 10-unit pairs (same labels); far bin: 90 and 100 units (different)
+    assert found.pairs.tolist() == [2, 2]
+    assert found.agreement.tolist() == [1.0, 0.0]
+    assert found.edges[0] == pytest.approx(10) and found.edges[-1] == pytest.approx(100)
+    assert agreement_by_distance(labels, list("vwxyz"), xy) is None  # no same-slide pairs
 
 
 def test_threshold_and_verification():

@@ -249,6 +249,7 @@ def test_checkpoint_works_in_index_search_eval_and_verify(tmp_path: Path):
     near_agreement, far_agreement = metrics["label agreement (near/far pairs)"]
     # on IDC, tiles within 400 um share their label more often than tiles 3 mm apart
     assert 0 < far_agreement < near_agreement <= 1
+    assert (out / "spatial-agreement.png").is_file()
     threshold = load_checkpoint(Path(checkpoint))["threshold"]
     assert threshold is not None
     rows = list(csv.DictReader(manifest.open()))

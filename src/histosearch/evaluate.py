@@ -224,6 +224,56 @@ def label_agreement(labels: Sequence[object], pairs: np.ndarray) -> float:
     return float((labels_arr[pairs[:, 0]] == labels_arr[pairs[:, 1]]).mean())
 
 
+@dataclass(frozen=True)
+class DistanceAgreement:
+    """Label agreement of same-slide pairs, binned by their distance (the coordinates' units)."""
+
+    edges: np.ndarray
+    agreement: np.ndarray
+    pairs: np.ndarray
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {
+            "edges": self.edges.tolist(),
+            "agreement": self.agreement.tolist(),
+            "pairs": self.pairs.tolist(),
+        }
+
+
+def agreement_by_distance(
+    labels: Sequence[object],
+    slides: Sequence[object],
+    xy: np.ndarray,
+    n_bins: int = 12,
+    max_per_slide: int = 2000,
+    seed: int = 0,
+) -> DistanceAgreement | None:
+    """How often two tiles of one slide share a label, as a function of their distance: what
+    a spatial near/far rule (Gildenblat & Klaiman) can teach about the labels. Log-spaced
+    bins; slides with more than `max_per_slide` tiles are subsampled. None without pairs."""
+    labels_arr = np.asarray(labels, dtype=object).astype(str)
+    codes, xy = _codes(slides), np.asarray(xy, np.float64)
+    rng = np.random.default_rng(seed)
+    distances, same = [], []
+    for code in range(codes.max() + 1):
+        members = np.flatnonzero(codes == code)
+        if len(members) > max_per_slide:
+            members = rng.choice(members, max_per_slide, replace=False)
+        first, second = np.triu_indices(len(members), 1)
+        a, b = members[first], members[second]
+        distances.append(np.linalg.norm(xy[a] - xy[b], axis=1))
+        same.append(labels_arr[a] == labels_arr[b])
+    distance, agree = np.concatenate(distances), np.concatenate(same)
+    distance, agree = distance[distance > 0], agree[distance > 0]
+    if len(distance) == 0:
+        return None
+    edges = np.geomspace(distance.min(), distance.max() * (1 + 1e-9), n_bins + 1)
+    index = np.digitize(distance, edges) - 1
+    pairs = np.bincount(index, minlength=n_bins)
+    agreeing = np.bincount(index, weights=agree, minlength=n_bins)
+    return DistanceAgreement(edges, agreeing / np.maximum(pairs, 1), pairs)
+
+
 def label_pairs(
     labels: Sequence[object],
     n_pairs: int,

@@ -20,7 +20,9 @@ import torch
 
 from histosearch.errors import HistosearchError
 from histosearch.evaluate import (
+    DistanceAgreement,
     addr,
+    agreement_by_distance,
     label_agreement,
     label_pairs,
     linear_probe,
@@ -115,6 +117,8 @@ class PatchEvaluation:
     per_class: dict[str, dict[str, float]]
     neighbours: np.ndarray
     votes: list[object]
+    # label agreement of same-slide pairs by distance, when the set has slides and x, y
+    spatial_agreement: DistanceAgreement | None = None
 
 
 def evaluate_patches(
@@ -144,6 +148,9 @@ def evaluate_patches(
         "linear probe balanced accuracy": linear_probe(features, data.labels, keys),
     }
     slides = data.column("slide") or data.column("patient")
+    spatial = None
+    if data.xy is not None and slides is not None:
+        spatial = agreement_by_distance(data.labels, slides, data.xy, seed=seed)
     if near_far is not None and data.xy is not None and slides is not None:
         near, far = spatial_pairs(slides, data.xy, near_far[0], near_far[1], n_pairs, seed)
         if len(near) and len(far):
@@ -152,7 +159,7 @@ def evaluate_patches(
             metrics["label agreement (near/far pairs)"] = [
                 round(label_agreement(data.labels, pairs), 4) for pairs in (near, far)
             ]
-    return PatchEvaluation(metrics, result.per_class, neighbours, result.votes[max(ks)])
+    return PatchEvaluation(metrics, result.per_class, neighbours, result.votes[max(ks)], spatial)
 
 
 def evaluate_slides(
@@ -211,7 +218,13 @@ def write_report(
         "settings": settings,
         "patch": None
         if patch is None
-        else {"metrics": patch.metrics, "per_class": patch.per_class},
+        else {
+            "metrics": patch.metrics,
+            "per_class": patch.per_class,
+            "spatial_agreement": None
+            if patch.spatial_agreement is None
+            else patch.spatial_agreement.as_dict(),
+        },
         "slide": slides,
         "figures": figures,
     }
@@ -227,6 +240,16 @@ def write_report(
         lines += ["|---" * (len(columns) + 1) + "|"]
         for cls, values in patch.per_class.items():
             lines += [f"| {cls} | " + " | ".join(_fmt(values[c]) for c in columns) + " |"]
+        if patch.spatial_agreement is not None:
+            found = patch.spatial_agreement
+            lines += ["", "### Label agreement of same-slide pairs by distance", ""]
+            lines += ["| distance from | to | pairs | sharing a label |", "|---|---|---|---|"]
+            lines += [
+                f"| {low:.4g} | {high:.4g} | {n} | {_fmt(float(a)) if n else '-'} |"
+                for low, high, n, a in zip(
+                    found.edges[:-1], found.edges[1:], found.pairs, found.agreement, strict=True
+                )
+            ]
     if slides:
         lines += ["", "## Slide retrieval (leave-one-out, WSI measure)"]
         for magnification, variants in slides.items():
@@ -303,7 +326,13 @@ def save_figures(
     import umap
     from PIL import Image
 
-    from histosearch.viz import GalleryItem, save_confusion, save_embedding_plot, save_rank_gallery
+    from histosearch.viz import (
+        GalleryItem,
+        save_agreement_plot,
+        save_confusion,
+        save_embedding_plot,
+        save_rank_gallery,
+    )
 
     figures = []
     unit = l2_normalize(features)
@@ -320,6 +349,18 @@ def save_figures(
     figures.append("umap.png")
     save_confusion(data.labels, patch.votes, out / "confusion.png", f"{encoder_name}: MV@{k}")
     figures.append("confusion.png")
+    if patch.spatial_agreement is not None:
+        found = patch.spatial_agreement
+        shares = np.unique(np.asarray(data.labels), return_counts=True)[1] / len(data.labels)
+        save_agreement_plot(
+            found.edges,
+            found.agreement,
+            found.pairs,
+            float((shares**2).sum()),
+            out / "spatial-agreement.png",
+            "Labels of tiles on the same slide, by distance (what near/far pairs can teach)",
+        )
+        figures.append("spatial-agreement.png")
     if all(p.is_file() for p in data.paths):
         rng = np.random.default_rng(seed)
         labels = np.asarray(data.labels)

@@ -137,6 +137,31 @@ def save_confusion(truth: list[str], predicted: list[object], path: str | Path, 
     _save(figure, path, dpi=110)
 
 
+def save_agreement_plot(
+    edges: np.ndarray,
+    agreement: np.ndarray,
+    pairs: np.ndarray,
+    chance: float,
+    path: str | Path,
+    title: str,
+) -> None:
+    """Label agreement of same-slide pairs against their distance (log axis), bins with
+    pairs only, with the agreement of random pairs drawn for reference."""
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    filled = pairs > 0
+    figure, axis = plt.subplots(figsize=(6, 3.4))
+    axis.semilogx(centres[filled], agreement[filled], "o-", color="tab:blue")
+    for x, y, n in zip(centres[filled], agreement[filled], pairs[filled], strict=True):
+        axis.annotate(f"{n:,}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6)
+    axis.axhline(chance, color="grey", linestyle="--", label="random pair of the set")
+    axis.set_xlabel("distance between the two tiles (coordinate units)")
+    axis.set_ylabel("pairs sharing a label")
+    axis.set_ylim(0, 1.05)
+    axis.legend(fontsize=7, loc="lower left")
+    axis.set_title(title, fontsize=9)
+    _save(figure, path, dpi=110)
+
+
 def save_cam_figure(
     rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], path: str | Path, title: str
 ) -> None:
