@@ -162,22 +162,10 @@ def test_group_exclusion_removes_the_near_duplicates(tmp_path: Path):
 def test_eval_command_writes_the_report(tmp_path: Path):
     manifest = write_manifest(tmp_path / "m.csv", LC, "group", 4)
     out = tmp_path / "report"
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            str(manifest),
-            "--encoder",
-            "color-histogram",
-            "--out",
-            str(out),
-            "--slide-column",
-            "group",
-            "--pairs",
-            "300",
-        ],
-    )
+    command = ["eval", str(manifest), "--encoder", "color-histogram", "--out", str(out)]
+    result = runner.invoke(app, [*command, "--slide-column", "group", "--pairs", "300"])
     assert result.exit_code == 0, result.output
+    assert "reused" not in result.output
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["settings"]["exclude"] == "group"
     metrics = payload["patch"]["metrics"]
@@ -189,6 +177,12 @@ def test_eval_command_writes_the_report(tmp_path: Path):
         p.name for p in out.iterdir()
     }
     assert "## Patch retrieval" in (out / "report.md").read_text()
+    # a second eval into the same folder reuses the embeddings: same numbers, no embedding
+    again = runner.invoke(app, [*command, "--slide-column", "group", "--pairs", "300"])
+    assert again.exit_code == 0 and "embeddings reused" in again.output
+    assert json.loads((out / "metrics.json").read_text())["patch"]["metrics"] == metrics
+    other = runner.invoke(app, [*command[:3], "efficientnet-lite0-imagenet", *command[4:]])
+    assert other.exit_code == 0 and "reused" not in other.output  # another encoder embeds
 
 
 @pytest.mark.parametrize(

@@ -77,12 +77,16 @@ def eval_command(
     from histosearch.embed import ImageDataset, embed_dataset, is_patch_file
     from histosearch.encoders import create_encoder
     from histosearch.report import (
+        EMBEDDINGS,
         archive_labelled_set,
+        cached_embeddings,
         check_evaluable,
+        embedding_key,
         evaluate_patches,
         evaluate_slides,
         group_features,
         read_labelled_manifest,
+        save_embeddings,
         save_figures,
         write_report,
     )
@@ -119,15 +123,21 @@ def eval_command(
                 (reduction, n_features),
             )
             return
-        with progress() as bar:
-            task = bar.add_task(f"embedding with {encoder_name}", total=len(data.paths))
-            features = embed_dataset(
-                ImageDataset(data.paths, encoder.input_size),
-                encoder,
-                batch_size,
-                workers,
-                lambda n: bar.advance(task, n),
-            )
+        key = embedding_key(encoder_name, weights)
+        features = cached_embeddings(out, key, data.paths)
+        if features is None:
+            with progress() as bar:
+                task = bar.add_task(f"embedding with {encoder_name}", total=len(data.paths))
+                features = embed_dataset(
+                    ImageDataset(data.paths, encoder.input_size),
+                    encoder,
+                    batch_size,
+                    workers,
+                    lambda n: bar.advance(task, n),
+                )
+            save_embeddings(out, key, data.paths, features)
+        else:
+            console.print(f"embeddings reused from {out / EMBEDDINGS}")
     patch = evaluate_patches(
         features,
         data,
