@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,9 @@ def test_tiny_training_lowers_the_loss_and_the_checkpoint_is_an_encoder(
     history = load_checkpoint(path)["history"]
     assert len(history) == 3 and history[-1] < history[0]
     target.unlink()  # the checkpoint carries the target's LAB statistics, not its path
+    again = replace(settings, epochs=4, stain_lab=None)  # as the command line gives them
+    train(again, tmp_path / "run", resume=True, workers=0)  # resumes without the target
+    assert len(load_checkpoint(path)["history"]) == 4
     encoder = create_encoder(str(path))
     if method == "spatial":
         tile = np.asarray(Image.open(next((IDC / "images").rglob("*.png"))).convert("RGB"))

@@ -281,6 +281,8 @@ def train(
                 + ", ".join(f"{k} {saved[k]} (asked {asdict(settings)[k]})" for k in different),
             )
         start_epoch = state["epoch"]
+        # the run goes on with its own stain target, even if the image has moved since
+        settings.stain_lab = saved.get("stain_lab")
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(settings, out)
     model = build_model(settings).to(device).to(memory_format=torch.channels_last)
