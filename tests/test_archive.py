@@ -227,6 +227,16 @@ def test_bad_archives_and_queries(tmp_path: Path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "broken.svs: corrupt or unsupported" in done.stderr
+    # a manifest that is not there: one line naming it, and no archive begun
+    missing = tmp_path / "nope.csv"
+    done = subprocess.run(
+        [*cli, "index", str(missing), "--archive", str(tmp_path / "new")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{missing}: no such manifest" in done.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):

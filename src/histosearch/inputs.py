@@ -48,17 +48,27 @@ class Item:
     is_group: bool = False
 
 
+def read_manifest_rows(manifest: Path) -> tuple[list[dict[str, str]], list[str], list[str]]:
+    """A CSV manifest's rows, its columns, and the listed `path`s (relative to the CSV) that
+    are not files; a missing manifest or one without a `path` column is refused."""
+    if not manifest.is_file():
+        raise ManifestError(manifest, "no such manifest")
+    with manifest.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    if "path" not in columns:
+        raise ManifestError(manifest, f"no 'path' column (columns: {', '.join(columns)})")
+    missing = [r["path"] for r in rows if not (manifest.parent / r["path"]).is_file()]
+    return rows, columns, missing
+
+
 def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
     """Items of a CSV with a `path` column (relative to the CSV) and optional metadata;
     `group_by` names a column whose values gather patches into one archive slide."""
-    with manifest.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    columns = set(rows[0]) if rows else set()
-    if "path" not in columns:
-        raise ManifestError(manifest, f"no 'path' column (columns: {', '.join(sorted(columns))})")
+    rows, columns, missing = read_manifest_rows(manifest)
     if group_by is not None and group_by not in columns:
         raise ManifestError(manifest, f"--group-by {group_by}: no such column")
-    missing = [r["path"] for r in rows if not (manifest.parent / r["path"]).is_file()]
     if missing:
         raise ManifestError(
             manifest, f"{len(missing)} listed files do not exist, e.g. {', '.join(missing[:3])}"

@@ -9,7 +9,6 @@ confusion matrix of the majority votes).
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from histosearch.evaluate import (
     spatial_pairs,
 )
 from histosearch.fileio import atomic_path
+from histosearch.inputs import read_manifest_rows
 from histosearch.reduce import make_reducer
 from histosearch.similarity import l2_normalize, similarity_matrix
 
@@ -61,20 +61,14 @@ class LabelledSet:
 
 def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSet:
     """Check a manifest before any heavy work: columns, files, classes."""
-    if not path.is_file():
-        raise LabelledSetError(path, "no such manifest")
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        rows = list(reader)
-        header = reader.fieldnames or []
+    rows, header, missing = read_manifest_rows(path)
     unknown = [c for c in header if c not in MANIFEST_COLUMNS]
-    if unknown or "path" not in header or "label" not in header:
+    if unknown or "label" not in header:
         raise LabelledSetError(
             path,
             f"columns must be path,label[,{','.join(MANIFEST_COLUMNS[2:])}]; "
             + (f"unknown: {', '.join(unknown)}" if unknown else f"got {', '.join(header)}"),
         )
-    missing = [r["path"] for r in rows if not (path.parent / r["path"]).is_file()]
     if missing and not skip_missing:
         listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise LabelledSetError(
@@ -82,7 +76,8 @@ def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSe
             f"{len(missing)} of {len(rows)} listed files are missing (--skip-missing evaluates "
             f"the rest):\n  {listed}",
         )
-    rows = [r for r in rows if (path.parent / r["path"]).is_file()]
+    absent = set(missing)
+    rows = [r for r in rows if r["path"] not in absent]
     xy = None
     if "x" in header and "y" in header:
         xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])

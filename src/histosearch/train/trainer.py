@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from histosearch.errors import HistosearchError
 from histosearch.fileio import atomic_path
+from histosearch.inputs import read_manifest_rows
 from histosearch.stain import ReinhardNormalizer
 from histosearch.train.data import (
     LabelledDataset,
@@ -115,13 +116,9 @@ def normalise(batch: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
 
 
 def _read_manifest(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise TrainingError(path, "no such manifest")
-    with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    if not rows or "path" not in rows[0]:
-        raise TrainingError(path, "needs a 'path' column and at least one row")
-    missing = [r["path"] for r in rows if not (path.parent / r["path"]).is_file()]
+    rows, _, missing = read_manifest_rows(path)
+    if not rows:
+        raise TrainingError(path, "lists no images")
     if missing:
         raise TrainingError(path, f"{len(missing)} listed files are missing, e.g. {missing[0]}")
     return rows
