@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histosearch.encoders import Encoder
-from histosearch.errors import SlideReadError
+from histosearch.errors import NoTissueError, SlideReadError
 from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide
-from histosearch.tiling import TileGrid
+from histosearch.tiling import TileGrid, tile_slide
 
 
 class TileDataset(Dataset):
@@ -113,9 +113,6 @@ def embed_path(
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """(features, level-0 coords, mpp) of a slide's tissue tiles at `magnification`; an image
     no larger than a tile is one patch, embedded whole, at coordinate (0, 0)."""
-    from histosearch.errors import NoTissueError
-    from histosearch.tiling import tile_slide
-
     with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
         if max(slide.dimensions) <= tile_size:
             features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)

@@ -79,8 +79,9 @@ def search_slides(
 ) -> list[SlideHit]:
     """The k archive slides most similar to the query by the WSI measure, best first."""
     features, offsets, records = archive.all_features()
-    reduced = archive.reduce(features)
-    query = archive.reduce(query_features)
+    # both the measure and the matches L2-normalise their inputs themselves
+    reduced = archive.reduce(features, normalise=False)
+    query = archive.reduce(query_features, normalise=False)
     sims = slide_similarities(query, reduced, offsets)
     hits = []
     for index in np.argsort(-sims, kind="stable"):
