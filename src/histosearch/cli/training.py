@@ -75,7 +75,7 @@ def train(
 ) -> None:
     """Train an encoder (self-supervised spatial or BYOL, supervised LGFFEM); the checkpoint
     works as --encoder everywhere."""
-    from histosearch.train.trainer import TrainSettings
+    from histosearch.train.trainer import TrainSettings, load_checkpoint
     from histosearch.train.trainer import train as run_training
 
     settings = TrainSettings(
@@ -110,9 +110,7 @@ def train(
         path = run_training(
             settings, out, resume=resume, device=device, workers=workers, on_step=on_step
         )
-    import torch
-
-    history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+    history = load_checkpoint(path)["history"]
     console.print(
         f"{path}: {len(history)} epochs, mean loss per epoch "
         + " ".join(f"{value:.4f}" for value in history),
