@@ -15,9 +15,9 @@ import pytest
 from data_paths import CMU, IDC, LC, TCGA, WSI, write_manifest
 from typer.testing import CliRunner
 
-from histosearch.archive import Archive, ArchiveError
+from histosearch.archive.archive import Archive, ArchiveError
 from histosearch.cli import app
-from histosearch.search import Query, excluded_slides
+from histosearch.search.ranking import Query, excluded_slides
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from data_paths import DATA, LC, write_manifest
 from typer.testing import CliRunner
 
 from histosearch.cli import app
-from histosearch.evaluate import (
+from histosearch.evaluation.metrics import (
     addr,
     agreement_by_distance,
     best_threshold,

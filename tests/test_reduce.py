@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosearch.reduce import CoVSelector, PCAReducer, load_reducer, save_reducer
+from histosearch.archive.reduce import CoVSelector, PCAReducer, load_reducer, save_reducer
 
 
 def test_cov_keeps_the_most_variable_features():

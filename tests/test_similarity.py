@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from histosearch.bench import synthetic_archive
-from histosearch.similarity import (
+from histosearch.search.similarity import (
     match_patches,
     pairwise_similarity_matrix,
     similarity_matrix,
@@ -60,7 +60,7 @@ def test_properties(archive):
 
 def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):
     features, offsets = archive
-    monkeypatch.setattr("histosearch.similarity.CHUNK_PATCHES", 50)  # many chunks
+    monkeypatch.setattr("histosearch.search.similarity.CHUNK_PATCHES", 50)  # many chunks
     matrix = similarity_matrix(features, offsets)
     direct = pairwise_similarity_matrix(features, offsets)
     assert np.abs(matrix - direct).max() < 1e-6

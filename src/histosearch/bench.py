@@ -180,7 +180,7 @@ def bench_search(magnification: float, dim: int, dtype: str = "float32") -> Sear
     scale for one magnification and embedding size."""
     import torch
 
-    from histosearch.similarity import similarity_matrix
+    from histosearch.search.similarity import similarity_matrix
 
     features, offsets = synthetic_archive(PAPER_PATCHES[magnification], dim)
     start = time.perf_counter()
@@ -195,7 +195,7 @@ def search_agreement(dtype: str = "float32") -> tuple[float, bool]:
     computed pair by pair, and whether every top-5 ranking is identical."""
     import torch
 
-    from histosearch.similarity import pairwise_similarity_matrix, similarity_matrix
+    from histosearch.search.similarity import pairwise_similarity_matrix, similarity_matrix
 
     features, offsets = synthetic_archive(3000, 128, n_slides=24, seed=1)
     blocked = similarity_matrix(features, offsets, getattr(torch, dtype))

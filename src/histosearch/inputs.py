@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from histosearch.archive import catalog_key
+from histosearch.archive.archive import catalog_key
 from histosearch.errors import HistosearchError
 from histosearch.slide import IMAGE_SUFFIXES
 

@@ -10,7 +10,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from histosearch.archive import INDEX_METRICS, ArchiveError
+from histosearch.archive.archive import INDEX_METRICS, ArchiveError
+from histosearch.archive.indexer import IndexReport
 from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
@@ -21,7 +22,6 @@ from histosearch.cli.common import (
     report_failures,
 )
 from histosearch.embed import default_device
-from histosearch.indexer import IndexReport
 from histosearch.slide import open_slide
 from histosearch.tissue import make_detector
 
@@ -94,11 +94,11 @@ def build_archive(
     workers: int = 1,
 ) -> IndexReport:
     """`index` without the exit: build or extend the archive, print what was done."""
-    from histosearch.archive import Archive
+    from histosearch.archive.archive import Archive
+    from histosearch.archive.indexer import index_items
+    from histosearch.archive.reduce import REDUCERS
     from histosearch.encoders import create_encoder
-    from histosearch.indexer import index_items
     from histosearch.inputs import collect_items
-    from histosearch.reduce import REDUCERS
 
     try:
         make_detector(tissue)
@@ -208,8 +208,8 @@ def run_search(
     """`search` as a function, for the demo."""
     import json
 
-    from histosearch.archive import Archive
-    from histosearch.search import (
+    from histosearch.archive.archive import Archive
+    from histosearch.search.ranking import (
         Query,
         embed_query,
         excluded_slides,

@@ -76,20 +76,20 @@ def eval_command(
     """Measure an encoder on a labelled set with the four papers' protocols and metrics."""
     from histosearch.embed import ImageDataset, embed_dataset, is_patch_file
     from histosearch.encoders import create_encoder
-    from histosearch.report import (
+    from histosearch.evaluation.cache import (
         EMBEDDINGS,
-        archive_labelled_set,
         cached_embeddings,
-        check_evaluable,
         embedding_key,
-        evaluate_patches,
-        evaluate_slides,
+        save_embeddings,
+    )
+    from histosearch.evaluation.labelled import (
+        archive_labelled_set,
+        check_evaluable,
         group_features,
         read_labelled_manifest,
-        save_embeddings,
-        save_figures,
-        write_report,
     )
+    from histosearch.evaluation.protocols import evaluate_patches, evaluate_slides
+    from histosearch.evaluation.report import save_figures, write_report
 
     ks = sorted(set(ks or [1, 3, 5]))
     if (manifest is None) == (archive_dir is None):
@@ -209,7 +209,8 @@ def _eval_slide_manifest(
 ) -> None:
     """The slide protocol on a manifest of whole slides, at each magnification."""
     from histosearch.embed import embed_path
-    from histosearch.report import evaluate_slides, write_report
+    from histosearch.evaluation.protocols import evaluate_slides
+    from histosearch.evaluation.report import write_report
 
     keys_column = data.column(exclude_column) if exclude_column else None
     results, failures = {}, []

@@ -130,7 +130,7 @@ def verify(
     """Same category or not: the cosine similarity of two images against a threshold."""
     from histosearch.embed import ImageDataset, embed_dataset
     from histosearch.encoders import create_encoder
-    from histosearch.similarity import l2_normalize
+    from histosearch.search.similarity import l2_normalize
 
     encoder = create_encoder(encoder_name, weights)
     threshold = threshold if threshold is not None else encoder.threshold

@@ -37,7 +37,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from histosearch.similarity import l2_normalize
+from histosearch.search.similarity import l2_normalize
 
 QUERY_BLOCK = 1024
 

@@ -22,10 +22,10 @@ import faiss
 import h5py
 import numpy as np
 
+from histosearch.archive.reduce import Reducer, load_reducer, make_reducer, save_reducer
 from histosearch.errors import HistosearchError
 from histosearch.fileio import atomic_path
-from histosearch.reduce import Reducer, load_reducer, make_reducer, save_reducer
-from histosearch.similarity import l2_normalize
+from histosearch.search.similarity import l2_normalize
 from histosearch.slide import open_slide
 
 SCHEMA = """

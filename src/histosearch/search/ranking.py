@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from histosearch.archive import Archive, SlideRecord
-from histosearch.similarity import match_patches, slide_similarities
+from histosearch.archive.archive import Archive, SlideRecord
+from histosearch.search.similarity import match_patches, slide_similarities
 
 EXCLUDE_CHOICES = ("slide", "patient", "group")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histosearch.archive import Archive
+from histosearch.archive.archive import Archive
 from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
