@@ -176,7 +176,7 @@ def search(
         searcher = Searcher(archive, weights=weights)
         run_search(
             searcher,
-            int(query) if query.isdigit() and not Path(query).exists() else query,
+            query,
             k=k,
             exclude=["slide"] if exclude is None else exclude,
             mode=mode,

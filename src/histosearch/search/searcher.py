@@ -173,7 +173,12 @@ class Searcher:
     ) -> _QueryVectors:
         """The query's searchable vectors and tiles: read from the store when it is archived,
         else embedded as the archive's slides were."""
-        record = self.archive.get(query) if isinstance(query, int) else self.archive.find(query)
+        if isinstance(query, int):
+            record = self.archive.get(query)
+        else:  # a file or slide name first; digits that name neither are an id
+            record = self.archive.find(query)
+            if record is None and str(query).isdigit() and not Path(query).exists():
+                record = self.archive.get(int(query))
         if record is not None:
             if record.id not in loaded.position:
                 raise SearchError(record.path, "not yet searchable; run histosearch index again")
