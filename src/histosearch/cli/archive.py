@@ -227,11 +227,9 @@ def check(
     ] = False,
 ) -> None:
     """Verify every part of an archive: catalog, feature files, search store, index."""
-    from histosearch.archive.archive import Archive
+    from histosearch.archive.archive import check_archive
 
-    with Archive.open(archive_dir) as archive:
-        problems = archive.check(repair=repair)
-        description = archive.describe()
+    problems, description = check_archive(archive_dir, repair)
     for problem in problems:
         mark = "[green]repaired[/green]" if problem.repaired else "[red]x[/red]"
         hint = "" if problem.repaired or not problem.repairable else " (--repair mends it)"

@@ -53,16 +53,24 @@ class _QueryVectors:
 
 
 class _Loaded:
-    """One consistent state of the archive as searches read it."""
+    """One consistent state of the archive as searches read it (the patch index is loaded
+    by the first patch search)."""
 
     def __init__(self, archive: Archive) -> None:
+        self.archive = archive
         self.view: SearchView = archive.view()
-        self.index: faiss.Index | None = (
-            archive.patch_index(self.view) if len(self.view.records) else None
-        )
         self.calibration = archive.calibration()
         self.position = {r.id: i for i, r in enumerate(self.view.records)}
         self.key = (self.view.generation, int(self.view.offsets[-1]))
+        self._index: faiss.Index | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def index(self) -> faiss.Index:
+        with self._lock:
+            if self._index is None:
+                self._index = self.archive.patch_index(self.view)
+            return self._index
 
 
 class Searcher:
