@@ -172,10 +172,11 @@ class Archive:
         return cls(root, _create=wanted)
 
     def _check(self, stored: dict[str, str], wanted: dict[str, str]) -> None:
+        # a key the archive lacks (one built before it was recorded) cannot be checked
         different = [
-            f"{key} {wanted[key]} (archive: {stored.get(key)})"
+            f"{key} {wanted[key]} (archive: {stored[key]})"
             for key in MATCHED_KEYS
-            if key in wanted and stored.get(key) != wanted[key]
+            if key in wanted and key in stored and stored[key] != wanted[key]
         ]
         if different:
             raise ArchiveError(
