@@ -7,6 +7,8 @@ import typer
 from histosearch.cli.archive import demo, index, search
 from histosearch.cli.bench import (
     bench_extract_command,
+    bench_scale_command,
+    bench_scale_plot_command,
     bench_search_command,
     bench_tiling_command,
     bench_tissue_command,
@@ -33,6 +35,8 @@ bench_app.command("tiling")(bench_tiling_command)
 bench_app.command("search")(bench_search_command)
 bench_app.command("extract")(bench_extract_command)
 bench_app.command("tissue")(bench_tissue_command)
+bench_app.command("scale")(bench_scale_command)
+bench_app.command("scale-plot")(bench_scale_plot_command)
 app.add_typer(bench_app, name="bench")
 
 

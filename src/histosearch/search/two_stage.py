@@ -16,13 +16,13 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from histosearch.search.patch_index import PatchIndex
+from histosearch.search.patch_index import PatchIndex, faiss_threads
 from histosearch.search.similarity import l2_normalize, slide_similarities
 
 # Query slides with more patches than this are summarised by a mosaic of this many patches.
 MOSAIC_SIZE = 64
 # Nearest archive patches looked up per query (mosaic) patch.
-NEIGHBOURS = 128
+NEIGHBOURS = 512
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
 # float32 copy of only one run is held at a time.
 SCAN_ROWS = 1 << 20
@@ -30,7 +30,7 @@ SCAN_ROWS = 1 << 20
 
 def default_candidates(k: int) -> int:
     """Slides kept by stage 1 for a top-k search (measured in `histosearch bench scale`)."""
-    return max(64, 8 * k)
+    return max(64, 10 * k)
 
 
 def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
@@ -44,8 +44,9 @@ def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
     kmeans = faiss.Kmeans(
         vectors.shape[1], size, niter=20, seed=seed, spherical=True, min_points_per_centroid=1
     )
-    kmeans.train(vectors)
-    _, cluster = kmeans.index.search(vectors, 1)
+    with faiss_threads(1):  # a few hundred points: threads cost more than they save
+        kmeans.train(vectors)
+        _, cluster = kmeans.index.search(vectors, 1)
     cluster = cluster[:, 0]
     distance = 1 - np.einsum("ij,ij->i", vectors, kmeans.centroids[cluster])
     order = np.lexsort((distance, cluster))  # by cluster, nearest to the centre first
