@@ -9,6 +9,8 @@ from histosearch.cli.bench import (
     bench_api_command,
     bench_extract_command,
     bench_resume_command,
+    bench_scale_command,
+    bench_scale_plot_command,
     bench_search_command,
     bench_tiling_command,
     bench_tissue_command,
@@ -37,6 +39,8 @@ bench_app.command("extract")(bench_extract_command)
 bench_app.command("tissue")(bench_tissue_command)
 bench_app.command("resume")(bench_resume_command)
 bench_app.command("api")(bench_api_command)
+bench_app.command("scale")(bench_scale_command)
+bench_app.command("scale-plot")(bench_scale_plot_command)
 app.add_typer(bench_app, name="bench")
 
 

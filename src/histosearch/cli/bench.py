@@ -292,3 +292,77 @@ def bench_api_command(
         f"p95 {result.slide_query_p95 * 1000:.0f} ms",
         highlight=False,
     )
+
+
+def bench_scale_command(
+    patches: Annotated[int, typer.Option("--patches", min=1000, help="Archive size N.")],
+    dim: Annotated[int, typer.Option("--dim", help="Searchable (reduced) dimension.")] = 128,
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Slide queries.")] = 40,
+    exact_queries: Annotated[
+        int | None,
+        typer.Option("--exact-queries", help="Of those, how many also run the exact scan."),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option("--kind", help="FAISS factory string, or auto (by archive size).")
+    ] = "auto",
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists probed.")] = None,
+    candidates: Annotated[
+        int | None, typer.Option("--candidates", help="Slides shortlisted by stage 1.")
+    ] = None,
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Where the store and index go (default: a temp folder)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+) -> None:
+    """Two-stage slide search, exact scan and patch search over a synthetic N-patch archive."""
+    from histosearch.bench_scale import bench_scale, write_results
+
+    def run(folder: Path) -> None:
+        with progress() as bar:
+            task = bar.add_task("", total=patches)
+            result = bench_scale(
+                patches,
+                dim,
+                folder,
+                data,
+                encoder_name,
+                queries=queries,
+                exact_queries=exact_queries,
+                kind=kind,
+                nprobe=nprobe,
+                n_candidates=candidates,
+                on_stage=lambda stage: bar.update(task, description=stage),
+                on_progress=lambda n: bar.advance(task, n),
+            )
+        table = Table(title=f"Scale: {result.patches:,} patches, {result.slides:,} slides, {dim}-d")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key, value in result.figures().items():
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+        for key in ("index", "queries", "exact_queries", "generate_s", "store_gb", "index_gb"):
+            value = getattr(result, key)
+            table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
+        console.print(table)
+        if json_out is not None:
+            write_results([result], json_out)
+
+    if workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(Path(tmp))
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run(workdir)
+
+
+def bench_scale_plot_command(
+    results: Annotated[list[Path], typer.Argument(help="JSON files of `bench scale --json`.")],
+    out: Annotated[Path, typer.Option("--out", help="The image.")] = Path("docs/scale-latency.png"),
+) -> None:
+    """Log-log plot of query latency against archive size from `bench scale` results."""
+    from histosearch.bench_scale import plot_latency
+
+    plot_latency(results, out)
+    console.print(f"wrote {out}")
