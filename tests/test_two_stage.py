@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from histosearch.archive.archive import Archive
 from histosearch.cli import app
 from histosearch.search.patch_index import PatchIndex, choose_factory
-from histosearch.search.similarity import l2_normalize, slide_similarities
+from histosearch.search.similarity import slide_similarities
 from histosearch.search.two_stage import query_mosaic, rank_slides, shortlist_slides
 
 runner = CliRunner()
@@ -29,9 +29,8 @@ def store(tmp_path_factory) -> tuple[np.ndarray, np.ndarray, Archive]:
     )
     assert result.exit_code == 0, result.output
     archive = Archive(root / "a")
-    features, offsets, _ = archive.all_features()
-    reduced = archive.reduce(features, normalise=False).astype(np.float16)
-    yield reduced, offsets, archive
+    view = archive.view()
+    yield np.asarray(view.vectors), view.offsets, archive
     archive.close()
 
 
@@ -40,13 +39,12 @@ def test_flat_index_matches_the_archive_index_and_survives_save_and_load(store, 
     index = PatchIndex.build(vectors)
     assert choose_factory(len(vectors), vectors.shape[1]) == "Flat"
     assert index.ntotal == len(vectors) and index.nprobe is None
-    reference, _ = archive.index()
+    reference = archive.patch_index(archive.view())  # what the archive saved while growing
     queries = vectors[::7]
     sims, rows = index.search(queries, 5)
-    ref_scores, ref_rows = reference.search(l2_normalize(queries), 5)
-    # the store is float16, the archive's index float32: same neighbours, cosines to 1e-3
+    ref_sims, ref_rows = reference.search(queries, 5)
     assert (rows[:, 0] == ref_rows[:, 0]).mean() >= 0.95
-    assert np.allclose(sims[:, 0], np.clip(ref_scores[:, 0], 0, 1), atol=2e-3)
+    assert np.allclose(sims[:, 0], ref_sims[:, 0], atol=2e-3)
     assert np.all((sims >= 0) & (sims <= 1)) and np.all(np.diff(sims, axis=1) <= 1e-6)
     index.save(tmp_path / "p.faiss")
     loaded = PatchIndex.load(tmp_path / "p.faiss")
@@ -129,8 +127,10 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
             vectors, offsets, query, 5, skip, index, n_candidates=12, neighbours=16
         )
         shortlist = shortlist_slides(index, offsets, query, 12, skip, neighbours=16)
-        assert len(shortlist) == 12 and not skip & set(shortlist.tolist())
-        assert set(fast.tolist()) <= set(shortlist.tolist())
+        # (a shortlist shorter than k makes rank_slides scan every slide)
+        assert len(shortlist) <= 12 and not skip & set(shortlist.tolist())
+        if len(shortlist) >= 5:
+            assert set(fast.tolist()) <= set(shortlist.tolist())
         queries += 1
         same_top5 += set(fast.tolist()) == set(exact.tolist())
         same_top1 += fast[0] == exact[0]

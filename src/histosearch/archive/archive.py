@@ -34,14 +34,12 @@ from histosearch.archive.catalog import ArchiveError, Catalog, SlideRecord
 from histosearch.archive.reduce import REDUCERS, Reducer, load_reducer, make_reducer, save_reducer
 from histosearch.archive.store import VectorStore
 from histosearch.fileio import atomic_path
-from histosearch.search.similarity import l2_normalize
 from histosearch.slide import open_slide
 
 if TYPE_CHECKING:
-    import faiss
-
     from histosearch.archive.indexer import IndexReport
     from histosearch.encoders import Encoder
+    from histosearch.search.patch_index import PatchIndex
 
 __all__ = ["Archive", "ArchiveError", "ArchiveSettings", "SlideFeatures", "SlideRecord"]
 
@@ -347,12 +345,14 @@ class Archive:
         batch_size: int = 32,
         workers: int = 1,
         on_progress: Callable[[str, int, int | None], None] | None = None,
+        ray: bool | str = False,
     ) -> IndexReport:
         """Embed and store the slides, folders of slides and manifests in `inputs` that the
         archive does not hold yet; failures are collected in the report, not raised.
 
         `on_progress(stage, done, total)` is called as slides ("slides") and patches
-        ("patches") are done.
+        ("patches") are done. `ray` spreads the embedding over Ray workers: True starts a
+        local Ray instance, a string is a cluster's address; this process commits the rows.
         """
         from histosearch.archive.indexer import index_items
         from histosearch.inputs import collect_items
@@ -374,6 +374,8 @@ class Archive:
                 batch_size=batch_size,
                 num_workers=workers,
                 on_progress=on_progress,
+                ray=ray,
+                weights=weights,
             )
             self.sync()
         return report
@@ -574,27 +576,28 @@ class Archive:
         return [r for r in self.slides() if r.row_start is None]
 
     def _update_index(self, view: SearchView) -> None:
-        """Append the store rows the patch index lacks (or build it), then save it."""
-        import faiss
+        """Append the store rows the patch index lacks (or build it, its FAISS type chosen by
+        the archive's size), then save it."""
+        from histosearch.search.patch_index import PatchIndex
 
         path = self._path("index", ".faiss", view.generation)
-        index = self._read_index(path) if path.is_file() else None
+        index = self._load_index(path) if path.is_file() else None
         if index is not None and index.ntotal > len(view.vectors):
             index = None  # built over rows that were never committed: rebuild
         if index is None:
-            flat = faiss.IndexFlatL2 if self.index_metric == "l2" else faiss.IndexFlatIP
-            index = flat(self.dim)
-        if index.ntotal < len(view.vectors):
-            add_rows(index, view.vectors[index.ntotal :], self.index_metric)
-            with atomic_path(path) as tmp:
-                faiss.write_index(index, str(tmp))
+            index = PatchIndex.build(view.vectors, self.index_metric)
+        elif index.ntotal < len(view.vectors):
+            index.add(view.vectors[index.ntotal :])
+        else:
+            return
+        index.save(path)
 
     @staticmethod
-    def _read_index(path: Path) -> faiss.Index:
-        import faiss
+    def _load_index(path: Path) -> PatchIndex:
+        from histosearch.search.patch_index import PatchIndex
 
         try:
-            return faiss.read_index(str(path))
+            return PatchIndex.load(path)
         except RuntimeError as error:
             raise ArchiveError(
                 path,
@@ -602,24 +605,22 @@ class Archive:
                 "run histosearch check --repair",
             ) from None
 
-    def patch_index(self, view: SearchView) -> faiss.Index:
+    def patch_index(self, view: SearchView) -> PatchIndex:
         """The patch index over exactly the view's rows (rows committed since it was saved are
         added in memory; the next writer saves them)."""
-        import faiss
-
         path = self._path("index", ".faiss", view.generation)
         if not path.is_file():
             raise ArchiveError(path, "the patch index is missing; run histosearch check --repair")
-        index = self._read_index(path)
+        index = self._load_index(path)
         if index.ntotal > len(view.vectors):
             raise ArchiveError(
                 path,
                 f"the patch index holds {index.ntotal} rows, the catalog {len(view.vectors)}; "
                 "run histosearch check --repair",
             )
-        if (index.metric_type == faiss.METRIC_L2) != (self.index_metric == "l2"):
+        if index.metric != self.index_metric:
             raise ArchiveError(path, "the patch index has the wrong metric; run check --repair")
-        add_rows(index, view.vectors[index.ntotal :], self.index_metric)
+        index.add(view.vectors[index.ntotal :])
         return index
 
     def _calibrate(self, view: SearchView) -> None:
@@ -628,7 +629,7 @@ class Archive:
         from histosearch.search.calibration import measure_calibration
 
         patch_nn, slide_nn = measure_calibration(
-            view, self.patch_index(view), self.index_metric, CALIBRATION_SLIDES, CALIBRATION_PATCHES
+            view, self.patch_index(view), CALIBRATION_SLIDES, CALIBRATION_PATCHES
         )
         target = self._path("calibration", ".npz", view.generation)
         with atomic_path(target) as tmp, tmp.open("wb") as file:
@@ -692,13 +693,6 @@ class Archive:
             for problem in problems:
                 problem.repaired = True
         return problems
-
-
-def add_rows(index: faiss.Index, vectors: np.ndarray, metric: str, chunk: int = 65536) -> None:
-    """Add store rows to a FAISS index in chunks (normalised for cosine, raw for L2)."""
-    for start in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[start : start + chunk], np.float32)
-        index.add(l2_normalize(block) if metric == "cosine" else block)
 
 
 def encoder_settings(encoder: Encoder) -> dict[str, str]:

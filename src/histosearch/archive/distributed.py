@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from histosearch.archive.indexer import EmbeddedFile, embed_item
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
 
@@ -30,40 +31,13 @@ class RayError(HistosearchError):
 
 @dataclass(frozen=True)
 class EmbedSettings:
-    """How items are embedded: the archive's settings plus a query-time resolution override."""
+    """How items are embedded: the archive's settings and the resolution given for slides
+    that lack it."""
 
-    magnification: float
-    tile_size: int = 224
-    tissue: str = "otsu"
+    archive: dict[str, str]
     mpp: float | None = None
     objective_power: float | None = None
     batch_size: int = 32
-
-
-Result = tuple[np.ndarray, np.ndarray, float | None]
-
-
-def embed_item(encoder, item: Item, settings: EmbedSettings) -> Result:
-    """(features float16, coords, mpp) of one item, embedded in this process as `index` does:
-    a patch group (or a patch file) whole, a slide by its tissue tiles."""
-    from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
-
-    if item.is_group or is_patch_file(item.paths[0], settings.tile_size):
-        dataset = ImageDataset(item.paths, encoder.input_size)
-        features = embed_dataset(dataset, encoder, settings.batch_size, num_workers=0)
-        return features.astype(np.float16), np.zeros((len(features), 2), np.int64), None
-    features, coords, mpp = embed_path(
-        item.paths[0],
-        encoder,
-        settings.magnification,
-        settings.tile_size,
-        settings.tissue,
-        mpp=settings.mpp,
-        objective_power=settings.objective_power,
-        batch_size=settings.batch_size,
-        num_workers=0,
-    )
-    return features.astype(np.float16), coords, mpp
 
 
 class EmbeddingWorker:
@@ -75,10 +49,20 @@ class EmbeddingWorker:
 
         self.encoder = create_encoder(encoder_name, weights).to(default_device())
 
-    def embed(self, item: Item, settings: EmbedSettings) -> Result | str:
-        """The item's result, or a one-line failure naming its file."""
+    def embed(self, item: Item, settings: EmbedSettings) -> EmbeddedFile | str:
+        """The item's embeddings (float16, as the archive stores them), or a one-line failure
+        naming its file."""
         try:
-            return embed_item(self.encoder, item, settings)
+            embedded = embed_item(
+                item,
+                self.encoder,
+                settings.archive,
+                mpp=settings.mpp,
+                objective_power=settings.objective_power,
+                batch_size=settings.batch_size,
+                num_workers=0,
+            )
+            return replace(embedded, features=embedded.features.astype(np.float16))
         except HistosearchError as error:
             return str(error)
         except Exception as error:  # one bad slide must not stop a batch
@@ -129,11 +113,11 @@ def embed_items_on_ray(
     *,
     address: str | None = None,
     num_workers: int | None = None,
-    on_result: Callable[[Item, np.ndarray, np.ndarray, float | None], None],
+    on_result: Callable[[Item, EmbeddedFile], None],
     on_failure: Callable[[Item, str], None],
 ) -> None:
     """Embed `items` on Ray actors (one encoder each: one per GPU when the cluster has GPUs,
-    else one per CPU, or `num_workers`); `on_result(item, features, coords, mpp)` or
+    else one per CPU, or `num_workers`); `on_result(item, embedded)` or
     `on_failure(item, message)` runs here, in the driver, as each item finishes.
 
     Without `address` a local Ray instance is started (and stopped at the end); an address
@@ -175,7 +159,7 @@ def embed_items_on_ray(
             if isinstance(outcome, str):
                 on_failure(item, outcome)
             else:
-                on_result(item, *outcome)
+                on_result(item, outcome)
             submit(worker)
     finally:
         if started:

@@ -81,6 +81,57 @@ def embed_file(
     return EmbeddedFile(features, coords, found_mpp, tile_l0)
 
 
+def is_patch_item(item: Item, tile_size: int) -> bool:
+    """A patch group, or an image no larger than a tile: embedded whole, image by image."""
+    return item.is_group or is_patch_file(item.paths[0], tile_size)
+
+
+def embed_item(
+    item: Item,
+    encoder: Encoder,
+    settings: dict[str, str],
+    *,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> EmbeddedFile:
+    """One item embedded as an archive with `settings` stores it: a patch group's images
+    whole, a slide by its tissue tiles."""
+    if is_patch_item(item, int(settings["tile_size"])):
+        dataset = ImageDataset(item.paths, encoder.input_size)
+        features = embed_dataset(dataset, encoder, batch_size, num_workers, on_batch)
+        return EmbeddedFile(features, np.zeros((len(features), 2), np.int64), None, None)
+    return embed_file(
+        item.paths[0],
+        encoder,
+        settings,
+        mpp=mpp,
+        objective_power=objective_power,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_batch=on_batch,
+    )
+
+
+def store_item(archive: Archive, item: Item, embedded: EmbeddedFile) -> None:
+    """Store one embedded item in the archive (the caller holds its writer lock)."""
+    patches = is_patch_item(item, int(archive.settings["tile_size"]))
+    archive.store_slide(
+        item.key,
+        embedded.features,
+        embedded.coords,
+        name=item.name,
+        label=item.label,
+        patient=item.patient,
+        group=item.group,
+        mpp=embedded.mpp,
+        tile_l0=embedded.tile_l0,
+        paths=[str(p) for p in item.paths] if patches else None,
+    )
+
+
 def _runs(items: list[Item]) -> list[list[Item]]:
     """Consecutive patch entries gathered until each run holds about PATCH_RUN images."""
     runs: list[list[Item]] = [[]]
@@ -101,9 +152,13 @@ def index_items(
     batch_size: int = 32,
     num_workers: int = 1,
     on_progress: Callable[[str, int, int | None], None] | None = None,
+    ray: bool | str = False,
+    weights: str | Path | None = None,
 ) -> IndexReport:
     """Embed and store every item not yet in the archive (the caller holds its writer lock);
-    failures are collected, not raised."""
+    failures are collected, not raised. With `ray` (True: a local instance, or a cluster's
+    address) the items are embedded by Ray actors, each creating the archive's encoder from
+    its name and `weights`, and stored here as they arrive."""
     report = IndexReport()
     stored = {record.path for record in archive.slides()}
     todo = [item for item in items if item.key not in stored]
@@ -120,24 +175,27 @@ def index_items(
         done_patches += n
         progress("patches", done_patches, None)
 
-    def add(item: Item, embedded: EmbeddedFile, patches: bool) -> None:
-        archive.store_slide(
-            item.key,
-            embedded.features,
-            embedded.coords,
-            name=item.name,
-            label=item.label,
-            patient=item.patient,
-            group=item.group,
-            mpp=embedded.mpp,
-            tile_l0=embedded.tile_l0,
-            paths=[str(p) for p in item.paths] if patches else None,
-        )
+    def add(item: Item, embedded: EmbeddedFile) -> None:
+        store_item(archive, item, embedded)
         report.added += 1
         report.patches += len(embedded.features)
         progress("slides", report.added + len(report.failures), len(todo))
 
-    is_patch = [item.is_group or is_patch_file(item.paths[0], tile_size) for item in todo]
+    if ray:
+        from histosearch.archive.distributed import EmbedSettings, embed_items_on_ray
+
+        embed_items_on_ray(
+            todo,
+            archive.settings["encoder"],
+            weights,
+            EmbedSettings(dict(archive.settings), mpp, objective_power, batch_size),
+            address=None if ray is True else ray,
+            on_result=add,
+            on_failure=lambda item, message: report.failures.append((item.name, message)),
+        )
+        return report
+
+    is_patch = [is_patch_item(item, tile_size) for item in todo]
     patches = [item for item, flag in zip(todo, is_patch, strict=True) if flag]
     slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
     for run in _runs(patches):
@@ -152,12 +210,12 @@ def index_items(
         offsets = np.cumsum([0] + [len(item.paths) for item in run])
         for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
             coords = np.zeros((b - a, 2), np.int64)
-            add(item, EmbeddedFile(features[a:b], coords, None, None), patches=True)
+            add(item, EmbeddedFile(features[a:b], coords, None, None))
 
     for item in slides:
         try:
-            embedded = embed_file(
-                item.paths[0],
+            embedded = embed_item(
+                item,
                 encoder,
                 archive.settings,
                 mpp=mpp,
@@ -166,7 +224,7 @@ def index_items(
                 num_workers=num_workers,
                 on_batch=on_batch,
             )
-            add(item, embedded, patches=False)
+            add(item, embedded)
         except HistosearchError as error:
             report.failures.append((item.name, str(error)))
         except Exception as error:  # one bad slide must not stop a batch

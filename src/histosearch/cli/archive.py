@@ -55,6 +55,13 @@ def index(
     objective_power: Annotated[float | None, typer.Option("--objective-power")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Reader processes.")] = 1,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Embed on Ray workers (a local Ray instance).")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Embed on the Ray cluster at this address."),
+    ] = None,
 ) -> None:
     """Embed slides and patches into an archive (incremental; an interrupted run resumes)."""
     report = build_archive(
@@ -73,6 +80,7 @@ def index(
         objective_power=objective_power,
         batch_size=batch_size,
         workers=workers,
+        ray=ray_address or ray,
     )
     report_failures(report.failures, report.total)
 
@@ -94,6 +102,7 @@ def build_archive(
     objective_power: float | None = None,
     batch_size: int = 32,
     workers: int = 1,
+    ray: bool | str = False,
 ) -> IndexReport:
     """`index` without the exit: create or open the archive, add the inputs, print a summary."""
     from histosearch.archive.archive import Archive, ArchiveSettings
@@ -122,11 +131,13 @@ def build_archive(
             inputs,
             group_by=group_by,
             encoder=encoder,
+            weights=weights,
             mpp=mpp,
             objective_power=objective_power,
             batch_size=batch_size,
             workers=workers,
             on_progress=on_progress,
+            ray=ray,
         )
         description = archive.describe()
     console.print(
@@ -163,6 +174,9 @@ def search(
     ] = None,
     mpp: Annotated[float | None, typer.Option("--mpp")] = None,
     objective_power: Annotated[float | None, typer.Option("--objective-power")] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Scan every slide instead of the index's shortlist.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     gallery: Annotated[Path | None, typer.Option("--gallery", help="PNG of the results.")] = None,
 ) -> None:
@@ -185,6 +199,7 @@ def search(
             group=group,
             mpp=mpp,
             objective_power=objective_power,
+            exact=exact,
             as_json=as_json,
             gallery=gallery,
         )

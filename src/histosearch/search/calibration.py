@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from histosearch.search.similarity import index_similarity, l2_normalize, similarity_matrix
+from histosearch.search.similarity import similarity_matrix
 
 if TYPE_CHECKING:
-    import faiss
-
     from histosearch.archive.archive import SearchView
+    from histosearch.search.patch_index import PatchIndex
 
 # Neighbours looked at per sampled patch to find its best one in another slide.
 DEPTH = 64
@@ -26,8 +25,7 @@ DEPTH = 64
 
 def measure_calibration(
     view: SearchView,
-    index: faiss.Index,
-    metric: str,
+    index: PatchIndex,
     max_slides: int,
     max_patches: int,
     seed: int = 0,
@@ -38,11 +36,7 @@ def measure_calibration(
     rng = np.random.default_rng(seed)
     n = len(view.vectors)
     rows = np.sort(rng.choice(n, min(n, max_patches), replace=False))
-    queries = np.asarray(view.vectors[rows], np.float32)
-    scores, found = index.search(
-        l2_normalize(queries) if metric == "cosine" else queries, min(n, DEPTH)
-    )
-    sims = index_similarity(scores, metric)
+    sims, found = index.search(np.asarray(view.vectors[rows], np.float32), min(n, DEPTH))
     other = (found >= 0) & (view.row_slide[np.maximum(found, 0)] != view.row_slide[rows][:, None])
     patch_nn = np.where(other, sims, -np.inf).max(axis=1)
     patch_nn = np.sort(patch_nn[np.isfinite(patch_nn)])

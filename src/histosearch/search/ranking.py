@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from histosearch.archive.catalog import SlideRecord
-from histosearch.search.similarity import index_similarity, l2_normalize, slide_similarities
+from histosearch.search import two_stage
 
 if TYPE_CHECKING:
-    import faiss
-
     from histosearch.archive.archive import SearchView
+    from histosearch.search.patch_index import PatchIndex
 
 EXCLUDE_CHOICES = ("slide", "patient", "group")
 
@@ -61,31 +60,32 @@ def excluded_slides(
 
 
 def rank_slides(
-    view: SearchView, query: np.ndarray, k: int, skip: set[int]
+    view: SearchView,
+    index: PatchIndex | None,
+    query: np.ndarray,
+    k: int,
+    skip: set[int],
+    exact: bool = False,
 ) -> list[tuple[int, float]]:
     """The k slides (positions in `view.records`) most similar to the query's searchable
-    vectors by the WSI measure over the whole store, best first, with their similarity."""
-    sims = slide_similarities(query, view.vectors, view.offsets)
-    ranked = []
-    for position in np.argsort(-sims, kind="stable"):
-        if view.records[position].id not in skip:
-            ranked.append((int(position), float(sims[position])))
-            if len(ranked) == k:
-                break
-    return ranked
+    vectors by the WSI measure, best first, with their similarity: on the patch index's
+    shortlist (two-stage), or over the whole store when `exact` (or without an index)."""
+    skipped = [i for i, record in enumerate(view.records) if record.id in skip]
+    slides, sims = two_stage.rank_slides(
+        view.vectors, view.offsets, query, k, skipped, None if exact else index, exact
+    )
+    return list(zip(slides.tolist(), sims.tolist(), strict=True))
 
 
 def rank_patches(
-    view: SearchView, index: faiss.Index, metric: str, query: np.ndarray, k: int, skip: set[int]
+    view: SearchView, index: PatchIndex, query: np.ndarray, k: int, skip: set[int]
 ) -> list[tuple[int, float]]:
     """The k store rows most similar to any of the query's vectors (each row scored by its
-    best query patch), best first; rows of skipped slides are left out."""
-    skipped = sum(r.n_patches for r in view.records if r.id in skip)
-    depth = min(index.ntotal, k + skipped)  # deep enough that k survive the exclusions
-    vectors = np.asarray(query, np.float32)
-    scores, rows = index.search(l2_normalize(vectors) if metric == "cosine" else vectors, depth)
+    best query patch), best first; rows of skipped slides are excluded inside FAISS."""
+    skipped = [i for i, record in enumerate(view.records) if record.id in skip]
+    sims, rows = index.search(query, k, two_stage.allowed_rows(view.offsets, skipped))
     best: dict[int, float] = {}
-    for sim, row in zip(index_similarity(scores, metric).ravel(), rows.ravel(), strict=True):
-        if row >= 0 and view.records[view.row_slide[row]].id not in skip:
-            best[int(row)] = max(best.get(int(row), 0.0), float(sim))
+    for sim, row in zip(sims.ravel().tolist(), rows.ravel().tolist(), strict=True):
+        if row >= 0:
+            best[row] = max(best.get(row, 0.0), sim)
     return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]

@@ -33,9 +33,8 @@ from histosearch.search.result import (
 from histosearch.search.similarity import best_matches
 
 if TYPE_CHECKING:
-    import faiss
-
     from histosearch.encoders import Encoder
+    from histosearch.search.patch_index import PatchIndex
 
 MODES = ("auto", "slides", "patches")
 Region = tuple[int, int, int, int]
@@ -62,11 +61,11 @@ class _Loaded:
         self.calibration = archive.calibration()
         self.position = {r.id: i for i, r in enumerate(self.view.records)}
         self.key = (self.view.generation, int(self.view.offsets[-1]))
-        self._index: faiss.Index | None = None
+        self._index: PatchIndex | None = None
         self._lock = threading.Lock()
 
     @property
-    def index(self) -> faiss.Index:
+    def index(self) -> PatchIndex:
         with self._lock:
             if self._index is None:
                 self._index = self.archive.patch_index(self.view)
@@ -141,10 +140,12 @@ class Searcher:
         group: str | None = None,
         mpp: float | None = None,
         objective_power: float | None = None,
+        exact: bool = False,
     ) -> SearchResult:
         """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to
         `query`: a file, an archived slide (id or name), optionally only its tiles inside the
-        level-0 `region` (x, y, w, h)."""
+        level-0 `region` (x, y, w, h). Slides are ranked on a shortlist from the patch index
+        (two-stage) unless `exact` asks for the full scan."""
         exclude = list(exclude)
         if mode not in MODES:
             raise SearchError(None, f"mode {mode!r}: choose from {', '.join(MODES)}")
@@ -168,7 +169,7 @@ class Searcher:
         if use_patches:
             result.patches = self._patch_hits(loaded, found, k, skip)
         else:
-            result.slides = self._slide_hits(loaded, found, k, skip)
+            result.slides = self._slide_hits(loaded, found, k, skip, exact)
         return result
 
     def _query(
@@ -216,10 +217,11 @@ class Searcher:
         return _QueryVectors(info, record, vectors)
 
     def _slide_hits(
-        self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int]
+        self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int], exact: bool
     ) -> list[SlideMatch]:
         view, hits = loaded.view, []
-        for position, similarity in rank_slides(view, query.vectors, k, skip):
+        index = None if exact else loaded.index
+        for position, similarity in rank_slides(view, index, query.vectors, k, skip, exact):
             record = view.records[position]
             start, stop = view.offsets[position], view.offsets[position + 1]
             reference = np.asarray(view.vectors[start:stop], np.float32)
@@ -245,8 +247,7 @@ class Searcher:
         self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int]
     ) -> list[PatchMatch]:
         view, hits = loaded.view, []
-        metric = self.archive.index_metric
-        for row, similarity in rank_patches(view, loaded.index, metric, query.vectors, k, skip):
+        for row, similarity in rank_patches(view, loaded.index, query.vectors, k, skip):
             position = int(view.row_slide[row])
             record = view.records[position]
             row_in_slide = row - int(view.offsets[position])

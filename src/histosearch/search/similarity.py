@@ -110,14 +110,6 @@ def pairwise_similarity_matrix(features: np.ndarray, offsets: np.ndarray) -> np.
     return np.array([[wsi_similarity(q, r) for r in slides] for q in slides])
 
 
-def index_similarity(scores: np.ndarray, metric: str) -> np.ndarray:
-    """FAISS scores as similarities in [0, 1]: the cosine (clipped) of an inner-product index
-    over normalised vectors, or 1 / (1 + distance) of an L2 index (which returns squares)."""
-    if metric == "l2":
-        return 1 / (1 + np.sqrt(np.maximum(scores, 0)))
-    return np.clip(scores, 0, 1)
-
-
 def best_matches(
     query: np.ndarray, reference: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

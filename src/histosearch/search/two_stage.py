@@ -54,7 +54,8 @@ def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
     return order[first], counts.astype(np.float32)
 
 
-def _allowed_rows(offsets: np.ndarray, skip: Iterable[int]) -> np.ndarray | None:
+def allowed_rows(offsets: np.ndarray, skip: Iterable[int]) -> np.ndarray | None:
+    """A boolean per store row, False for the rows of the `skip` slides (None: no skip)."""
     skip = list(skip)
     if not skip:
         return None
@@ -75,7 +76,7 @@ def slide_votes(
     """Stage 1's score of every slide (0 for slides no query patch reached)."""
     offsets = np.asarray(offsets)
     rows, weights = query_mosaic(query, mosaic_size)
-    sims, hits = index.search(query[rows], neighbours, _allowed_rows(offsets, skip))
+    sims, hits = index.search(query[rows], neighbours, allowed_rows(offsets, skip))
     valid = hits >= 0
     patch = np.broadcast_to(np.arange(len(rows))[:, None], hits.shape)[valid]
     slide = np.searchsorted(offsets, hits[valid], side="right") - 1
