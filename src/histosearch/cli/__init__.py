@@ -13,6 +13,7 @@ from histosearch.cli.bench import (
 )
 from histosearch.cli.common import error_console
 from histosearch.cli.evaluation import eval_command
+from histosearch.cli.serve import feedback, serve
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
 from histosearch.errors import HistosearchError
@@ -27,6 +28,8 @@ for command in (tile, index, search):
 app.command("eval")(eval_command)
 for command in (train, verify, explain, demo):
     app.command()(command)
+app.command()(serve)
+app.command()(feedback)
 
 bench_app = typer.Typer(help="Benchmarks whose figures the README reports.", no_args_is_help=True)
 bench_app.command("tiling")(bench_tiling_command)

@@ -1,0 +1,434 @@
+"""`histosearch serve`: the search service and its web page, over `Archive` and `Searcher`.
+
+The archive's catalog is read once at start-up and its `Searcher` loaded once; requests share
+them (the searcher is thread-safe), plus a cache of open slides for the deep-zoom tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from histosearch.errors import HistosearchError
+from histosearch.server.feedback import FeedbackStore, Mark
+from histosearch.server.models import (
+    ERRORS,
+    FeedbackIn,
+    FeedbackOut,
+    Health,
+    Heatmap,
+    HeatTile,
+    SearchOptions,
+    SearchResponse,
+    SlideInfo,
+    SlidePage,
+    SlideQuery,
+)
+from histosearch.server.tiles import SlideCache, TileNotFound, encode_jpeg, thumbnail_jpeg
+from histosearch.server.uploads import UploadRejected, receive_upload
+from histosearch.server.views import search_view
+from histosearch.slide import magnification_from_mpp
+
+log = logging.getLogger("histosearch.server")
+STATIC = Path(__file__).parent / "static"
+OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadragon"
+THUMBNAIL_SIZE = 256
+MAX_JSON_BYTES = 1 << 20
+KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
+
+
+@dataclass
+class ServerState:
+    """What every request shares."""
+
+    archive: Any
+    searcher: Any
+    records: dict[int, Any]
+    viewable: dict[int, bool]
+    slides: SlideCache
+    feedback: FeedbackStore
+    token: str | None
+    max_upload_bytes: int
+
+    def __post_init__(self) -> None:
+        self._results: OrderedDict[str, tuple[Any, dict[int, Any]]] = OrderedDict()
+        self._results_lock = threading.Lock()
+        self._thumbnails: dict[int, bytes] = {}
+
+    def record(self, slide_id: int) -> Any:
+        record = self.records.get(slide_id)
+        if record is None:
+            raise HTTPException(404, f"no slide with id {slide_id} in the archive")
+        return record
+
+    def keep(self, result: Any) -> str:
+        """Remember a search result for its heat maps; returns its query id."""
+        query_id = uuid.uuid4().hex
+        matches = {match.record.id: match for match in result.slides}
+        with self._results_lock:
+            self._results[query_id] = (result, matches)
+            while len(self._results) > KEPT_QUERIES:
+                self._results.popitem(last=False)
+        return query_id
+
+    def match(self, query_id: str, slide_id: int) -> Any:
+        with self._results_lock:
+            kept = self._results.get(query_id)
+        if kept is None:
+            raise HTTPException(404, f"no recent query {query_id} (only the last 64 are kept)")
+        match = kept[1].get(slide_id)
+        if match is None:
+            raise HTTPException(404, f"slide {slide_id} is not a slide result of query {query_id}")
+        return match
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+bearer = HTTPBearer(auto_error=False, description="Needed when the server was given --token.")
+
+
+def check_token(
+    state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """Every /api and /slides request carries the server's token, when it has one."""
+    if state.token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), state.token.encode()):
+        raise HTTPException(
+            401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> Any:
+    return state.record(slide_id)
+
+
+Record = Annotated[Any, Depends(slide_record)]
+api = APIRouter(prefix="/api", dependencies=[Depends(check_token)], responses=ERRORS)
+slides_router = APIRouter(prefix="/slides", dependencies=[Depends(check_token)], responses=ERRORS)
+JPEG = {200: {"content": {"image/jpeg": {}}, "description": "A JPEG image"}}
+
+
+@api.get("/health", response_model=Health)
+def health(state: State) -> Health:
+    """The archive served and how it was built."""
+    settings = state.archive.settings
+    return Health(
+        status="ok",
+        slides=len(state.records),
+        patches=sum(r.n_patches for r in state.records.values()),
+        encoder=settings["encoder"],
+        magnification=float(settings["magnification"]),
+        tile_size=int(settings["tile_size"]),
+        auth=state.token is not None,
+        viewer=(OPENSEADRAGON / "openseadragon.min.js").is_file(),
+    )
+
+
+@api.get("/slides", response_model=SlidePage)
+def list_slides(
+    state: State,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SlidePage:
+    """The catalog, a page at a time, in id order."""
+    records = list(state.records.values())
+    return SlidePage(
+        total=len(records),
+        offset=offset,
+        limit=limit,
+        slides=[
+            SlideInfo(
+                id=r.id,
+                name=r.name,
+                label=r.label,
+                patient=r.patient,
+                group=r.group,
+                patches=r.n_patches,
+                magnification=round(magnification_from_mpp(r.mpp), 2) if r.mpp else None,
+                viewable=state.viewable[r.id],
+            )
+            for r in records[offset : offset + limit]
+        ],
+    )
+
+
+@api.get("/slides/{slide_id}/thumbnail", response_class=Response, responses=JPEG)
+def thumbnail(state: State, record: Record) -> Response:
+    """A small JPEG of the slide (of its first patch, for a group of patches)."""
+    data = state._thumbnails.get(record.id)
+    if data is None:
+        if state.viewable[record.id]:
+            with _open(state, record) as entry:
+                pixels = entry.slide.thumbnail(THUMBNAIL_SIZE)
+        else:
+            pixels = state.archive.patch_image(record, 0)
+        data = state._thumbnails[record.id] = thumbnail_jpeg(pixels, THUMBNAIL_SIZE)
+    return _jpeg(data)
+
+
+@api.get("/slides/{slide_id}/patches/{row}.jpeg", response_class=Response, responses=JPEG)
+def patch_image(state: State, record: Record, row: Annotated[int, PathParam(ge=0)]) -> Response:
+    """One archived patch: its image file, or its tile cut from the slide."""
+    if row >= record.n_patches:
+        raise HTTPException(404, f"slide {record.id} has {record.n_patches} patches, no row {row}")
+    return _jpeg(encode_jpeg(state.archive.patch_image(record, row)))
+
+
+@slides_router.get("/{slide_id}.dzi", response_class=Response)
+def dzi(state: State, record: Record) -> Response:
+    """The Deep Zoom descriptor of a viewable slide."""
+    with _open(state, record) as entry:
+        return Response(entry.deep_zoom.dzi(), media_type="application/xml")
+
+
+@slides_router.get(
+    "/{slide_id}_files/{level}/{col}_{row}.jpeg", response_class=Response, responses=JPEG
+)
+def dzi_tile(
+    state: State,
+    record: Record,
+    level: Annotated[int, PathParam(ge=0)],
+    col: Annotated[int, PathParam(ge=0)],
+    row: Annotated[int, PathParam(ge=0)],
+) -> Response:
+    """One deep-zoom tile."""
+    with _open(state, record) as entry:
+        try:
+            data = entry.deep_zoom.tile(level, col, row)
+        except TileNotFound as error:
+            raise HTTPException(404, str(error)) from None
+    return _jpeg(data, max_age=3600)
+
+
+@api.post(
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": SlideQuery.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "k": {"type": "integer", "default": 5},
+                            "mode": {"type": "string", "enum": ["auto", "slides", "patches"]},
+                            "exclude": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
+async def search(request: Request, state: State) -> dict[str, Any]:
+    """Search the archive with an archived slide (or a region of it, as JSON) or an uploaded
+    patch image or slide file (multipart `file`)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        async with receive_upload(request, state.max_upload_bytes) as upload:
+            fields = {
+                key: values if key == "exclude" else values[-1]
+                for key, values in upload.fields.items()
+            }
+            options = _validated(SearchOptions, fields)
+            result = await run_in_threadpool(
+                _run_search, state, str(upload.path), options, None, upload.filename
+            )
+            region, name = None, upload.filename
+    elif content_type.startswith("application/json"):
+        body = await _json_body(request)
+        query = _validated(SlideQuery, body)
+        record = state.record(query.slide)
+        result = await run_in_threadpool(
+            _run_search, state, record.id, query, query.region, record.name
+        )
+        region, name = query.region, record.name
+    else:
+        raise HTTPException(
+            415, "send JSON (an archived slide) or multipart/form-data with a `file`"
+        )
+    query_id = state.keep(result)
+    view = search_view(state, result, name, region)
+    return {**result.to_dict(), "query_id": query_id, "view": view.model_dump()}
+
+
+@api.get("/queries/{query_id}/heatmap/{slide_id}", response_model=Heatmap)
+def heatmap(state: State, query_id: str, record: Record) -> Heatmap:
+    """Every tile of a slide result with its best cosine to the query's tiles."""
+    match = state.match(query_id, record.id)
+    cells = match.heatmap()
+    return Heatmap(
+        query_id=query_id,
+        slide=record.id,
+        tile_size=cells[0][0].size if cells else 0,
+        tiles=[HeatTile(x=t.x, y=t.y, cosine=round(float(c), 4)) for t, c in cells],
+    )
+
+
+@api.post("/feedback", response_model=FeedbackOut, status_code=201)
+def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
+    """Mark a result relevant or not (kept in the archive's catalog)."""
+    state.record(mark.result_slide)
+    if mark.query_slide is not None:
+        state.record(mark.query_slide)
+    return FeedbackOut(id=state.feedback.add(Mark(**mark.model_dump())))
+
+
+def _run_search(
+    state: ServerState, query: Any, options: SearchOptions, region: Any, name: str
+) -> Any:
+    exclude = options.exclude
+    if exclude is None:
+        exclude = ["slide"] if isinstance(query, int) else []
+    try:
+        return state.searcher.search(
+            query, k=options.k, exclude=tuple(exclude), mode=options.mode, region=region
+        )
+    except HistosearchError as error:
+        # The temporary upload path means nothing to the client: name the upload instead.
+        reason = error.reason if error.path is None else f"{name}: {error.reason}"
+        raise HTTPException(400, reason) from None
+
+
+def _validated(model: Any, data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+async def _json_body(request: Request) -> Any:
+    import json
+
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise HTTPException(413, "a JSON query is at most 1 MB")
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise HTTPException(400, f"malformed JSON: {error}") from None
+
+
+def _open(state: ServerState, record: Any) -> Any:
+    if not state.viewable[record.id]:
+        raise HTTPException(
+            404, f"slide {record.id} ({record.name}) is a group of patches, not a viewable slide"
+        )
+    return state.slides.use(record.id, record.path, record.mpp)
+
+
+def _jpeg(data: bytes, max_age: int = 0) -> Response:
+    headers = {"Cache-Control": f"private, max-age={max_age}"} if max_age else None
+    return Response(data, media_type="image/jpeg", headers=headers)
+
+
+def _validation_detail(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(error)}, status_code=422)
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, error: UploadRejected) -> JSONResponse:
+        return JSONResponse({"detail": error.reason}, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+        return JSONResponse(
+            {"detail": detail}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(HistosearchError)
+    async def bad_input(_: Request, error: HistosearchError) -> JSONResponse:
+        return JSONResponse({"detail": error.reason}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": f"internal error ({type(error).__name__}); the server log has the details"},
+            status_code=500,
+        )
+
+
+def create_app(
+    archive_dir: str | Path, token: str | None = None, max_upload_mb: int = 512
+) -> FastAPI:
+    """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
+    loaded now, so that a bad archive fails here and not on the first request."""
+    from histosearch import Archive, Searcher
+
+    archive = Archive.open(archive_dir)
+    records = {record.id: record for record in archive.slides()}
+    state = ServerState(
+        archive=archive,
+        searcher=Searcher(archive),
+        records=records,
+        viewable={i: Path(r.path).is_file() for i, r in records.items()},
+        slides=SlideCache(),
+        feedback=FeedbackStore(archive_dir),
+        token=token or None,
+        max_upload_bytes=max_upload_mb * 2**20,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.slides.close()
+        state.feedback.close()
+        archive.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="histosearch",
+        summary="Content-based similarity search over a histopathology archive",
+        version="0.1.0",
+    )
+    app.state.server = state
+    _install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(slides_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app
