@@ -13,7 +13,7 @@ from histosearch.cli.bench import (
 )
 from histosearch.cli.common import error_console
 from histosearch.cli.evaluation import eval_command
-from histosearch.cli.serve import feedback, serve
+from histosearch.cli.serve import bench_serve_command, feedback, serve
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
 from histosearch.errors import HistosearchError
@@ -36,6 +36,7 @@ bench_app.command("tiling")(bench_tiling_command)
 bench_app.command("search")(bench_search_command)
 bench_app.command("extract")(bench_extract_command)
 bench_app.command("tissue")(bench_tissue_command)
+bench_app.command("serve")(bench_serve_command)
 app.add_typer(bench_app, name="bench")
 
 

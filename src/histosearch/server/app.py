@@ -321,7 +321,9 @@ def _validated(model: Any, data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors()]
+        ) from None
 
 
 async def _json_body(request: Request) -> Any:
@@ -354,7 +356,10 @@ def _jpeg(data: bytes, max_age: int = 0) -> Response:
 def _validation_detail(error: RequestValidationError) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path"))
+        loc = tuple(item.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]  # where the value came from, not which value
+        where = ".".join(str(p) for p in loc)
         parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
     return "; ".join(parts) or "invalid request"
 

@@ -84,7 +84,20 @@ class SlideDeepZoom:
         x1 = min(level_w, (col + 1) * self.tile_size + self.overlap)
         y1 = min(level_h, (row + 1) * self.tile_size + self.overlap)
         scale = 2 ** (self.level_count - 1 - level)  # level-0 pixels per pixel of this level
-        pixels = self.slide.read_scaled((x0 * scale, y0 * scale), (x1 - x0, y1 - y0), scale)
+        # The last row and column of a level reach past the slide's edge: read only what the
+        # slide has (backends pad differently), then stretch it over the tile.
+        width, height = self.slide.dimensions
+        left, top = x0 * scale, y0 * scale
+        right, bottom = min(x1 * scale, width), min(y1 * scale, height)
+        source_level = self.slide.best_level(scale)
+        source_scale = self.slide.level_downsamples[source_level]
+        source = (
+            max(1, round((right - left) / source_scale)),
+            max(1, round((bottom - top) / source_scale)),
+        )
+        pixels = self.slide.read_scaled((left, top), source, source_scale, source_level)
+        if source != (x1 - x0, y1 - y0):
+            pixels = cv2.resize(pixels, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
         return encode_jpeg(pixels)
 
 

@@ -285,7 +285,7 @@ async function runSearch(request) {
   const view = state.response.view;
   const count = view.slides.length || view.patches.length;
   setStatus(`${count} ${state.response.mode} in ${Math.round(performance.now() - started)} ms` +
-    ` · query of ${view.query.n_patches} patches`);
+    ` · query of ${view.query.n_patches} patch${view.query.n_patches === 1 ? "" : "es"}`);
   renderResults();
 }
 
@@ -402,12 +402,22 @@ function closeResult() {
   if (resultViewer) resultViewer.close();
 }
 
-function whenOpen(viewer, draw) {
-  if (viewer.world.getItemCount() > 0 && viewer.isOpen()) {
-    draw();
-  } else {
-    viewer.addOnceHandler("open", draw);
-  }
+// Open a slide in a viewer whose pane may just have been shown: the viewer learns its new size
+// on its next frame, and the slide is fitted to that size.
+function openShown(viewer, source, then) {
+  viewer.addOnceHandler("open", () => {
+    const size = viewer.viewport.getContainerSize();
+    const element = viewer.element;
+    if (Math.round(size.x) === element.clientWidth && Math.round(size.y) === element.clientHeight) {
+      viewer.viewport.goHome(true);
+    } else {
+      // after OpenSeadragon's own zoom, which keeps the old scale, right after this event
+      viewer.addOnceHandler("resize", () => setTimeout(() => viewer.viewport.goHome(true)));
+    }
+    then();
+  });
+  viewer.forceResize();
+  viewer.open(source);
 }
 
 function openResult(hit) {
@@ -433,8 +443,7 @@ function openResult(hit) {
     gallery.hidden = true;
     $("viewer-result").hidden = false;
     state.tilesLoaded.result = 0;
-    resultViewer.open(`/slides/${hit.slide}.dzi`);
-    resultViewer.addOnceHandler("open", () => {
+    openShown(resultViewer, `/slides/${hit.slide}.dzi`, () => {
       pairs.forEach((pair, i) => addBox(resultViewer, pair.reference.x, pair.reference.y,
         pair.reference.size, pair.reference.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
       document.body.dataset.resultOverlays = String(pairs.length);
@@ -464,8 +473,7 @@ function openPatch(hit) {
   $("btn-heatmap").disabled = true;
   $("result-gallery").hidden = true;
   $("viewer-result").hidden = false;
-  resultViewer.open(`/slides/${hit.slide}.dzi`);
-  resultViewer.addOnceHandler("open", () => {
+  openShown(resultViewer, `/slides/${hit.slide}.dzi`, () => {
     const item = resultViewer.world.getItemAt(0);
     addBox(resultViewer, hit.tile.x, hit.tile.y, hit.tile.size, hit.tile.size, "match-box",
       MATCH_COLOURS[0], "1");
