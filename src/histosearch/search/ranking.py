@@ -1,15 +1,21 @@
-"""Slide search (the WSI measure over the archive) and patch search (FAISS kNN)."""
+"""Ranking over a search view: slides by the WSI measure, patches by the FAISS patch index,
+and the exclusion rules that keep a query from finding itself."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histosearch.archive.archive import Archive, SlideRecord
-from histosearch.search.similarity import match_patches, slide_similarities
+from histosearch.archive.catalog import SlideRecord
+from histosearch.search.similarity import index_similarity, l2_normalize, slide_similarities
+
+if TYPE_CHECKING:
+    import faiss
+
+    from histosearch.archive.archive import SearchView
 
 EXCLUDE_CHOICES = ("slide", "patient", "group")
 
@@ -33,26 +39,6 @@ class Query:
         )
 
 
-@dataclass(frozen=True)
-class SlideHit:
-    """A retrieved slide, its similarity in [0, 1] and, for every query patch, its best match
-    in that slide (row in the slide and cosine)."""
-
-    record: SlideRecord
-    similarity: float
-    best_rows: np.ndarray
-    best_cosines: np.ndarray
-
-
-@dataclass(frozen=True)
-class PatchHit:
-    """A retrieved patch: its slide, its row there, and its cosine similarity to the query."""
-
-    record: SlideRecord
-    row: int
-    similarity: float
-
-
 def excluded_slides(
     records: Iterable[SlideRecord], query: Query, exclude: Iterable[str]
 ) -> set[int]:
@@ -74,73 +60,32 @@ def excluded_slides(
     return skip
 
 
-def search_slides(
-    archive: Archive, query_features: np.ndarray, k: int, skip: set[int]
-) -> list[SlideHit]:
-    """The k archive slides most similar to the query by the WSI measure, best first."""
-    features, offsets, records = archive.all_features()
-    # both the measure and the matches L2-normalise their inputs themselves
-    reduced = archive.reduce(features, normalise=False)
-    query = archive.reduce(query_features, normalise=False)
-    sims = slide_similarities(query, reduced, offsets)
-    hits = []
-    for index in np.argsort(-sims, kind="stable"):
-        if records[index].id in skip:
-            continue
-        rows, cosines = match_patches(query, reduced[offsets[index] : offsets[index + 1]])
-        hits.append(SlideHit(records[index], float(sims[index]), rows, np.clip(cosines, 0, 1)))
-        if len(hits) == k:
-            break
-    return hits
-
-
-def search_patches(
-    archive: Archive, query_features: np.ndarray, k: int, skip: set[int]
-) -> list[list[PatchHit]]:
-    """For each query patch, the k most similar archive patches, best first: similarity is
-    the cosine (clipped to [0, 1]) or, for an L2 index, 1 / (1 + distance)."""
-    index, mapping = archive.index()
-    records = {r.id: r for r in archive.slides()}
-    skipped = sum(records[i].n_patches for i in skip if i in records)
-    depth = min(index.ntotal, k + skipped)  # deep enough that k survive the exclusions
-    scores, rows = index.search(archive.index_vectors(query_features), depth)
-    # IndexFlatL2 returns squared distances
-    sims = 1 / (1 + np.sqrt(scores)) if archive.index_metric == "l2" else np.clip(scores, 0, 1)
-    results = []
-    for row_sims, row_ids in zip(sims, rows, strict=True):
-        hits = []
-        for sim, row in zip(row_sims.tolist(), row_ids.tolist(), strict=True):
-            slide_id, row_in_slide = mapping[row]
-            if row < 0 or slide_id in skip:
-                continue
-            hits.append(PatchHit(records[int(slide_id)], int(row_in_slide), float(sim)))
-            if len(hits) == k:
+def rank_slides(
+    view: SearchView, query: np.ndarray, k: int, skip: set[int]
+) -> list[tuple[int, float]]:
+    """The k slides (positions in `view.records`) most similar to the query's searchable
+    vectors by the WSI measure over the whole store, best first, with their similarity."""
+    sims = slide_similarities(query, view.vectors, view.offsets)
+    ranked = []
+    for position in np.argsort(-sims, kind="stable"):
+        if view.records[position].id not in skip:
+            ranked.append((int(position), float(sims[position])))
+            if len(ranked) == k:
                 break
-        results.append(hits)
-    return results
+    return ranked
 
 
-def embed_query(
-    archive: Archive,
-    path: Path,
-    weights: Path | None = None,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-) -> np.ndarray:
-    """Embed a query file exactly as the archive's slides were embedded."""
-    from histosearch.embed import default_device, embed_path
-    from histosearch.encoders import create_encoder
-
-    settings = archive.settings
-    encoder = create_encoder(settings["encoder"], weights).to(default_device())
-    archive.check(dim=encoder.dim)
-    features, _, _ = embed_path(
-        path,
-        encoder,
-        float(settings["magnification"]),
-        int(settings["tile_size"]),
-        settings["tissue"],
-        mpp=mpp,
-        objective_power=objective_power,
-    )
-    return features
+def rank_patches(
+    view: SearchView, index: faiss.Index, metric: str, query: np.ndarray, k: int, skip: set[int]
+) -> list[tuple[int, float]]:
+    """The k store rows most similar to any of the query's vectors (each row scored by its
+    best query patch), best first; rows of skipped slides are left out."""
+    skipped = sum(r.n_patches for r in view.records if r.id in skip)
+    depth = min(index.ntotal, k + skipped)  # deep enough that k survive the exclusions
+    vectors = np.asarray(query, np.float32)
+    scores, rows = index.search(l2_normalize(vectors) if metric == "cosine" else vectors, depth)
+    best: dict[int, float] = {}
+    for sim, row in zip(index_similarity(scores, metric).ravel(), rows.ravel(), strict=True):
+        if row >= 0 and view.records[view.row_slide[row]].id not in skip:
+            best[int(row)] = max(best.get(int(row), 0.0), float(sim))
+    return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]

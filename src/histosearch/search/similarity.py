@@ -34,13 +34,6 @@ def wsi_similarity(query: np.ndarray, reference: np.ndarray) -> float:
     return float(np.clip(0.5 * (cosines.max(axis=1).mean() + cosines.max(axis=0).mean()), 0, 1))
 
 
-def match_patches(query: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For every query patch, the index of its most similar reference patch and that cosine."""
-    cosines = l2_normalize(query) @ l2_normalize(reference).T
-    best = cosines.argmax(axis=1)
-    return best, cosines[np.arange(len(best)), best]
-
-
 def _chunks(offsets: np.ndarray, first: int, last: int) -> list[tuple[int, int]]:
     """Split slides first..last-1 into runs of about CHUNK_PATCHES patches (whole slides)."""
     runs, start = [], first
@@ -115,3 +108,21 @@ def pairwise_similarity_matrix(features: np.ndarray, offsets: np.ndarray) -> np.
     """The plain reference for `similarity_matrix`: `wsi_similarity` on every ordered pair."""
     slides = [features[a:b] for a, b in itertools.pairwise(offsets)]
     return np.array([[wsi_similarity(q, r) for r in slides] for q in slides])
+
+
+def index_similarity(scores: np.ndarray, metric: str) -> np.ndarray:
+    """FAISS scores as similarities in [0, 1]: the cosine (clipped) of an inner-product index
+    over normalised vectors, or 1 / (1 + distance) of an L2 index (which returns squares)."""
+    if metric == "l2":
+        return 1 / (1 + np.sqrt(np.maximum(scores, 0)))
+    return np.clip(scores, 0, 1)
+
+
+def best_matches(
+    query: np.ndarray, reference: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every query patch its most similar reference patch (row, cosine), and for every
+    reference patch its best cosine to any query patch."""
+    cosines = l2_normalize(query) @ l2_normalize(reference).T
+    rows = cosines.argmax(axis=1)
+    return rows, cosines[np.arange(len(rows)), rows], cosines.max(axis=0)

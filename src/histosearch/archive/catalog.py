@@ -1,0 +1,159 @@
+"""The archive's catalog: one SQLite file holding the settings it was built with and one row
+per slide (or patch group), with where its features are and its rows in the search store.
+
+A slide row is committed in one transaction once its feature file is written and, after the
+first batch has fitted the reduction, once its searchable vectors are in the store: rows whose
+`row_start` is NULL are embedded but not yet searchable, and searches do not see them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from histosearch.errors import HistosearchError
+
+CATALOG = "catalog.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS slides (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,
+    label TEXT,
+    patient TEXT,
+    grp TEXT,
+    mpp REAL,
+    n_patches INTEGER NOT NULL,
+    feature_file TEXT NOT NULL,
+    tile_l0 REAL,
+    row_start INTEGER
+);
+"""
+COLUMNS = "id, name, path, label, patient, grp, mpp, n_patches, feature_file, tile_l0, row_start"
+
+
+class ArchiveError(HistosearchError):
+    """A missing, empty, damaged or incompatible archive."""
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One catalog row: a slide, or a group of patches standing for one.
+
+    `tile_l0` is the side of one tile in level-0 pixels (None for patch images, each embedded
+    whole); `row_start` is the slide's first row in the search store (None until stored).
+    """
+
+    id: int
+    name: str
+    path: str
+    label: str | None
+    patient: str | None
+    group: str | None
+    mpp: float | None
+    n_patches: int
+    feature_file: str
+    tile_l0: float | None = None
+    row_start: int | None = None
+
+    @property
+    def rows(self) -> range:
+        """The slide's rows in the search store."""
+        if self.row_start is None:
+            raise ArchiveError(self.name, "not yet in the search store")
+        return range(self.row_start, self.row_start + self.n_patches)
+
+
+class Catalog:
+    """The SQLite catalog of one archive folder; every damage is reported as ArchiveError."""
+
+    def __init__(self, root: Path, create: bool = False) -> None:
+        self.path = root / CATALOG
+        self._lock = threading.Lock()  # one connection, shared by a server's threads
+        if not create and not self.path.is_file():
+            raise ArchiveError(root, "no archive here (build one with histosearch index)")
+        try:
+            # autocommit off: writes go through `with self._db:` transactions
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(slides)")}
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from None
+        for column, kind in (("tile_l0", "REAL"), ("row_start", "INTEGER")):
+            if column not in columns:  # an archive from before the search store
+                with self._db:
+                    self._db.execute(f"ALTER TABLE slides ADD COLUMN {column} {kind}")
+
+    def _damaged(self, error: Exception) -> ArchiveError:
+        return ArchiveError(
+            self.path, f"damaged catalog ({error}); run histosearch check --archive DIR"
+        )
+
+    def _run(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, tuple(args)).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from None
+
+    def write(self, statements: list[tuple[str, Iterable[object]]]) -> list[int]:
+        """Run statements in one transaction; returns each statement's last row id."""
+        ids = []
+        try:
+            with self._lock, self._db:
+                for sql, args in statements:
+                    ids.append(self._db.execute(sql, tuple(args)).lastrowid)
+        except sqlite3.OperationalError as error:  # disk full, read-only folder, locked
+            raise ArchiveError(self.path, f"cannot write the catalog: {error}") from None
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from None
+        return ids
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._run("SELECT key, value FROM settings"))
+
+    def set(self, values: dict[str, str]) -> None:
+        self.write(
+            [("INSERT OR REPLACE INTO settings VALUES (?, ?)", item) for item in values.items()]
+        )
+
+    def slides(self, stored_only: bool = False) -> list[SlideRecord]:
+        """Catalog rows by id (only those in the search store, by store row, if asked)."""
+        where = " WHERE row_start IS NOT NULL ORDER BY row_start" if stored_only else " ORDER BY id"
+        return [SlideRecord(*row) for row in self._run(f"SELECT {COLUMNS} FROM slides" + where)]
+
+    def stored_end(self) -> int:
+        """One past the last store row of the committed slides."""
+        return int(self._run("SELECT MAX(row_start + n_patches) FROM slides")[0][0] or 0)
+
+    def pending(self) -> int:
+        """How many slides are embedded but not yet in the search store."""
+        return int(self._run("SELECT COUNT(*) FROM slides WHERE row_start IS NULL")[0][0])
+
+    def slide(self, slide_id: int) -> SlideRecord | None:
+        rows = self._run(f"SELECT {COLUMNS} FROM slides WHERE id = ?", (slide_id,))
+        return SlideRecord(*rows[0]) if rows else None
+
+    def by_path(self, key: str) -> SlideRecord | None:
+        rows = self._run(f"SELECT {COLUMNS} FROM slides WHERE path = ?", (key,))
+        return SlideRecord(*rows[0]) if rows else None
+
+    def by_name(self, name: str) -> list[SlideRecord]:
+        return [
+            SlideRecord(*row)
+            for row in self._run(
+                f"SELECT {COLUMNS} FROM slides WHERE name = ? ORDER BY id", (name,)
+            )
+        ]
+
+    def integrity(self) -> str:
+        """SQLite's own verdict on the file: 'ok' or what is wrong."""
+        return "; ".join(row[0] for row in self._run("PRAGMA integrity_check"))
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,66 @@
+"""Readable scores: where a similarity falls among the archive's own nearest-neighbour
+similarities, measured when the archive is built or grown.
+
+A hit at the 50th percentile is as similar to the query as a typical archived patch (or slide)
+is to its nearest neighbour in another slide; a top hit at the 2nd percentile says that
+nothing in the archive is much like the query, whatever its bare cosine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from histosearch.search.similarity import index_similarity, l2_normalize, similarity_matrix
+
+if TYPE_CHECKING:
+    import faiss
+
+    from histosearch.archive.archive import SearchView
+
+# Neighbours looked at per sampled patch to find its best one in another slide.
+DEPTH = 64
+
+
+def measure_calibration(
+    view: SearchView,
+    index: faiss.Index,
+    metric: str,
+    max_slides: int,
+    max_patches: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted similarities of sampled patches and slides to their nearest neighbour in
+    another slide (patches through the patch index, slides by the WSI measure among a sample
+    of at most `max_slides`)."""
+    rng = np.random.default_rng(seed)
+    n = len(view.vectors)
+    rows = np.sort(rng.choice(n, min(n, max_patches), replace=False))
+    queries = np.asarray(view.vectors[rows], np.float32)
+    scores, found = index.search(
+        l2_normalize(queries) if metric == "cosine" else queries, min(n, DEPTH)
+    )
+    sims = index_similarity(scores, metric)
+    other = (found >= 0) & (view.row_slide[np.maximum(found, 0)] != view.row_slide[rows][:, None])
+    patch_nn = np.where(other, sims, -np.inf).max(axis=1)
+    patch_nn = np.sort(patch_nn[np.isfinite(patch_nn)])
+
+    n_slides = len(view.records)
+    chosen = np.sort(rng.choice(n_slides, min(n_slides, max_slides), replace=False))
+    if len(chosen) < 2:
+        return patch_nn, np.empty(0)
+    blocks = [np.asarray(view.vectors[view.offsets[s] : view.offsets[s + 1]]) for s in chosen]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blocks])])
+    matrix = similarity_matrix(np.concatenate(blocks), offsets, torch.float32)
+    np.fill_diagonal(matrix, -np.inf)
+    return patch_nn, np.sort(matrix.max(axis=1))
+
+
+def percentile(similarity: float, reference: np.ndarray) -> float | None:
+    """The share (0-100) of the archive's nearest-neighbour similarities at or below
+    `similarity`; None when none were measured."""
+    if len(reference) == 0:
+        return None
+    return float(100 * np.searchsorted(reference, similarity, side="right") / len(reference))

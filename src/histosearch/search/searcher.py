@@ -1,0 +1,262 @@
+"""`Searcher`: an archive's search store, patch index and encoder loaded once, answering queries
+by file, by archived slide or by a region of one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from histosearch.archive.archive import Archive, SearchView
+from histosearch.archive.catalog import SlideRecord
+from histosearch.errors import HistosearchError
+from histosearch.search.calibration import percentile
+from histosearch.search.ranking import (
+    EXCLUDE_CHOICES,
+    Query,
+    excluded_slides,
+    rank_patches,
+    rank_slides,
+)
+from histosearch.search.result import (
+    PatchMatch,
+    QueryInfo,
+    SearchResult,
+    SlideMatch,
+    Tile,
+    TileMatch,
+)
+from histosearch.search.similarity import best_matches
+
+if TYPE_CHECKING:
+    import faiss
+
+    from histosearch.encoders import Encoder
+
+MODES = ("auto", "slides", "patches")
+Region = tuple[int, int, int, int]
+
+
+class SearchError(HistosearchError):
+    """A query that cannot be answered as asked."""
+
+
+@dataclass(frozen=True)
+class _QueryVectors:
+    info: QueryInfo
+    record: SlideRecord | None
+    vectors: np.ndarray
+
+
+class _Loaded:
+    """One consistent state of the archive as searches read it."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.view: SearchView = archive.view()
+        self.index: faiss.Index | None = (
+            archive.patch_index(self.view) if len(self.view.records) else None
+        )
+        self.calibration = archive.calibration()
+        self.position = {r.id: i for i, r in enumerate(self.view.records)}
+        self.key = (self.view.generation, int(self.view.offsets[-1]))
+
+
+class Searcher:
+    """Answers similarity queries on one archive; safe to share between threads.
+
+    The encoder is created on the first query that needs embedding; the store, the patch
+    index and the calibration are loaded once and reloaded only when the archive changes.
+    """
+
+    def __init__(
+        self, archive: Archive, *, encoder: Encoder | None = None, weights: str | Path | None = None
+    ) -> None:
+        self.archive = archive
+        self._encoder, self._weights = encoder, weights
+        if encoder is not None:
+            archive.check_encoder(encoder)
+        self._lock = threading.RLock()
+        self._loaded: _Loaded | None = None
+        self._paths: dict[int, list[str] | None] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up slides committed since the last query (cheap when nothing changed)."""
+        with self._lock:
+            key = (
+                int(self.archive.catalog.settings().get("generation", 0)),
+                self.archive.catalog.stored_end(),
+            )
+            if self._loaded is None or self._loaded.key != key:
+                self._loaded = _Loaded(self.archive)
+            if pending := self.archive.catalog.pending():
+                raise SearchError(
+                    self.archive.root,
+                    f"{pending} slides are embedded but not searchable "
+                    "(an interrupted index?): run histosearch index again, or histosearch check "
+                    "--repair",
+                )
+
+    @property
+    def encoder(self) -> Encoder:
+        """The archive's encoder, created on first use."""
+        with self._lock:
+            if self._encoder is None:
+                from histosearch.embed import default_device
+                from histosearch.encoders import create_encoder
+
+                encoder = create_encoder(self.archive.settings["encoder"], self._weights)
+                self.archive.check_encoder(encoder)
+                self._encoder = encoder.to(default_device())
+            return self._encoder
+
+    def paths(self, record: SlideRecord) -> list[str] | None:
+        """The image files of a patch group (None for a slide), read once per slide."""
+        with self._lock:
+            if record.id not in self._paths:
+                self._paths[record.id] = self.archive.read(record, with_features=False).paths
+            return self._paths[record.id]
+
+    def search(
+        self,
+        query: str | Path | int,
+        k: int = 5,
+        exclude: Iterable[str] = ("slide",),
+        mode: str = "auto",
+        region: Region | None = None,
+        *,
+        patient: str | None = None,
+        group: str | None = None,
+        mpp: float | None = None,
+        objective_power: float | None = None,
+    ) -> SearchResult:
+        """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to
+        `query`: a file, an archived slide (id or name), optionally only its tiles inside the
+        level-0 `region` (x, y, w, h)."""
+        exclude = list(exclude)
+        if mode not in MODES:
+            raise SearchError(None, f"mode {mode!r}: choose from {', '.join(MODES)}")
+        if unknown := sorted(set(exclude) - set(EXCLUDE_CHOICES)):
+            raise SearchError(
+                None, f"exclude {', '.join(unknown)}: choose from {', '.join(EXCLUDE_CHOICES)}"
+            )
+        if k < 1:
+            raise SearchError(None, f"k must be at least 1, not {k}")
+        self.refresh()
+        loaded = self._loaded
+        if not loaded.view.records:
+            raise SearchError(self.archive.root, "the archive is empty")
+        found = self._query(loaded, query, region, mpp, objective_power)
+        skip = excluded_slides(loaded.view.records, Query.of(found.record, patient, group), exclude)
+        left = len(loaded.view.records) - len(skip)
+        if left == 0:
+            raise SearchError(self.archive.root, "nothing left to rank after the exclusions")
+        use_patches = mode == "patches" or (mode == "auto" and len(found.vectors) == 1)
+        result = SearchResult(found.info, "patches" if use_patches else "slides")
+        if use_patches:
+            result.patches = self._patch_hits(loaded, found, k, skip)
+        else:
+            result.slides = self._slide_hits(loaded, found, k, skip)
+        return result
+
+    def _query(
+        self,
+        loaded: _Loaded,
+        query: str | Path | int,
+        region: Region | None,
+        mpp: float | None,
+        objective_power: float | None,
+    ) -> _QueryVectors:
+        """The query's searchable vectors and tiles: read from the store when it is archived,
+        else embedded as the archive's slides were."""
+        record = self.archive.get(query) if isinstance(query, int) else self.archive.find(query)
+        if record is not None:
+            if record.id not in loaded.position:
+                raise SearchError(record.path, "not yet searchable; run histosearch index again")
+            rows = record.rows
+            vectors = np.asarray(loaded.view.vectors[rows.start : rows.stop], np.float32)
+            coords = np.asarray(loaded.view.coords[rows.start : rows.stop])
+            name, tile_l0, label = record.name, record.tile_l0, record.label
+        elif Path(query).is_file():
+            from histosearch.archive.indexer import embed_file
+
+            embedded = embed_file(
+                query, self.encoder, self.archive.settings, mpp=mpp, objective_power=objective_power
+            )
+            vectors = self.archive.reduce(embedded.features)
+            coords, name, tile_l0, label = embedded.coords, Path(query).name, embedded.tile_l0, None
+        else:
+            raise SearchError(query, "no such file, and no archived slide of that name or id")
+        tiles = [Tile(int(x), int(y), tile_l0) for x, y in coords]
+        if region is not None:
+            keep = _in_region(coords, tile_l0, region)
+            if not keep.any():
+                raise SearchError(
+                    name, f"no stored tile lies in the region {list(region)} (level-0 x, y, w, h)"
+                )
+            vectors, tiles = vectors[keep], [t for t, k in zip(tiles, keep, strict=True) if k]
+        info = QueryInfo(name, None if record is None else record.id, tiles, region, label)
+        return _QueryVectors(info, record, vectors)
+
+    def _slide_hits(
+        self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int]
+    ) -> list[SlideMatch]:
+        view, hits = loaded.view, []
+        for position, similarity in rank_slides(view, query.vectors, k, skip):
+            record = view.records[position]
+            start, stop = view.offsets[position], view.offsets[position + 1]
+            reference = np.asarray(view.vectors[start:stop], np.float32)
+            rows, cosines, tile_scores = best_matches(query.vectors, reference)
+            tiles = [Tile(int(x), int(y), record.tile_l0) for x, y in view.coords[start:stop]]
+            matches = [
+                TileMatch(q, tiles[r], int(r), float(np.clip(c, 0, 1)))
+                for q, r, c in zip(query.info.tiles, rows, cosines, strict=True)
+            ]
+            hits.append(
+                SlideMatch(
+                    record,
+                    similarity,
+                    percentile(similarity, loaded.calibration["slides"]),
+                    matches,
+                    tiles,
+                    np.clip(tile_scores, 0, 1),
+                )
+            )
+        return hits
+
+    def _patch_hits(
+        self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int]
+    ) -> list[PatchMatch]:
+        view, hits = loaded.view, []
+        metric = self.archive.index_metric
+        for row, similarity in rank_patches(view, loaded.index, metric, query.vectors, k, skip):
+            position = int(view.row_slide[row])
+            record = view.records[position]
+            row_in_slide = row - int(view.offsets[position])
+            x, y = view.coords[row]
+            paths = self.paths(record)
+            hits.append(
+                PatchMatch(
+                    record,
+                    row_in_slide,
+                    Tile(int(x), int(y), record.tile_l0),
+                    None if paths is None else paths[row_in_slide],
+                    similarity,
+                    percentile(similarity, loaded.calibration["patches"]),
+                )
+            )
+        return hits
+
+
+def _in_region(coords: np.ndarray, tile_l0: float | None, region: Region) -> np.ndarray:
+    """Tiles whose centre lies inside the level-0 box (x, y, w, h)."""
+    x, y, w, h = region
+    if w <= 0 or h <= 0:
+        raise SearchError(None, f"region {list(region)}: width and height must be positive")
+    half = (tile_l0 or 0) / 2
+    cx, cy = coords[:, 0] + half, coords[:, 1] + half
+    return (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
