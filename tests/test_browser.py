@@ -58,7 +58,7 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
             page.mouse.move(x + box["width"] * 0.35, y + box["height"] * 0.6, steps=10)
             page.mouse.up()
             page.wait_for_selector("#slide-results li", timeout=120_000)
-            region = page.evaluate("window.histosearch.response.view.query.region")
+            region = page.evaluate("window.histosearch.response.query.region")
             assert region[2] > 100 and region[3] > 100
             assert page.locator("#viewer-query .region-box").count() == 1
             results = page.locator("#slide-results li")

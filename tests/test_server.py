@@ -216,29 +216,38 @@ def test_region_search_finds_the_same_pixels_first(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["mode"] == "slides" and len(body["query_id"]) == 32
-    view = body["view"]
-    assert view["query"]["slide"] == svs["id"] and view["query"]["region"] == region
-    assert 0 < view["query"]["n_patches"] < svs["patches"]
-    for tile in view["query"]["tiles"]:  # only tiles of the box
-        assert tile["x"] < 1800 and tile["y"] < 1800
-    hits = view["slides"]
-    assert len(hits) == 3 and svs["id"] not in [h["slide"] for h in hits]  # own slide excluded
-    assert hits[0]["slide"] == ome["id"] and hits[0]["viewable"] is True
+    query = body["query"]
+    assert query["slide_id"] == svs["id"] and query["region"] == region
+    assert query["name"] == "cmu-1-small-region.svs"
+    assert 0 < query["patches"] < svs["patches"]
+    hits = body["results"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert svs["id"] not in [h["slide_id"] for h in hits]  # its own slide is excluded
+    assert hits[0]["slide_id"] == ome["id"] and hits[0]["viewable"] is True
+    assert [h["viewable"] for h in hits[1:]] == [False, False]  # LC25000 groups
     assert hits[0]["similarity"] > 0.8 > hits[1]["similarity"]
     assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
     assert all(0 <= h["percentile"] <= 100 for h in hits)
-    assert len(hits[0]["matches"]) == view["query"]["n_patches"]
+    assert len(hits[0]["matches"]) == query["patches"]
+    for match in hits[0]["matches"]:  # only tiles whose centre is inside the box
+        tile = match["query"]
+        assert tile["x"] + tile["size"] / 2 < 1800 and tile["y"] + tile["size"] / 2 < 1800
     best = max(hits[0]["matches"], key=lambda m: m["cosine"])
     assert best["cosine"] > 0.9
     # the same pixels match the same place (the two files' grids differ by their mpp rounding)
-    assert abs(best["query"]["x"] - best["reference"]["x"]) < 20
-    assert abs(best["query"]["y"] - best["reference"]["y"]) < 20
+    assert abs(best["query"]["x"] - best["match"]["x"]) < 20
+    assert abs(best["query"]["y"] - best["match"]["y"]) < 20
+    # a match's row is the matched patch's row in its slide
+    group = hits[1]
+    row = group["matches"][0]["row"]
+    assert 0 <= row < group["patches"]
+    assert client.get(f"/api/slides/{group['slide_id']}/patches/{row}.jpeg").status_code == 200
 
 
 def test_heatmap_of_a_result(client: TestClient, slides: dict[str, dict]) -> None:
     svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
     body = client.post("/api/search", json={"slide": svs["id"], "k": 2}).json()
-    hit = body["view"]["slides"][0]
+    hit = body["results"][0]
     heat = client.get(f"/api/queries/{body['query_id']}/heatmap/{ome['id']}")
     assert heat.status_code == 200, heat.text
     tiles = heat.json()["tiles"]
@@ -247,7 +256,7 @@ def test_heatmap_of_a_result(client: TestClient, slides: dict[str, dict]) -> Non
         max(m["cosine"] for m in hit["matches"]), abs=2e-3
     )
     other = next(s for s in slides.values() if s["id"] not in {svs["id"], ome["id"]})
-    shown = {h["slide"] for h in body["view"]["slides"]}
+    shown = {h["slide_id"] for h in body["results"]}
     if other["id"] not in shown:
         assert "not a slide result" in detail(
             client.get(f"/api/queries/{body['query_id']}/heatmap/{other['id']}"), 404
@@ -262,10 +271,12 @@ def test_upload_of_an_archived_patch_finds_itself(client: TestClient, served_arc
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["mode"] == "patches"
-    top = body["view"]["patches"][0]
+    assert body["mode"] == "patches" and body["query"]["name"] == patch.name
+    assert body["query"]["slide_id"] is None and body["query"]["patches"] == 1
+    top = body["results"][0]
     assert top["patch"] == patch.name and top["similarity"] > 0.99
-    image = jpeg(client.get(f"/api/slides/{top['slide']}/patches/{top['row']}.jpeg"))
+    assert "path" not in top  # no server file path is given out
+    image = jpeg(client.get(f"/api/slides/{top['slide_id']}/patches/{top['row']}.jpeg"))
     assert np.abs(image.astype(int) - np.asarray(Image.open(patch).convert("RGB"))).mean() < 6
 
 
@@ -276,9 +287,11 @@ def test_upload_of_a_slide_file_with_options(client: TestClient, slides: dict[st
         data={"k": "2", "mode": "slides"},
     )
     assert response.status_code == 200, response.text
-    hits = response.json()["view"]["slides"]
+    body = response.json()
+    assert body["query"]["name"] == "query.svs"
+    hits = body["results"]
     assert len(hits) == 2
-    assert {h["slide"] for h in hits} == {
+    assert {h["slide_id"] for h in hits} == {
         slides["cmu-1-small-region.svs"]["id"],
         slides["cmu-1.ome.tif"]["id"],
     }
@@ -313,8 +326,7 @@ def test_concurrent_queries_get_the_answers_of_serial_ones(
     def run(query: dict) -> list:
         response = client.post("/api/search", **query)
         assert response.status_code == 200, response.text
-        view = response.json()["view"]
-        return [(h["slide"], h["similarity"]) for h in view["slides"] + view["patches"]]
+        return [(h["slide_id"], h["similarity"]) for h in response.json()["results"]]
 
     serial = [run(q) for q in queries]
     with ThreadPoolExecutor(8) as pool:
@@ -463,7 +475,7 @@ def test_feedback_is_stored_and_exported(
     svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
     query = {"slide": svs["id"], "region": [0, 0, 1800, 1800]}
     body = client.post("/api/search", json=query).json()
-    marks = [(ome["id"], True), (body["view"]["slides"][1]["slide"], False)]
+    marks = [(ome["id"], True), (body["results"][1]["slide_id"], False)]
     for slide_id, relevant in marks:
         response = client.post(
             "/api/feedback",
@@ -511,7 +523,7 @@ def test_a_real_server_process(served_archive: Path, slides: dict[str, dict]) ->
         assert http.get("/api/health").status_code == 401
         assert http.get("/api/health", headers=token).json()["slides"] == 8
         found = http.post("/api/search", json={"slide": svs, "k": 2}, headers=token)
-        assert found.status_code == 200 and found.json()["view"]["slides"][0]["similarity"] > 0.8
+        assert found.status_code == 200 and found.json()["results"][0]["similarity"] > 0.8
         tile = http.get(f"/slides/{svs}_files/12/0_0.jpeg", headers=token)
         assert tile.status_code == 200 and tile.content[:2] == b"\xff\xd8"
         big = http.post("/api/search", files={"file": ("big.svs", CMU.read_bytes())}, headers=token)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from histosearch.archive.catalog import ArchiveError
 from histosearch.errors import HistosearchError
 from histosearch.server.feedback import FeedbackStore, Mark
 from histosearch.server.models import (
@@ -44,7 +45,6 @@ from histosearch.server.models import (
 )
 from histosearch.server.tiles import SlideCache, TileNotFound, encode_jpeg, thumbnail_jpeg
 from histosearch.server.uploads import UploadRejected, receive_upload
-from histosearch.server.views import search_view
 from histosearch.slide import magnification_from_mpp
 
 log = logging.getLogger("histosearch.server")
@@ -61,8 +61,6 @@ class ServerState:
 
     archive: Any
     searcher: Any
-    records: dict[int, Any]
-    viewable: dict[int, bool]
     slides: SlideCache
     feedback: FeedbackStore
     token: str | None
@@ -72,12 +70,20 @@ class ServerState:
         self._results: OrderedDict[str, tuple[Any, dict[int, Any]]] = OrderedDict()
         self._results_lock = threading.Lock()
         self._thumbnails: dict[int, bytes] = {}
+        self._viewable: dict[int, bool] = {}
 
     def record(self, slide_id: int) -> Any:
-        record = self.records.get(slide_id)
-        if record is None:
-            raise HTTPException(404, f"no slide with id {slide_id} in the archive")
-        return record
+        """The catalog row of `slide_id` (slides indexed while serving included), else 404."""
+        try:
+            return self.archive.get(slide_id)
+        except ArchiveError:
+            raise HTTPException(404, f"no slide with id {slide_id} in the archive") from None
+
+    def viewable(self, record: Any) -> bool:
+        """Whether the record is a slide file (deep zoom), not a group of patches."""
+        if record.id not in self._viewable:
+            self._viewable[record.id] = Path(record.path).is_file()
+        return self._viewable[record.id]
 
     def keep(self, result: Any) -> str:
         """Remember a search result for its heat maps; returns its query id."""
@@ -135,10 +141,11 @@ JPEG = {200: {"content": {"image/jpeg": {}}, "description": "A JPEG image"}}
 def health(state: State) -> Health:
     """The archive served and how it was built."""
     settings = state.archive.settings
+    records = state.archive.slides()
     return Health(
         status="ok",
-        slides=len(state.records),
-        patches=sum(r.n_patches for r in state.records.values()),
+        slides=len(records),
+        patches=sum(r.n_patches for r in records),
         encoder=settings["encoder"],
         magnification=float(settings["magnification"]),
         tile_size=int(settings["tile_size"]),
@@ -154,7 +161,7 @@ def list_slides(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SlidePage:
     """The catalog, a page at a time, in id order."""
-    records = list(state.records.values())
+    records = state.archive.slides()
     return SlidePage(
         total=len(records),
         offset=offset,
@@ -168,7 +175,7 @@ def list_slides(
                 group=r.group,
                 patches=r.n_patches,
                 magnification=round(magnification_from_mpp(r.mpp), 2) if r.mpp else None,
-                viewable=state.viewable[r.id],
+                viewable=state.viewable(r),
             )
             for r in records[offset : offset + limit]
         ],
@@ -180,7 +187,7 @@ def thumbnail(state: State, record: Record) -> Response:
     """A small JPEG of the slide (of its first patch, for a group of patches)."""
     data = state._thumbnails.get(record.id)
     if data is None:
-        if state.viewable[record.id]:
+        if state.viewable(record):
             with _open(state, record) as entry:
                 pixels = entry.slide.thumbnail(THUMBNAIL_SIZE)
         else:
@@ -261,7 +268,8 @@ async def search(request: Request, state: State) -> dict[str, Any]:
             result = await run_in_threadpool(
                 _run_search, state, str(upload.path), options, None, upload.filename
             )
-            region, name = None, upload.filename
+            body = _response(state, result)
+            body["query"]["name"] = upload.filename  # not the temporary file it was saved as
     elif content_type.startswith("application/json"):
         body = await _json_body(request)
         query = _validated(SlideQuery, body)
@@ -269,14 +277,12 @@ async def search(request: Request, state: State) -> dict[str, Any]:
         result = await run_in_threadpool(
             _run_search, state, record.id, query, query.region, record.name
         )
-        region, name = query.region, record.name
+        body = _response(state, result)
     else:
         raise HTTPException(
             415, "send JSON (an archived slide) or multipart/form-data with a `file`"
         )
-    query_id = state.keep(result)
-    view = search_view(state, result, name, region)
-    return {**result.to_dict(), "query_id": query_id, "view": view.model_dump()}
+    return {"query_id": state.keep(result), **body}
 
 
 @api.get("/queries/{query_id}/heatmap/{slide_id}", response_model=Heatmap)
@@ -287,7 +293,7 @@ def heatmap(state: State, query_id: str, record: Record) -> Heatmap:
     return Heatmap(
         query_id=query_id,
         slide=record.id,
-        tile_size=cells[0][0].size if cells else 0,
+        tile_size=cells[0][0].size if cells else None,
         tiles=[HeatTile(x=t.x, y=t.y, cosine=round(float(c), 4)) for t, c in cells],
     )
 
@@ -299,6 +305,20 @@ def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
     if mark.query_slide is not None:
         state.record(mark.query_slide)
     return FeedbackOut(id=state.feedback.add(Mark(**mark.model_dump())))
+
+
+def _response(state: ServerState, result: Any) -> dict[str, Any]:
+    """`result.to_dict()` with what the page needs added and server file paths left out."""
+    body = result.to_dict()
+    hits = result.slides if result.mode == "slides" else result.patches
+    for row, hit in zip(body["results"], hits, strict=True):
+        row["viewable"] = state.viewable(hit.record)
+        row.pop("path", None)
+        for match, tile_match in zip(
+            row.get("matches", ()), getattr(hit, "matches", ()), strict=True
+        ):
+            match["row"] = tile_match.reference_row
+    return body
 
 
 def _run_search(
@@ -341,7 +361,7 @@ async def _json_body(request: Request) -> Any:
 
 
 def _open(state: ServerState, record: Any) -> Any:
-    if not state.viewable[record.id]:
+    if not state.viewable(record):
         raise HTTPException(
             404, f"slide {record.id} ({record.name}) is a group of patches, not a viewable slide"
         )
@@ -401,12 +421,9 @@ def create_app(
     from histosearch import Archive, Searcher
 
     archive = Archive.open(archive_dir)
-    records = {record.id: record for record in archive.slides()}
     state = ServerState(
         archive=archive,
         searcher=Searcher(archive),
-        records=records,
-        viewable={i: Path(r.path).is_file() for i, r in records.items()},
         slides=SlideCache(),
         feedback=FeedbackStore(archive_dir),
         token=token or None,

@@ -70,62 +70,59 @@ class SlideQuery(SearchOptions):
 class TileBox(BaseModel):
     x: int
     y: int
-    size: int = Field(description="Side of the square tile in level-0 pixels.")
+    size: float | None = Field(
+        description="Side of the square tile in level-0 pixels (None: a patch image, whole)."
+    )
 
 
-class TilePair(BaseModel):
+class TileMatchOut(BaseModel):
     query: TileBox
-    reference: TileBox
-    reference_row: int | None = Field(description="Row of the reference patch in its slide.")
+    match: TileBox
+    row: int = Field(description="Row of the matched patch in its slide (for its image).")
     cosine: float
 
 
-class SlideHitView(BaseModel):
-    slide: int
-    name: str
-    label: str | None
-    viewable: bool
-    similarity: float
-    percentile: float
-    matches: list[TilePair]
-
-
-class PatchHitView(BaseModel):
-    slide: int
-    name: str
-    label: str | None
-    row: int | None = Field(description="Row of the patch in its slide (for its image).")
-    tile: TileBox
-    patch: str | None = Field(description="File name of the patch image, if it is one.")
-    similarity: float
-    percentile: float
-
-
-class QueryView(BaseModel):
-    name: str
-    slide: int | None
-    region: Region | None
-    n_patches: int
-    tiles: list[TileBox]
-
-
-class SearchView(BaseModel):
-    """The result with the catalog ids and tile boxes the page draws from."""
-
-    query: QueryView
-    slides: list[SlideHitView]
-    patches: list[PatchHitView]
-
-
-class SearchResponse(BaseModel):
-    """`SearchResult.to_dict()` (its keys, as the CLI's --json prints them) plus `query_id`
-    (for the heat maps) and `view`."""
+class ResultRow(BaseModel):
+    """One ranked slide (mode "slides") or patch (mode "patches")."""
 
     model_config = ConfigDict(extra="allow")
 
+    rank: int
+    slide_id: int
+    slide: str = Field(description="The slide's name.")
+    label: str | None
+    patient: str | None
+    group: str | None
+    viewable: bool = Field(description="Whether the slide can be shown (deep zoom).")
+    similarity: float
+    percentile: float | None
+    patches: int | None = Field(None, description="Slides: how many patches the slide has.")
+    matches: list[TileMatchOut] | None = Field(
+        None, description="Slides: for every query tile, its best tile in this slide."
+    )
+    patch: str | None = Field(None, description="Patches: file name or position.")
+    row: int | None = Field(None, description="Patches: row in its slide (for its image).")
+    tile: TileBox | None = None
+
+
+class QueryOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    slide_id: int | None
+    label: str | None
+    patches: int = Field(description="How many tiles of the query were searched with.")
+    region: Region | None
+
+
+class SearchResponse(BaseModel):
+    """`SearchResult.to_dict()` (as the CLI's --json prints it) with `query_id` (for the heat
+    maps), each result's `viewable` and each match's `row`; server file paths left out."""
+
     query_id: str
+    query: QueryOut
     mode: Literal["slides", "patches"]
-    view: SearchView
+    results: list[ResultRow]
 
 
 class HeatTile(BaseModel):
@@ -139,7 +136,7 @@ class Heatmap(BaseModel):
 
     query_id: str
     slide: int
-    tile_size: int
+    tile_size: float | None
     tiles: list[HeatTile]
 
 

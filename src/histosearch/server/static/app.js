@@ -282,15 +282,18 @@ async function runSearch(request) {
     setStatus(error.message, true);
     return;
   }
-  const view = state.response.view;
-  const count = view.slides.length || view.patches.length;
-  setStatus(`${count} ${state.response.mode} in ${Math.round(performance.now() - started)} ms` +
-    ` · query of ${view.query.n_patches} patch${view.query.n_patches === 1 ? "" : "es"}`);
+  const { query, mode, results } = state.response;
+  setStatus(`${results.length} ${mode} in ${Math.round(performance.now() - started)} ms` +
+    ` · query of ${query.patches} patch${query.patches === 1 ? "" : "es"}`);
   renderResults();
 }
 
 function percent(value) {
   return `${(100 * value).toFixed(1)}%`;
+}
+
+function rounded(value, digits) {
+  return value === null ? "–" : value.toFixed(digits);
 }
 
 function feedbackButtons(hit, row) {
@@ -303,18 +306,18 @@ function feedbackButtons(hit, row) {
     button.dataset.relevant = String(relevant);
     button.addEventListener("click", async (event) => {
       event.stopPropagation();
-      const query = state.response.view.query;
+      const query = state.response.query;
       try {
         await api("/api/feedback", {
           method: "POST",
           headers: { "Content-Type": "application/json" },
           body: JSON.stringify({
             query_id: state.response.query_id,
-            query_slide: query.slide,
+            query_slide: query.slide_id,
             query_name: query.name,
             region: query.region,
             mode: state.response.mode,
-            result_slide: hit.slide,
+            result_slide: hit.slide_id,
             result_row: row,
             similarity: hit.similarity,
             relevant,
@@ -331,37 +334,37 @@ function feedbackButtons(hit, row) {
 }
 
 function renderResults() {
-  const view = state.response.view;
+  const { mode, results } = state.response;
   const list = $("slide-results");
   const gallery = $("patch-results");
   list.replaceChildren();
   gallery.replaceChildren();
   showQueryRegion();
-  view.slides.forEach((hit, rank) => {
+  (mode === "slides" ? results : []).forEach((hit, rank) => {
     const item = document.createElement("li");
-    item.dataset.slide = hit.slide;
+    item.dataset.slide = hit.slide_id;
     const text = document.createElement("div");
     text.innerHTML = `<div><b class="rank"></b> <span class="name"></span></div>
       <div class="label"></div><div><span class="sim"></span> · <span class="pct"></span></div>`;
     text.querySelector(".rank").textContent = `${rank + 1}.`;
-    text.querySelector(".name").textContent = hit.name;
+    text.querySelector(".name").textContent = hit.slide;
     text.querySelector(".label").textContent = hit.label || "no label";
     text.querySelector(".sim").textContent = percent(hit.similarity);
-    text.querySelector(".pct").textContent = `percentile ${hit.percentile.toFixed(1)}`;
+    text.querySelector(".pct").textContent = `percentile ${rounded(hit.percentile, 1)}`;
     text.append(feedbackButtons(hit, null));
-    item.append(image(`/api/slides/${hit.slide}/thumbnail`, hit.name), text);
+    item.append(image(`/api/slides/${hit.slide_id}/thumbnail`, hit.slide), text);
     item.addEventListener("click", () => openResult(hit));
     list.append(item);
   });
-  for (const hit of view.patches) {
+  for (const hit of mode === "patches" ? results : []) {
     const where = hit.patch || `x=${hit.tile.x}, y=${hit.tile.y}`;
-    const path = hit.row === null ? `/api/slides/${hit.slide}/thumbnail`
-      : `/api/slides/${hit.slide}/patches/${hit.row}.jpeg`;
-    const fig = figure(path, `${hit.name} · ${where}`);
-    fig.dataset.slide = hit.slide;
+    const path = hit.row === null ? `/api/slides/${hit.slide_id}/thumbnail`
+      : `/api/slides/${hit.slide_id}/patches/${hit.row}.jpeg`;
+    const fig = figure(path, `${hit.slide} · ${where}`);
+    fig.dataset.slide = hit.slide_id;
     const caption = fig.querySelector("figcaption");
     caption.append(document.createElement("br"),
-      `${hit.label || "no label"} · ${percent(hit.similarity)} · p${hit.percentile.toFixed(0)}`);
+      `${hit.label || "no label"} · ${percent(hit.similarity)} · p${rounded(hit.percentile, 0)}`);
     fig.append(feedbackButtons(hit, hit.row));
     fig.addEventListener("click", () => openPatch(hit));
     gallery.append(fig);
@@ -372,7 +375,7 @@ function renderResults() {
 function showQueryRegion() {
   if (!state.current || !state.current.viewable) return;
   queryViewer.clearOverlays();
-  const region = state.response.view.query.region;
+  const region = state.response.query.region;
   if (region) addBox(queryViewer, region[0], region[1], region[2], region[3], "region-box");
 }
 
@@ -416,18 +419,17 @@ function openShown(viewer, source, then) {
     }
     then();
   });
-  viewer.forceResize();
   viewer.open(source);
 }
 
 function openResult(hit) {
   state.selected = hit;
   for (const item of $("slide-results").children) {
-    item.classList.toggle("active", Number(item.dataset.slide) === hit.slide);
+    item.classList.toggle("active", Number(item.dataset.slide) === hit.slide_id);
   }
   $("result-pane").hidden = false;
   $("result-title").textContent =
-    `${hit.name} (${hit.label || "no label"}) · ${percent(hit.similarity)}`;
+    `${hit.slide} (${hit.label || "no label"}) · ${percent(hit.similarity)}`;
   // The best matches, strongest first, numbered alike on both slides.
   const pairs = [...hit.matches].sort((a, b) => b.cosine - a.cosine).slice(0, SHOWN_MATCHES);
   if (state.current && state.current.viewable) {
@@ -443,9 +445,9 @@ function openResult(hit) {
     gallery.hidden = true;
     $("viewer-result").hidden = false;
     state.tilesLoaded.result = 0;
-    openShown(resultViewer, `/slides/${hit.slide}.dzi`, () => {
-      pairs.forEach((pair, i) => addBox(resultViewer, pair.reference.x, pair.reference.y,
-        pair.reference.size, pair.reference.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
+    openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
+      pairs.forEach((pair, i) => addBox(resultViewer, pair.match.x, pair.match.y,
+        pair.match.size, pair.match.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
       document.body.dataset.resultOverlays = String(pairs.length);
     });
   } else {
@@ -453,9 +455,9 @@ function openResult(hit) {
     $("viewer-result").hidden = true;
     gallery.hidden = false;
     gallery.replaceChildren(...pairs.map((pair, i) => {
-      const row = pair.reference_row;
-      const path = row === null ? `/api/slides/${hit.slide}/thumbnail`
-        : `/api/slides/${hit.slide}/patches/${row}.jpeg`;
+      const row = pair.row;
+      const path = row === null ? `/api/slides/${hit.slide_id}/thumbnail`
+        : `/api/slides/${hit.slide_id}/patches/${row}.jpeg`;
       const fig = figure(path, `${i + 1}. cosine ${pair.cosine.toFixed(3)}`);
       fig.style.borderColor = MATCH_COLOURS[i];
       return fig;
@@ -465,15 +467,15 @@ function openResult(hit) {
 }
 
 function openPatch(hit) {
-  const slide = state.slides.find((s) => s.id === hit.slide);
+  const slide = state.slides.find((s) => s.id === hit.slide_id);
   if (!slide || !slide.viewable) return;
   state.selected = null;
   $("result-pane").hidden = false;
-  $("result-title").textContent = `${hit.name} · x=${hit.tile.x}, y=${hit.tile.y}`;
+  $("result-title").textContent = `${hit.slide} · x=${hit.tile.x}, y=${hit.tile.y}`;
   $("btn-heatmap").disabled = true;
   $("result-gallery").hidden = true;
   $("viewer-result").hidden = false;
-  openShown(resultViewer, `/slides/${hit.slide}.dzi`, () => {
+  openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
     const item = resultViewer.world.getItemAt(0);
     addBox(resultViewer, hit.tile.x, hit.tile.y, hit.tile.size, hit.tile.size, "match-box",
       MATCH_COLOURS[0], "1");
@@ -508,7 +510,7 @@ async function toggleHeatmap() {
   let heat;
   try {
     heat = await (await api(
-      `/api/queries/${state.response.query_id}/heatmap/${hit.slide}`)).json();
+      `/api/queries/${state.response.query_id}/heatmap/${hit.slide_id}`)).json();
   } catch (error) {
     setStatus(error.message, true);
     setHeatmapButton(false);
