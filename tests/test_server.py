@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from histosearch.cli import app as cli_app
 from histosearch.server.app import create_app
 from histosearch.server.bench import running_server
-from histosearch.server.tiles import SlideCache, SlideDeepZoom
+from histosearch.server.tiles import DeepZoom, SlideCache
 from histosearch.slide import open_slide
 
 
@@ -139,7 +139,7 @@ def test_deep_zoom_of_openslide_and_tiffslide_files_agree(
 def test_deep_zoom_over_a_plain_image_is_its_pixels() -> None:
     with open_slide(TARGET) as image:
         pixels = image.read_scaled((0, 0), image.dimensions, 1.0)
-        zoom = SlideDeepZoom(image)
+        zoom = DeepZoom(image)
         top = zoom.level_count - 1
         tile = np.asarray(Image.open(io.BytesIO(zoom.tile(top, 0, 0))).convert("RGB"))
     assert tile.shape == (min(255, pixels.shape[0]), min(255, pixels.shape[1]), 3)
@@ -163,8 +163,12 @@ def test_slide_cache_closes_an_evicted_slide_only_after_its_last_reader() -> Non
 def test_tile_and_slide_errors(client: TestClient, slides: dict[str, dict]) -> None:
     svs = slides["cmu-1-small-region.svs"]["id"]
     group = next(s for s in slides.values() if not s["viewable"])["id"]
-    assert "Invalid address" in detail(client.get(f"/slides/{svs}_files/12/9_0.jpeg"), 404)
-    assert "Invalid level" in detail(client.get(f"/slides/{svs}_files/13/0_0.jpeg"), 404)
+    assert "outside level 12 (9x12 tiles)" in detail(
+        client.get(f"/slides/{svs}_files/12/9_0.jpeg"), 404
+    )
+    assert "level 13 is outside 0..12" in detail(
+        client.get(f"/slides/{svs}_files/13/0_0.jpeg"), 404
+    )
     ome = slides["cmu-1.ome.tif"]["id"]
     assert "outside level" in detail(client.get(f"/slides/{ome}_files/12/0_12.jpeg"), 404)
     assert "no slide with id 999" in detail(client.get("/slides/999.dzi"), 404)
@@ -538,3 +542,14 @@ def test_serve_refuses_a_public_bind_without_token(served_archive: Path) -> None
     )
     assert result.exit_code == 2
     assert "refusing to listen on 0.0.0.0 without --token" in result.output
+
+
+def test_coarse_levels_cut_from_the_overview_match_direct_reads() -> None:
+    with open_slide(CMU) as slide:
+        zoom = DeepZoom(slide)
+        for level in (10, 8, 0):  # 555 x 742, 139 x 186 and 1 x 1 px: from the overview
+            assert max(zoom.level_dimensions[level]) <= 1024
+            cut = np.asarray(Image.open(io.BytesIO(zoom.tile(level, 0, 0))).convert("RGB"))
+            read = zoom._read(level, zoom.bounds(level, 0, 0))
+            assert cut.shape == read.shape
+            assert np.abs(cut.astype(int) - read.astype(int)).mean() < 6

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,12 +23,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from histosearch.archive.catalog import ArchiveError
+from histosearch.archive.archive import Archive
+from histosearch.archive.catalog import ArchiveError, SlideRecord
 from histosearch.errors import HistosearchError
+from histosearch.search.result import SearchResult, SlideMatch
+from histosearch.search.searcher import Searcher
 from histosearch.server.feedback import FeedbackStore, Mark
 from histosearch.server.models import (
     ERRORS,
@@ -43,7 +46,13 @@ from histosearch.server.models import (
     SlidePage,
     SlideQuery,
 )
-from histosearch.server.tiles import SlideCache, TileNotFound, encode_jpeg, thumbnail_jpeg
+from histosearch.server.tiles import (
+    CachedSlide,
+    SlideCache,
+    TileNotFound,
+    encode_jpeg,
+    thumbnail_jpeg,
+)
 from histosearch.server.uploads import UploadRejected, receive_upload
 from histosearch.slide import magnification_from_mpp
 
@@ -53,54 +62,70 @@ OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadr
 THUMBNAIL_SIZE = 256
 MAX_JSON_BYTES = 1 << 20
 KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
+KEPT_THUMBNAILS = 2048
+
+
+class Recent:
+    """A thread-safe mapping that keeps only its `capacity` most recently stored items."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
 
 @dataclass
 class ServerState:
     """What every request shares."""
 
-    archive: Any
-    searcher: Any
+    archive: Archive
+    searcher: Searcher
     slides: SlideCache
     feedback: FeedbackStore
     token: str | None
     max_upload_bytes: int
 
     def __post_init__(self) -> None:
-        self._results: OrderedDict[str, tuple[Any, dict[int, Any]]] = OrderedDict()
-        self._results_lock = threading.Lock()
-        self._thumbnails: dict[int, bytes] = {}
+        self.results = Recent(KEPT_QUERIES)  # query id -> {slide id: SlideMatch}
+        self.thumbnails = Recent(KEPT_THUMBNAILS)  # slide id -> JPEG bytes
         self._viewable: dict[int, bool] = {}
 
-    def record(self, slide_id: int) -> Any:
+    def record(self, slide_id: int) -> SlideRecord:
         """The catalog row of `slide_id` (slides indexed while serving included), else 404."""
         try:
             return self.archive.get(slide_id)
         except ArchiveError:
             raise HTTPException(404, f"no slide with id {slide_id} in the archive") from None
 
-    def viewable(self, record: Any) -> bool:
+    def viewable(self, record: SlideRecord) -> bool:
         """Whether the record is a slide file (deep zoom), not a group of patches."""
         if record.id not in self._viewable:
             self._viewable[record.id] = Path(record.path).is_file()
         return self._viewable[record.id]
 
-    def keep(self, result: Any) -> str:
+    def keep(self, result: SearchResult) -> str:
         """Remember a search result for its heat maps; returns its query id."""
         query_id = uuid.uuid4().hex
         matches = {match.record.id: match for match in result.slides}
-        with self._results_lock:
-            self._results[query_id] = (result, matches)
-            while len(self._results) > KEPT_QUERIES:
-                self._results.popitem(last=False)
+        self.results.put(query_id, matches)
         return query_id
 
-    def match(self, query_id: str, slide_id: int) -> Any:
-        with self._results_lock:
-            kept = self._results.get(query_id)
-        if kept is None:
+    def match(self, query_id: str, slide_id: int) -> SlideMatch:
+        matches = self.results.get(query_id)
+        if matches is None:
             raise HTTPException(404, f"no recent query {query_id} (only the last 64 are kept)")
-        match = kept[1].get(slide_id)
+        match = matches.get(slide_id)
         if match is None:
             raise HTTPException(404, f"slide {slide_id} is not a slide result of query {query_id}")
         return match
@@ -127,11 +152,11 @@ def check_token(
         )
 
 
-def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> Any:
+def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> SlideRecord:
     return state.record(slide_id)
 
 
-Record = Annotated[Any, Depends(slide_record)]
+Record = Annotated[SlideRecord, Depends(slide_record)]
 api = APIRouter(prefix="/api", dependencies=[Depends(check_token)], responses=ERRORS)
 slides_router = APIRouter(prefix="/slides", dependencies=[Depends(check_token)], responses=ERRORS)
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "A JPEG image"}}
@@ -185,14 +210,15 @@ def list_slides(
 @api.get("/slides/{slide_id}/thumbnail", response_class=Response, responses=JPEG)
 def thumbnail(state: State, record: Record) -> Response:
     """A small JPEG of the slide (of its first patch, for a group of patches)."""
-    data = state._thumbnails.get(record.id)
+    data = state.thumbnails.get(record.id)
     if data is None:
         if state.viewable(record):
             with _open(state, record) as entry:
                 pixels = entry.slide.thumbnail(THUMBNAIL_SIZE)
         else:
             pixels = state.archive.patch_image(record, 0)
-        data = state._thumbnails[record.id] = thumbnail_jpeg(pixels, THUMBNAIL_SIZE)
+        data = thumbnail_jpeg(pixels, THUMBNAIL_SIZE)
+        state.thumbnails.put(record.id, data)
     return _jpeg(data)
 
 
@@ -307,7 +333,7 @@ def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
     return FeedbackOut(id=state.feedback.add(Mark(**mark.model_dump())))
 
 
-def _response(state: ServerState, result: Any) -> dict[str, Any]:
+def _response(state: ServerState, result: SearchResult) -> dict[str, Any]:
     """`result.to_dict()` with what the page needs added and server file paths left out."""
     body = result.to_dict()
     hits = result.slides if result.mode == "slides" else result.patches
@@ -322,8 +348,12 @@ def _response(state: ServerState, result: Any) -> dict[str, Any]:
 
 
 def _run_search(
-    state: ServerState, query: Any, options: SearchOptions, region: Any, name: str
-) -> Any:
+    state: ServerState,
+    query: int | str,
+    options: SearchOptions,
+    region: tuple[int, int, int, int] | None,
+    name: str,
+) -> SearchResult:
     exclude = options.exclude
     if exclude is None:
         exclude = ["slide"] if isinstance(query, int) else []
@@ -337,7 +367,7 @@ def _run_search(
         raise HTTPException(400, reason) from None
 
 
-def _validated(model: Any, data: Any) -> Any:
+def _validated(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -360,7 +390,7 @@ async def _json_body(request: Request) -> Any:
         raise HTTPException(400, f"malformed JSON: {error}") from None
 
 
-def _open(state: ServerState, record: Any) -> Any:
+def _open(state: ServerState, record: SlideRecord) -> AbstractContextManager[CachedSlide]:
     if not state.viewable(record):
         raise HTTPException(
             404, f"slide {record.id} ({record.name}) is a group of patches, not a viewable slide"
@@ -418,8 +448,6 @@ def create_app(
 ) -> FastAPI:
     """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
     loaded now, so that a bad archive fails here and not on the first request."""
-    from histosearch import Archive, Searcher
-
     archive = Archive.open(archive_dir)
     state = ServerState(
         archive=archive,

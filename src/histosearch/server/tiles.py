@@ -1,7 +1,7 @@
 """Deep-zoom tiles of archived slides, from a cache of open slide handles.
 
 OpenSlide-readable files go through OpenSlide's own `DeepZoomGenerator`; the tiffslide and
-Pillow backends through `SlideDeepZoom`, the same pyramid computed over `histosearch.slide`.
+Pillow backends through the same pyramid computed over `histosearch.slide`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import cv2
 import numpy as np
@@ -27,6 +26,8 @@ TILE_SIZE = 254  # 254 + 2 x 1 px overlap = 256, the size viewers fetch best
 OVERLAP = 1
 JPEG_QUALITY = 80
 DZI_NAMESPACE = "http://schemas.microsoft.com/deepzoom/2008"
+# Deep-zoom levels up to this side are cut from one cached overview of the slide.
+OVERVIEW_SIDE = 1024
 
 
 class TileNotFound(LookupError):
@@ -43,26 +44,36 @@ def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return data.tobytes()
 
 
-class DeepZoom(Protocol):
-    """What the tile routes need of a deep-zoom pyramid."""
-
-    def dzi(self) -> str: ...
-
-    def tile(self, level: int, col: int, row: int) -> bytes: ...
+def is_openslide(slide: Slide) -> bool:
+    """Whether OpenSlide itself reads the slide (tiffslide's class derives from OpenSlide's)."""
+    return isinstance(slide, OpenSlideSlide) and not isinstance(slide, TiffSlideSlide)
 
 
-class SlideDeepZoom:
-    """A Deep Zoom pyramid over any `Slide`: level L halves level L + 1, the last level is the
-    full resolution, tiles of TILE_SIZE px with OVERLAP px shared with each neighbour."""
+class DeepZoom:
+    """A slide's Deep Zoom pyramid: level L halves level L + 1, the last level is the full
+    resolution, tiles of TILE_SIZE px sharing OVERLAP px with each neighbour.
+
+    Tiles of OpenSlide files come from OpenSlide's `DeepZoomGenerator`, the others' from
+    `Slide.read_scaled`. Levels no larger than OVERVIEW_SIDE are cut from one overview read
+    once: a scan without a pyramid would otherwise be read whole for each of its coarse tiles.
+    """
 
     def __init__(self, slide: Slide, tile_size: int = TILE_SIZE, overlap: int = OVERLAP) -> None:
         self.slide, self.tile_size, self.overlap = slide, tile_size, overlap
         width, height = slide.dimensions
         self.level_count = math.ceil(math.log2(max(width, height, 1))) + 1
+        # halving with rounding up, as OpenSlide's generator does: ceil(ceil(w / 2) / 2) ...
         self.level_dimensions = [
             (max(1, math.ceil(width / 2**s)), max(1, math.ceil(height / 2**s)))
             for s in range(self.level_count - 1, -1, -1)
         ]
+        self.generator = (
+            DeepZoomGenerator(slide.handle, tile_size, overlap, limit_bounds=False)
+            if is_openslide(slide)
+            else None
+        )
+        self._overview: np.ndarray | None = None
+        self._overview_lock = threading.Lock()
 
     def dzi(self) -> str:
         width, height = self.slide.dimensions
@@ -72,17 +83,45 @@ class SlideDeepZoom:
             f'TileSize="{self.tile_size}"><Size Width="{width}" Height="{height}"/></Image>'
         )
 
-    def tile(self, level: int, col: int, row: int) -> bytes:
+    def bounds(self, level: int, col: int, row: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of a tile in its level's pixels, overlap included."""
         if not 0 <= level < self.level_count:
             raise TileNotFound(f"level {level} is outside 0..{self.level_count - 1}")
         level_w, level_h = self.level_dimensions[level]
         cols, rows = math.ceil(level_w / self.tile_size), math.ceil(level_h / self.tile_size)
         if not (0 <= col < cols and 0 <= row < rows):
             raise TileNotFound(f"tile {col}_{row} is outside level {level} ({cols}x{rows} tiles)")
-        x0 = col * self.tile_size - (self.overlap if col else 0)
-        y0 = row * self.tile_size - (self.overlap if row else 0)
-        x1 = min(level_w, (col + 1) * self.tile_size + self.overlap)
-        y1 = min(level_h, (row + 1) * self.tile_size + self.overlap)
+        return (
+            col * self.tile_size - (self.overlap if col else 0),
+            row * self.tile_size - (self.overlap if row else 0),
+            min(level_w, (col + 1) * self.tile_size + self.overlap),
+            min(level_h, (row + 1) * self.tile_size + self.overlap),
+        )
+
+    def tile(self, level: int, col: int, row: int) -> bytes:
+        """JPEG bytes of one tile."""
+        x0, y0, x1, y1 = self.bounds(level, col, row)
+        if max(self.level_dimensions[level]) <= OVERVIEW_SIDE:
+            whole = cv2.resize(
+                self.overview(), self.level_dimensions[level], interpolation=cv2.INTER_AREA
+            )
+            return encode_jpeg(whole[y0:y1, x0:x1])
+        if self.generator is not None:
+            image = self.generator.get_tile(level, (col, row))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+            return buffer.getvalue()
+        return encode_jpeg(self._read(level, (x0, y0, x1, y1)))
+
+    def overview(self) -> np.ndarray:
+        """The whole slide, longer side OVERVIEW_SIDE at most, read on first use."""
+        with self._overview_lock:
+            if self._overview is None:
+                self._overview = self.slide.thumbnail(OVERVIEW_SIDE)
+            return self._overview
+
+    def _read(self, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        x0, y0, x1, y1 = box
         scale = 2 ** (self.level_count - 1 - level)  # level-0 pixels per pixel of this level
         # The last row and column of a level reach past the slide's edge: read only what the
         # slide has (backends pad differently), then stretch it over the tile.
@@ -98,33 +137,7 @@ class SlideDeepZoom:
         pixels = self.slide.read_scaled((left, top), source, source_scale, source_level)
         if source != (x1 - x0, y1 - y0):
             pixels = cv2.resize(pixels, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
-        return encode_jpeg(pixels)
-
-
-class OpenSlideDeepZoom:
-    """OpenSlide's own `DeepZoomGenerator` behind the `DeepZoom` interface."""
-
-    def __init__(self, slide: OpenSlideSlide) -> None:
-        self.generator = DeepZoomGenerator(slide.handle, TILE_SIZE, OVERLAP, limit_bounds=False)
-
-    def dzi(self) -> str:
-        return self.generator.get_dzi("jpeg")
-
-    def tile(self, level: int, col: int, row: int) -> bytes:
-        try:
-            image = self.generator.get_tile(level, (col, row))
-        except ValueError as error:  # "Invalid level" / "Invalid address"
-            raise TileNotFound(f"level {level}, tile {col}_{row}: {error}") from None
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=JPEG_QUALITY)
-        return buffer.getvalue()
-
-
-def make_deep_zoom(slide: Slide) -> DeepZoom:
-    """OpenSlide's generator for OpenSlide files, `SlideDeepZoom` for the other backends."""
-    if isinstance(slide, OpenSlideSlide) and not isinstance(slide, TiffSlideSlide):
-        return OpenSlideDeepZoom(slide)
-    return SlideDeepZoom(slide)
+        return pixels
 
 
 @dataclass
@@ -173,11 +186,8 @@ class SlideCache:
                 return entry
         # Opening can take a while: outside the lock, so other slides keep being served.
         slide = open_slide(path, mpp=mpp)
-        plain_openslide = isinstance(slide, OpenSlideSlide) and not isinstance(
-            slide, TiffSlideSlide
-        )
         fresh = CachedSlide(
-            slide, make_deep_zoom(slide), None if plain_openslide else threading.Lock()
+            slide, DeepZoom(slide), None if is_openslide(slide) else threading.Lock()
         )
         with self._lock:
             entry = self._entries.get(key)
