@@ -12,10 +12,15 @@ if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; the
   "$venv/bin/python" -m pip install --quiet -e ".[dev]"
   touch "$venv/.installed"
 fi
-# The viewer page's npm packages (OpenSeadragon), pinned by the lock file, never committed.
+# The serve page's npm packages (OpenSeadragon, Swagger UI), pinned by the lock file, never
+# committed; without npm only `serve` (and its tests) lack them.
 web=src/histosearch/server/static
 if [ ! -f "$web/node_modules/.package-lock.json" ] || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
-  (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+  if command -v npm > /dev/null; then
+    (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+  else
+    echo "dev.sh: npm not found; the serve page's packages are not installed" >&2
+  fi
 fi
 job="${1:-}"
 shift || true

@@ -205,7 +205,10 @@ def test_page_and_viewer_files_are_served(client: TestClient) -> None:
     assert client.get("/static/app.js").status_code == 200
     docs = client.get("/openapi.json").json()
     assert "/api/search" in docs["paths"] and "/slides/{slide_id}.dzi" in docs["paths"]
-    assert client.get("/docs").status_code == 200
+    docs_page = client.get("/docs")  # Swagger UI from npm too, not from a CDN
+    assert docs_page.status_code == 200 and "cdn." not in docs_page.text
+    bundle = "/static/node_modules/swagger-ui-dist/swagger-ui-bundle.js"
+    assert bundle in docs_page.text and client.get(bundle).status_code == 200
 
 
 # -- search ------------------------------------------------------------------------------------

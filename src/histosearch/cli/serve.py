@@ -51,9 +51,16 @@ def serve(
         raise typer.Exit(2)
     import uvicorn
 
-    from histosearch.server.app import create_app
+    from histosearch.server.app import OPENSEADRAGON, create_app
 
     app = create_app(archive_dir, token=token, max_upload_mb=max_upload_mb)
+    if not (OPENSEADRAGON / "openseadragon.min.js").is_file():
+        error_console.print(
+            "[yellow]warning:[/yellow] the page's viewer (OpenSeadragon) is not installed: "
+            "run `bash dev.sh` or `npm ci` in src/histosearch/server/static; the API works",
+            highlight=False,
+            soft_wrap=True,
+        )
     shown = f"[{host}]" if ":" in host else host
     console.print(
         f"histosearch: serving {archive_dir} at http://{shown}:{port}/ (API docs at /docs)",

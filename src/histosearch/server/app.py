@@ -6,6 +6,7 @@ them (the searcher is thread-safe), plus a cache of open slides for the deep-zoo
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -20,7 +21,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
@@ -59,6 +61,9 @@ from histosearch.slide import magnification_from_mpp
 log = logging.getLogger("histosearch.server")
 STATIC = Path(__file__).parent / "static"
 OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadragon"
+# The API docs' Swagger UI from npm too: the server may have no internet, and neither may
+# the browser.
+SWAGGER = "/static/node_modules/swagger-ui-dist"
 THUMBNAIL_SIZE = 256
 MAX_JSON_BYTES = 1 << 20
 KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
@@ -377,11 +382,9 @@ def _validated(model: type[BaseModel], data: Any) -> Any:
 
 
 async def _json_body(request: Request) -> Any:
-    import json
-
-    body = b""
+    body = bytearray()
     async for chunk in request.stream():
-        body += chunk
+        body.extend(chunk)
         if len(body) > MAX_JSON_BYTES:
             raise HTTPException(413, "a JSON query is at most 1 MB")
     try:
@@ -467,6 +470,8 @@ def create_app(
 
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         title="histosearch",
         summary="Content-based similarity search over a histopathology archive",
         version="0.1.0",
@@ -480,5 +485,15 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="histosearch API",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+        )
 
     return app
