@@ -9,7 +9,7 @@ venv=.venv
 if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+  "$venv/bin/python" -m pip install --quiet -e ".[dev,ray]"
   touch "$venv/.installed"
 fi
 # The serve page's npm packages (OpenSeadragon, Swagger UI), pinned by the lock file, never

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,16 @@ def test_corrupt_checkpoint(tmp_path: Path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(EncoderError, match="not a readable checkpoint"):
         create_encoder("timm:resnet18", bad)
+
+
+def test_the_registry_does_not_import_training():
+    # training registers its checkpoint loader through an entry point, found on first need
+    code = (
+        "import sys; from histosearch.encoders import create_encoder; "
+        "create_encoder('color-histogram'); assert 'histosearch.train' not in sys.modules; "
+        "from histosearch.encoders.registry import _FILE_LOADERS; "
+        "from histosearch.encoders.registry import _load_plugins; _load_plugins(); "
+        "assert '.pt' in _FILE_LOADERS"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -172,10 +172,11 @@ class Archive:
         return cls(root, _create=wanted)
 
     def _check(self, stored: dict[str, str], wanted: dict[str, str]) -> None:
+        # a key the archive lacks (one built before it was recorded) cannot be checked
         different = [
-            f"{key} {wanted[key]} (archive: {stored.get(key)})"
+            f"{key} {wanted[key]} (archive: {stored[key]})"
             for key in MATCHED_KEYS
-            if key in wanted and stored.get(key) != wanted[key]
+            if key in wanted and key in stored and stored[key] != wanted[key]
         ]
         if different:
             raise ArchiveError(
@@ -404,9 +405,19 @@ class Archive:
                 h5.create_dataset("coords", data=np.asarray(coords, np.int64))
                 if paths is not None:
                     h5.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+                # enough to rebuild the catalog from the feature files (check --repair)
+                metadata = {
+                    "name": name,
+                    "label": label,
+                    "patient": patient,
+                    "group": group,
+                    "mpp": mpp,
+                    "tile_l0": tile_l0,
+                }
                 h5.attrs.update(
                     {
                         "slide": key,
+                        **{k: v for k, v in metadata.items() if v is not None},
                         **{k: self.settings[k] for k in MATCHED_KEYS if k in self.settings},
                     }
                 )
@@ -693,3 +704,72 @@ def add_rows(index: faiss.Index, vectors: np.ndarray, metric: str, chunk: int = 
 def encoder_settings(encoder: Encoder) -> dict[str, str]:
     """What of the encoder an archive records: its output size and its weights' fingerprint."""
     return {"dim": str(encoder.dim), "weights": encoder.fingerprint}
+
+
+def check_archive(root: str | Path, repair: bool = False) -> tuple[list[Problem], str]:
+    """`Archive.check` that also meets a catalog too damaged to open: with `repair`, the
+    catalog is rebuilt from the feature files (the damaged one is kept beside it). Returns the
+    problems and a description of the archive as it is afterwards."""
+    root = Path(root)
+    problems = []
+    try:
+        archive = Archive.open(root)
+    except ArchiveError as error:
+        if not (root / "features").is_dir():
+            raise
+        problems.append(Problem(error.path or str(root), error.reason, True))
+        if not repair:
+            return problems, "catalog unreadable"
+        archive = rebuild_catalog(root)
+        problems[0].repaired = True
+    with archive:
+        problems += archive.check(repair=repair)
+        return problems, archive.describe()
+
+
+def rebuild_catalog(root: Path) -> Archive:
+    """A new catalog from the settings and slide metadata every feature file carries; the
+    damaged catalog is renamed, never deleted. The store is rebuilt (`reindex`)."""
+    files = sorted((root / "features").glob("*.h5"))
+    entries = []
+    for path in files:
+        try:
+            with h5py.File(path, "r") as h5:
+                attrs = {k: v.item() if hasattr(v, "item") else v for k, v in h5.attrs.items()}
+                entries.append((path, attrs, len(h5["coords"])))
+        except (OSError, KeyError):
+            continue  # unreadable: that slide is lost and must be indexed again
+    if not entries:
+        raise ArchiveError(root, "no readable feature file to rebuild the catalog from")
+    settings = {k: str(entries[0][1][k]) for k in MATCHED_KEYS if k in entries[0][1]}
+    catalog = root / "catalog.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        damaged = catalog.with_name(catalog.name + suffix)
+        if damaged.exists():
+            damaged.rename(damaged.with_name(damaged.name + ".damaged"))
+    archive = Archive(root, _create=settings)
+    with archive.writing():
+        for derived in (*root.glob("store/*"), *root.glob("*-[0-9]*.npz"), *root.glob("*.faiss")):
+            derived.unlink()
+        archive.catalog.write(
+            [
+                (
+                    "INSERT OR IGNORE INTO slides (name, path, label, patient, grp, mpp, n_patches,"
+                    " feature_file, tile_l0) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        attrs.get("name", path.stem),
+                        attrs["slide"],
+                        attrs.get("label"),
+                        attrs.get("patient"),
+                        attrs.get("group"),
+                        attrs.get("mpp"),
+                        n_patches,
+                        path.relative_to(root).as_posix(),
+                        attrs.get("tile_l0"),
+                    ),
+                )
+                for path, attrs, n_patches in entries
+            ]
+        )
+        archive.reindex()
+    return archive

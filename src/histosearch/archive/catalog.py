@@ -79,6 +79,17 @@ class Catalog:
         try:
             # autocommit off: writes go through `with self._db:` transactions
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            tables = {
+                row[0]
+                for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if not create and not {"settings", "slides"} <= tables:
+                self._db.close()
+                raise ArchiveError(
+                    self.path,
+                    "not a histosearch catalog (empty or damaged); "
+                    "run histosearch check --archive DIR --repair",
+                )
             self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(slides)")}
@@ -91,7 +102,7 @@ class Catalog:
 
     def _damaged(self, error: Exception) -> ArchiveError:
         return ArchiveError(
-            self.path, f"damaged catalog ({error}); run histosearch check --archive DIR"
+            self.path, f"damaged catalog ({error}); run histosearch check --archive DIR --repair"
         )
 
     def _run(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:

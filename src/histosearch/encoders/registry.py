@@ -61,7 +61,30 @@ class Encoder:
 
 
 EncoderFactory = Callable[[Path | None], Encoder]
+FileLoader = Callable[[Path], Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}
+# Encoders stored as files (a `histosearch train` checkpoint.pt), by suffix.
+_FILE_LOADERS: dict[str, FileLoader] = {}
+# Packages that register encoders or file loaders name a module in this entry-point group;
+# it is imported on first need, so the registry depends on none of them (training included).
+PLUGIN_GROUP = "histosearch.encoders"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if not _plugins_loaded:
+        from importlib.metadata import entry_points
+
+        _plugins_loaded = True
+        for entry in entry_points(group=PLUGIN_GROUP):
+            entry.load()
+
+
+def register_file_loader(suffix: str, loader: FileLoader) -> FileLoader:
+    """Load encoders given as files ending in `suffix` (e.g. ".pt") with `loader(path)`."""
+    _FILE_LOADERS[suffix] = loader
+    return loader
 
 
 def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
@@ -78,7 +101,21 @@ def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
 
 def available_encoders() -> list[str]:
     """Registered encoder names (any `timm:<model>` with a checkpoint works as well)."""
+    _load_plugins()
     return sorted(_REGISTRY)
+
+
+def _builder(name: str, path: Path | None) -> Callable[[], Encoder] | None:
+    """How to build the encoder `name`, if it is known yet."""
+    if Path(name).suffix in _FILE_LOADERS and Path(name).is_file():
+        return lambda: _FILE_LOADERS[Path(name).suffix](Path(name))
+    if name.startswith("timm:"):
+        from histosearch.encoders.timm_models import timm_encoder
+
+        return lambda: timm_encoder(name.removeprefix("timm:"), path)
+    if name in _REGISTRY:
+        return lambda: _REGISTRY[name](path)
+    return None
 
 
 def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
@@ -89,22 +126,17 @@ def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     path = None if weights is None else Path(weights)
     if path is not None and not path.is_file():
         raise EncoderError(path, "weights file not found")
-    if name.endswith(".pt") and Path(name).is_file():
-        from histosearch.train.checkpoint import encoder_from_checkpoint
-
-        encoder = encoder_from_checkpoint(Path(name))
-    elif name.startswith("timm:"):
-        from histosearch.encoders.timm_models import timm_encoder
-
-        encoder = timm_encoder(name.removeprefix("timm:"), path)
-    elif name in _REGISTRY:
-        encoder = _REGISTRY[name](path)
-    else:
+    build = _builder(name, path)
+    if build is None:  # perhaps a plugin's: import them and look again
+        _load_plugins()
+        build = _builder(name, path)
+    if build is None:
         raise EncoderError(
             None,
             f"unknown encoder {name!r}; choose from {', '.join(available_encoders())} "
             "timm:<model> with --weights, or a checkpoint.pt from histosearch train",
         )
+    encoder = build()
     encoder.model.eval().requires_grad_(False)
     encoder.model.to(memory_format=torch.channels_last)
     return encoder

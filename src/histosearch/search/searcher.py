@@ -53,16 +53,24 @@ class _QueryVectors:
 
 
 class _Loaded:
-    """One consistent state of the archive as searches read it."""
+    """One consistent state of the archive as searches read it (the patch index is loaded
+    by the first patch search)."""
 
     def __init__(self, archive: Archive) -> None:
+        self.archive = archive
         self.view: SearchView = archive.view()
-        self.index: faiss.Index | None = (
-            archive.patch_index(self.view) if len(self.view.records) else None
-        )
         self.calibration = archive.calibration()
         self.position = {r.id: i for i, r in enumerate(self.view.records)}
         self.key = (self.view.generation, int(self.view.offsets[-1]))
+        self._index: faiss.Index | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def index(self) -> faiss.Index:
+        with self._lock:
+            if self._index is None:
+                self._index = self.archive.patch_index(self.view)
+            return self._index
 
 
 class Searcher:
@@ -173,7 +181,12 @@ class Searcher:
     ) -> _QueryVectors:
         """The query's searchable vectors and tiles: read from the store when it is archived,
         else embedded as the archive's slides were."""
-        record = self.archive.get(query) if isinstance(query, int) else self.archive.find(query)
+        if isinstance(query, int):
+            record = self.archive.get(query)
+        else:  # a file or slide name first; digits that name neither are an id
+            record = self.archive.find(query)
+            if record is None and str(query).isdigit() and not Path(query).exists():
+                record = self.archive.get(int(query))
         if record is not None:
             if record.id not in loaded.position:
                 raise SearchError(record.path, "not yet searchable; run histosearch index again")

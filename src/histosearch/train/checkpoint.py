@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from histosearch.encoders.registry import Encoder
+from histosearch.encoders.registry import Encoder, register_file_loader
 from histosearch.fileio import atomic_path
 from histosearch.train.trainer import (
     TrainSettings,
@@ -34,6 +34,9 @@ def encoder_from_checkpoint(path: Path) -> Encoder:
         tile_transform=None if stain is None else stain.transform,
         threshold=checkpoint.get("threshold"),
     )
+
+
+register_file_loader(".pt", encoder_from_checkpoint)
 
 
 def save_threshold(path: Path, threshold: float) -> None:

@@ -1,0 +1,182 @@
+"""Extraction on Ray: items spread over actors that each hold one encoder; the driver gets
+every result (or failure) as it arrives and commits the catalog rows itself.
+
+Workers read the slides from their paths (a shared filesystem on a cluster) and return the
+features in float16, as the archive stores them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histosearch.errors import HistosearchError
+from histosearch.inputs import Item
+
+# How long a Ray address may take to accept a connection before it counts as unreachable.
+CONNECT_TIMEOUT_S = 5.0
+# Object store of a local instance: results are a few MB each, and the machine is shared.
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+
+
+class RayError(HistosearchError):
+    """Ray is missing, or the cluster cannot be reached."""
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How items are embedded: the archive's settings plus a query-time resolution override."""
+
+    magnification: float
+    tile_size: int = 224
+    tissue: str = "otsu"
+    mpp: float | None = None
+    objective_power: float | None = None
+    batch_size: int = 32
+
+
+Result = tuple[np.ndarray, np.ndarray, float | None]
+
+
+def embed_item(encoder, item: Item, settings: EmbedSettings) -> Result:
+    """(features float16, coords, mpp) of one item, embedded in this process as `index` does:
+    a patch group (or a patch file) whole, a slide by its tissue tiles."""
+    from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
+
+    if item.is_group or is_patch_file(item.paths[0], settings.tile_size):
+        dataset = ImageDataset(item.paths, encoder.input_size)
+        features = embed_dataset(dataset, encoder, settings.batch_size, num_workers=0)
+        return features.astype(np.float16), np.zeros((len(features), 2), np.int64), None
+    features, coords, mpp = embed_path(
+        item.paths[0],
+        encoder,
+        settings.magnification,
+        settings.tile_size,
+        settings.tissue,
+        mpp=settings.mpp,
+        objective_power=settings.objective_power,
+        batch_size=settings.batch_size,
+        num_workers=0,
+    )
+    return features.astype(np.float16), coords, mpp
+
+
+class EmbeddingWorker:
+    """One encoder, on the worker's GPU when Ray gave it one; embeds one item per call."""
+
+    def __init__(self, encoder_name: str, weights: str | None) -> None:
+        from histosearch.embed import default_device
+        from histosearch.encoders import create_encoder
+
+        self.encoder = create_encoder(encoder_name, weights).to(default_device())
+
+    def embed(self, item: Item, settings: EmbedSettings) -> Result | str:
+        """The item's result, or a one-line failure naming its file."""
+        try:
+            return embed_item(self.encoder, item, settings)
+        except HistosearchError as error:
+            return str(error)
+        except Exception as error:  # one bad slide must not stop a batch
+            return f"{item.paths[0]}: unexpected {type(error).__name__}: {error}"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The host and port of `ray://host:port` or `host:port`; None for `auto` and the like."""
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    """Start a local Ray instance or connect to `address`; True when this call started Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise RayError(None, "Ray is not installed (pip install 'histosearch[ray]')") from None
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            log_to_driver=False,
+        )
+        return True
+    target = _host_port(address)
+    if target is not None:
+        try:
+            socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            raise RayError(address, f"cannot reach the Ray cluster: {error}") from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
+        raise RayError(address, f"cannot connect to the Ray cluster: {error}") from None
+    return True
+
+
+def embed_items_on_ray(
+    items: Iterable[Item],
+    encoder_name: str,
+    weights: str | Path | None,
+    settings: EmbedSettings,
+    *,
+    address: str | None = None,
+    num_workers: int | None = None,
+    on_result: Callable[[Item, np.ndarray, np.ndarray, float | None], None],
+    on_failure: Callable[[Item, str], None],
+) -> None:
+    """Embed `items` on Ray actors (one encoder each: one per GPU when the cluster has GPUs,
+    else one per CPU, or `num_workers`); `on_result(item, features, coords, mpp)` or
+    `on_failure(item, message)` runs here, in the driver, as each item finishes.
+
+    Without `address` a local Ray instance is started (and stopped at the end); an address
+    that does not answer within seconds raises RayError."""
+    items = list(items)
+    if not items:
+        return
+    started = _connect(address, num_workers)
+    import ray
+
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        count = min(len(items), num_workers or gpus or max(1, cpus))
+        actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)(EmbeddingWorker)
+        weights_arg = None if weights is None else str(weights)
+
+        def start() -> object:
+            return actor.remote(encoder_name, weights_arg)
+
+        todo = list(reversed(items))
+        running: dict[object, tuple[object, Item]] = {}
+
+        def submit(worker: object) -> None:
+            if todo:
+                item = todo.pop()
+                running[worker.embed.remote(item, settings)] = (worker, item)
+
+        for _ in range(count):
+            submit(start())
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            worker, item = running.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except ray.exceptions.RayError as error:  # the worker died (out of memory, crash)
+                outcome = f"{item.paths[0]}: the Ray worker failed: {type(error).__name__}"
+                worker = start()
+            if isinstance(outcome, str):
+                on_failure(item, outcome)
+            else:
+                on_result(item, *outcome)
+            submit(worker)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,318 @@
+"""`histosearch bench scale`: slide and patch search over a synthetic archive of N patches.
+
+The archive is shaped like a real one without embedding N patches: real patches of the dev
+sets (IDC patients, LC25000 source groups) are embedded once with a real encoder and
+projected by PCA to the searchable dimension; each synthetic slide then mixes one to three
+of these real sources (of one dataset), keeps a random part of their patches as centres, and
+draws its patches around them with noise. Slides made from the same sources resemble each
+other as slides of one tissue and diagnosis do, and sizes follow a log-normal law from 200 to
+5,000 patches. The vectors are written straight into the float16 store (a memory map), as
+the archive keeps its reduced vectors; no HDF5 files, no encoder over N patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histosearch.archive.reduce import PCAReducer
+from histosearch.fileio import atomic_path
+from histosearch.search.patch_index import PatchIndex
+from histosearch.search.two_stage import rank_slides
+
+MIN_SLIDE, MAX_SLIDE = 200, 5_000
+# log-normal slide sizes: median 800 patches (a slide at 20x is a few hundred to thousands)
+SIZE_MEDIAN, SIZE_SIGMA = 800, 0.8
+QUERY_PATCHES = (200, 400)
+# real sources embedded per dataset, and patches per source
+SOURCES_PER_SET, PATCHES_PER_SOURCE = 40, 12
+SCALE_KEYS = (
+    "patches",
+    "slides",
+    "build_s",
+    "add_one_s",
+    "slide_query_p50_s",
+    "slide_query_p95_s",
+    "exact_query_p50_s",
+    "patch_query_p50_s",
+    "top5_agreement",
+    "top1_agreement",
+    "peak_rss_gb",
+)
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """The figures of one `bench scale` run (the `--json` keys), plus how it was run."""
+
+    patches: int
+    slides: int
+    build_s: float
+    add_one_s: float
+    slide_query_p50_s: float
+    slide_query_p95_s: float
+    exact_query_p50_s: float
+    patch_query_p50_s: float
+    top5_agreement: float
+    top1_agreement: float
+    peak_rss_gb: float
+    index: str = ""
+    queries: int = 0
+    exact_queries: int = 0
+    generate_s: float = 0.0
+    store_gb: float = 0.0
+    index_gb: float = 0.0
+
+    def figures(self) -> dict[str, float | int]:
+        return {key: asdict(self)[key] for key in SCALE_KEYS}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _sources(data: Path) -> list[tuple[str, list[Path]]]:
+    """(dataset, patch paths) of the first SOURCES_PER_SET IDC patients and LC25000 groups."""
+    sources = []
+    for folder, column in (("idc-breast-dev", "patient"), ("lc25000-lung-dev", "group")):
+        manifest = data / folder / "manifest.csv"
+        with manifest.open(newline="") as file:
+            members: dict[str, list[Path]] = defaultdict(list)
+            for row in csv.DictReader(file):
+                members[row[column]].append(manifest.parent / row["path"])
+        chosen = [paths for paths in members.values() if len(paths) >= 8][:SOURCES_PER_SET]
+        sources.extend((folder, paths[:PATCHES_PER_SOURCE]) for paths in chosen)
+    return sources
+
+
+def real_embeddings(
+    data: Path, encoder_name: str, cache: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real patch embeddings of the dev sets' sources: (features, source of each row, dataset
+    of each source), cached in `cache` (an .npz) between runs."""
+    if cache.is_file():
+        with np.load(cache) as stored:
+            if str(stored["encoder"]) == encoder_name:
+                return stored["features"], stored["source"], stored["dataset"]
+    from histosearch.embed import ImageDataset, default_device, embed_dataset
+    from histosearch.encoders import create_encoder
+
+    sources = _sources(data)
+    encoder = create_encoder(encoder_name).to(default_device())
+    paths = [p for _, members in sources for p in members]
+    features = embed_dataset(ImageDataset(paths, encoder.input_size), encoder, 32, 1)
+    source = np.repeat(np.arange(len(sources)), [len(m) for _, m in sources])
+    dataset = np.array([0 if name.startswith("idc") else 1 for name, _ in sources])
+    with atomic_path(cache) as tmp, tmp.open("wb") as file:
+        np.savez(file, encoder=encoder_name, features=features, source=source, dataset=dataset)
+    return features, source, dataset
+
+
+class SlideMaker:
+    """Synthetic slides drawn around real embeddings (see the module docstring)."""
+
+    def __init__(
+        self, centres: np.ndarray, source: np.ndarray, dataset: np.ndarray, seed: int
+    ) -> None:
+        self.centres, self.rng = centres.astype(np.float32), np.random.default_rng(seed)
+        self.members = [np.flatnonzero(source == s) for s in range(len(dataset))]
+        self.by_dataset = [np.flatnonzero(dataset == d) for d in np.unique(dataset)]
+        # noise on the scale of the distance between a real patch and its nearest neighbour
+        squared = (self.centres**2).sum(axis=1)
+        distances = squared[:, None] + squared[None] - 2 * self.centres @ self.centres.T
+        np.fill_diagonal(distances, np.inf)
+        nearest = np.sqrt(np.maximum(distances.min(axis=1), 0))
+        self.noise = float(np.median(nearest)) / np.sqrt(centres.shape[1])
+
+    def size(self) -> int:
+        size = self.rng.lognormal(np.log(SIZE_MEDIAN), SIZE_SIGMA)
+        return int(np.clip(size, MIN_SLIDE, MAX_SLIDE))
+
+    def slide(self, n: int) -> np.ndarray:
+        """One slide of `n` patches."""
+        pool = self.by_dataset[self.rng.integers(len(self.by_dataset))]
+        picked = self.rng.choice(pool, self.rng.integers(1, 4), replace=False)
+        rows = np.concatenate([self.members[s] for s in picked])
+        rows = self.rng.choice(rows, max(2, int(len(rows) * self.rng.uniform(0.4, 1))), False)
+        scale = self.noise * self.rng.uniform(0.5, 1.5)
+        noise = self.rng.standard_normal((n, self.centres.shape[1]), dtype=np.float32)
+        return self.centres[self.rng.choice(rows, n)] + scale * noise
+
+
+def write_store(
+    path: Path, maker: SlideMaker, n_patches: int, on_progress: Callable[[int], None] | None
+) -> np.ndarray:
+    """Write slides of `maker` into a float16 store file of about `n_patches` rows (the last
+    slide is cut to fit); returns the slides' row offsets."""
+    sizes = []
+    with path.open("wb") as file:
+        total = 0
+        while total < n_patches:
+            n = min(maker.size(), n_patches - total)
+            file.write(maker.slide(max(n, 1)).astype(np.float16).tobytes())
+            sizes.append(max(n, 1))
+            total += sizes[-1]
+            if on_progress is not None:
+                on_progress(sizes[-1])
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def open_store(path: Path, dim: int) -> np.ndarray:
+    return np.memmap(path, dtype=np.float16, mode="r").reshape(-1, dim)
+
+
+def bench_scale(
+    n_patches: int,
+    dim: int,
+    workdir: Path,
+    data: Path,
+    encoder_name: str,
+    *,
+    queries: int = 40,
+    exact_queries: int | None = None,
+    k: int = 5,
+    kind: str = "auto",
+    nprobe: int | None = None,
+    n_candidates: int | None = None,
+    seed: int = 0,
+    on_stage: Callable[[str], None] = lambda _: None,
+    on_progress: Callable[[int], None] | None = None,
+) -> ScaleResult:
+    """Build a synthetic archive of `n_patches` in `workdir`, index it, grow it by one slide,
+    and time slide queries (two-stage and exact) and patch queries."""
+    on_stage("embedding the real sources")
+    features, source, dataset = real_embeddings(data, encoder_name, workdir / "sources.npz")
+    centres = PCAReducer(dim).fit(features).transform(features)
+    maker = SlideMaker(centres, source, dataset, seed)
+
+    on_stage(f"writing {n_patches:,} patches")
+    start = time.perf_counter()
+    store_path = workdir / "store.f16"
+    last = maker.slide(maker.size())  # the slide added at the end
+    offsets = write_store(store_path, maker, n_patches - len(last), on_progress)
+    generate_s = time.perf_counter() - start
+
+    on_stage("building the patch index")
+    store = open_store(store_path, dim)
+    start = time.perf_counter()
+    index = PatchIndex.build(store, kind=kind)
+    build_s = time.perf_counter() - start
+    if nprobe is not None:
+        index.nprobe = nprobe
+
+    on_stage("adding one slide")
+    start = time.perf_counter()
+    with store_path.open("ab") as file:
+        file.write(last.astype(np.float16).tobytes())
+    store = open_store(store_path, dim)
+    offsets = np.append(offsets, offsets[-1] + len(last))
+    index.add(store[offsets[-2] :])
+    add_one_s = time.perf_counter() - start
+
+    on_stage("slide queries")
+    fresh = SlideMaker(centres, source, dataset, seed + 1)
+    query_set = [
+        fresh.slide(int(fresh.rng.integers(*QUERY_PATCHES))).astype(np.float16).astype(np.float32)
+        for _ in range(queries)
+    ]
+    fast_times, fast_results = [], []
+    for query in query_set:
+        start = time.perf_counter()
+        slides, _ = rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates)
+        fast_times.append(time.perf_counter() - start)
+        fast_results.append(slides)
+    exact_queries = queries if exact_queries is None else min(exact_queries, queries)
+    exact_times, top5, top1 = [], 0, 0
+    for query, fast in zip(query_set[:exact_queries], fast_results, strict=False):
+        start = time.perf_counter()
+        exact, _ = rank_slides(store, offsets, query, k, exact=True)
+        exact_times.append(time.perf_counter() - start)
+        top5 += set(exact.tolist()) == set(fast.tolist())
+        top1 += exact[0] == fast[0]
+
+    on_stage("patch queries")
+    patches = np.concatenate(query_set)[:: max(1, sum(map(len, query_set)) // 200)]
+    patch_times = []
+    for patch in patches:
+        start = time.perf_counter()
+        index.search(patch[None], 10)
+        patch_times.append(time.perf_counter() - start)
+
+    index_path = workdir / "index.faiss"
+    index.save(index_path)
+    return ScaleResult(
+        patches=len(store),
+        slides=len(offsets) - 1,
+        build_s=build_s,
+        add_one_s=add_one_s,
+        slide_query_p50_s=float(np.percentile(fast_times, 50)),
+        slide_query_p95_s=float(np.percentile(fast_times, 95)),
+        exact_query_p50_s=float(np.percentile(exact_times, 50)),
+        patch_query_p50_s=float(np.percentile(patch_times, 50)),
+        top5_agreement=top5 / exact_queries,
+        top1_agreement=top1 / exact_queries,
+        peak_rss_gb=_peak_rss_gb(),
+        index=_describe(index),
+        queries=queries,
+        exact_queries=exact_queries,
+        generate_s=generate_s,
+        store_gb=store_path.stat().st_size / 1e9,
+        index_gb=index_path.stat().st_size / 1e9,
+    )
+
+
+def _describe(index: PatchIndex) -> str:
+    import faiss
+
+    name = type(faiss.downcast_index(index.index)).__name__
+    return (
+        name
+        if index.nprobe is None
+        else f"{name}, nlist {index.index.nlist}, nprobe {index.nprobe}"
+    )
+
+
+def write_results(results: list[ScaleResult], out: Path) -> None:
+    """The `--json` file: the figures of one run (a dict) or of several (a list), with
+    `details` holding how each was run."""
+    rows = [{**r.figures(), "details": asdict(r)} for r in results]
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+
+
+def plot_latency(results: list[Path], out: Path) -> None:
+    """Log-log plot of slide query latency (two-stage p50 and exact p50) against patches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in results:
+        loaded = json.loads(path.read_text())
+        rows.extend(loaded if isinstance(loaded, list) else [loaded])
+    rows.sort(key=lambda r: r["patches"])
+    patches = [r["patches"] for r in rows]
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    axes.loglog(patches, [r["exact_query_p50_s"] for r in rows], "o-", label="exact scan (p50)")
+    axes.loglog(patches, [r["slide_query_p50_s"] for r in rows], "s-", label="two-stage (p50)")
+    axes.loglog(patches, [r["slide_query_p95_s"] for r in rows], "s--", label="two-stage (p95)")
+    axes.loglog(patches, [r["patch_query_p50_s"] for r in rows], "^:", label="patch query (p50)")
+    axes.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_xlabel("archive size (patches, 128-d float16)")
+    axes.set_ylabel("query latency (s)")
+    axes.set_title("Slide query latency, 2-core CPU")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,163 @@
+"""Slide search in two stages: a shortlist from the patch index, then the exact WSI measure.
+
+Stage 1: each query patch (or, for a large query slide, each patch of its mosaic, weighted by
+the patches it stands for) looks up its nearest archive patches in the `PatchIndex`, and every
+slide among them receives that patch's best similarity into it. Summed over the query, a
+slide's votes approximate sum_i max_j S_ij, the query-side half of the WSI measure.
+Stage 2: the exact measure (`slide_similarities`) on the shortlisted slides only, reading just
+their row ranges of the store. Slides are indices into `offsets` (slide k owns rows
+offsets[k]:offsets[k+1] of the store and of the index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import faiss
+import numpy as np
+
+from histosearch.search.patch_index import PatchIndex, faiss_threads
+from histosearch.search.similarity import l2_normalize, slide_similarities
+
+# Query slides with more patches than this are summarised by a mosaic of this many patches.
+MOSAIC_SIZE = 64
+# Nearest archive patches looked up per query (mosaic) patch.
+NEIGHBOURS = 512
+# The exact full scan reads the store in runs of about this many rows (whole slides), so a
+# float32 copy of only one run is held at a time.
+SCAN_ROWS = 1 << 20
+
+
+def default_candidates(k: int) -> int:
+    """Slides kept by stage 1 for a top-k search (measured in `histosearch bench scale`)."""
+    return max(64, 10 * k)
+
+
+def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
+    """A query slide's mosaic: k-means into `size` clusters of its normalised vectors; for each,
+    the patch nearest the centre and the number of patches it stands for. Returns (rows,
+    weights); a query of at most `size` patches is its own mosaic, weight 1 each."""
+    n = len(query)
+    if n <= size:
+        return np.arange(n), np.ones(n, np.float32)
+    vectors = l2_normalize(query)
+    kmeans = faiss.Kmeans(
+        vectors.shape[1], size, niter=20, seed=seed, spherical=True, min_points_per_centroid=1
+    )
+    with faiss_threads(1):  # a few hundred points: threads cost more than they save
+        kmeans.train(vectors)
+        _, cluster = kmeans.index.search(vectors, 1)
+    cluster = cluster[:, 0]
+    distance = 1 - np.einsum("ij,ij->i", vectors, kmeans.centroids[cluster])
+    order = np.lexsort((distance, cluster))  # by cluster, nearest to the centre first
+    _, first, counts = np.unique(cluster[order], return_index=True, return_counts=True)
+    return order[first], counts.astype(np.float32)
+
+
+def _allowed_rows(offsets: np.ndarray, skip: Iterable[int]) -> np.ndarray | None:
+    skip = list(skip)
+    if not skip:
+        return None
+    allowed = np.ones(int(offsets[-1]), bool)
+    for slide in skip:
+        allowed[offsets[slide] : offsets[slide + 1]] = False
+    return allowed
+
+
+def slide_votes(
+    index: PatchIndex,
+    offsets: np.ndarray,
+    query: np.ndarray,
+    skip: Iterable[int] = (),
+    neighbours: int = NEIGHBOURS,
+    mosaic_size: int = MOSAIC_SIZE,
+) -> np.ndarray:
+    """Stage 1's score of every slide (0 for slides no query patch reached)."""
+    offsets = np.asarray(offsets)
+    rows, weights = query_mosaic(query, mosaic_size)
+    sims, hits = index.search(query[rows], neighbours, _allowed_rows(offsets, skip))
+    valid = hits >= 0
+    patch = np.broadcast_to(np.arange(len(rows))[:, None], hits.shape)[valid]
+    slide = np.searchsorted(offsets, hits[valid], side="right") - 1
+    sims = sims[valid]
+    # each query patch votes once per slide, with its best similarity into that slide
+    order = np.lexsort((-sims, slide, patch))
+    pair = patch[order].astype(np.int64) * len(offsets) + slide[order]
+    first = np.concatenate([[True], pair[1:] != pair[:-1]])
+    chosen = order[first]
+    return np.bincount(
+        slide[chosen], weights=sims[chosen] * weights[patch[chosen]], minlength=len(offsets) - 1
+    )
+
+
+def shortlist_slides(
+    index: PatchIndex,
+    offsets: np.ndarray,
+    query: np.ndarray,
+    n_candidates: int,
+    skip: Iterable[int] = (),
+    neighbours: int = NEIGHBOURS,
+    mosaic_size: int = MOSAIC_SIZE,
+) -> np.ndarray:
+    """Stage 1: up to `n_candidates` slides (indices) with the most votes, most votes first;
+    slides in `skip` and slides without votes are never listed."""
+    votes = slide_votes(index, offsets, query, skip, neighbours, mosaic_size)
+    reached = np.flatnonzero(votes > 0)
+    best = reached[np.argsort(-votes[reached], kind="stable")]
+    return best[:n_candidates]
+
+
+def _exact_scan(
+    store: np.ndarray, offsets: np.ndarray, query: np.ndarray, slides: np.ndarray
+) -> np.ndarray:
+    """The WSI measure of the query against `slides` (ascending indices), reading only their
+    rows, a run of about SCAN_ROWS rows at a time."""
+    sims = np.empty(len(slides))
+    start = 0
+    while start < len(slides):
+        stop, rows = start, 0
+        while stop < len(slides) and (rows == 0 or rows < SCAN_ROWS):
+            rows += offsets[slides[stop] + 1] - offsets[slides[stop]]
+            stop += 1
+        run = slides[start:stop]
+        if np.all(np.diff(run) == 1):  # contiguous slides: one slice of the store
+            block = store[offsets[run[0]] : offsets[run[-1] + 1]]
+        else:
+            block = np.concatenate([store[offsets[s] : offsets[s + 1]] for s in run])
+        local = np.concatenate([[0], np.cumsum(offsets[run + 1] - offsets[run])])
+        sims[start:stop] = slide_similarities(query, block, local)
+        start = stop
+    return sims
+
+
+def rank_slides(
+    store: np.ndarray,
+    offsets: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    skip: Iterable[int] = (),
+    index: PatchIndex | None = None,
+    exact: bool = False,
+    n_candidates: int | None = None,
+    neighbours: int = NEIGHBOURS,
+    mosaic_size: int = MOSAIC_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k slides most similar to the query by the WSI measure, best first, as (slide
+    indices, similarities). `exact` (or no index) scans every slide; otherwise the measure is
+    computed on stage 1's shortlist only. `store` may be a float16 memory map: only the rows
+    of the slides compared are read."""
+    offsets = np.asarray(offsets, np.int64)
+    skip = set(skip)
+    n_slides = len(offsets) - 1
+    slides = None
+    if not exact and index is not None:
+        wanted = n_candidates or default_candidates(k)
+        shortlist = shortlist_slides(index, offsets, query, wanted, skip, neighbours, mosaic_size)
+        # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
+        if len(shortlist) >= min(k, n_slides - len(skip)):
+            slides = np.sort(shortlist)
+    if slides is None:
+        slides = np.setdiff1d(np.arange(n_slides), np.fromiter(skip, np.int64, len(skip)))
+    sims = _exact_scan(store, offsets, query, slides)
+    order = np.argsort(-sims, kind="stable")[:k]  # ties: the lower slide index first
+    return slides[order], sims[order]

@@ -1,0 +1,43 @@
+"""`bench scale` end to end on a small synthetic archive (figures are for the README, not
+asserted here: only what the run must produce)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from data_paths import DATA
+
+from histosearch.bench_scale import (
+    MAX_SLIDE,
+    MIN_SLIDE,
+    SCALE_KEYS,
+    bench_scale,
+    open_store,
+    plot_latency,
+    write_results,
+)
+
+
+def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
+    result = bench_scale(
+        30_000, 32, tmp_path, DATA, "color-histogram", queries=4, exact_queries=4, seed=3
+    )
+    offsets_sizes = result.patches / result.slides
+    assert result.patches == len(open_store(tmp_path / "store.f16", 32))
+    assert result.patches >= 30_000 and MIN_SLIDE <= offsets_sizes <= MAX_SLIDE
+    assert result.index == "IndexFlat" and result.exact_queries == 4
+    # the Flat index and 64 candidates of ~30 slides: the two-stage ranking is the exact one
+    assert result.top5_agreement == result.top1_agreement == 1.0
+    assert all(getattr(result, key) > 0 for key in SCALE_KEYS if key.endswith("_s"))
+    assert (tmp_path / "sources.npz").is_file() and (tmp_path / "index.faiss").is_file()
+    write_results([result], tmp_path / "r.json")
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert set(figures) - {"details"} == set(SCALE_KEYS)
+    assert figures["patches"] == result.patches and figures["details"]["queries"] == 4
+    plot_latency([tmp_path / "r.json", tmp_path / "r.json"], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    # the store holds float16 vectors around the real (PCA-projected) embeddings
+    store = open_store(tmp_path / "store.f16", 32)
+    assert store.dtype == np.float16 and np.isfinite(store[:1000].astype(np.float32)).all()

@@ -1,0 +1,162 @@
+"""The patch index and the two-stage slide search against the exact scan, on real embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_paths import LC, write_manifest
+from typer.testing import CliRunner
+
+from histosearch.archive.archive import Archive
+from histosearch.cli import app
+from histosearch.search.patch_index import PatchIndex, choose_factory
+from histosearch.search.similarity import l2_normalize, slide_similarities
+from histosearch.search.two_stage import query_mosaic, rank_slides, shortlist_slides
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[np.ndarray, np.ndarray, Archive]:
+    """48 LC25000 groups (8 patches each) embedded with the default encoder, reduced as the
+    archive searches them, in float16 as the store holds them."""
+    root = tmp_path_factory.mktemp("two-stage")
+    manifest = write_manifest(root / "lc.csv", LC, "group", 16)
+    result = runner.invoke(
+        app, ["index", str(manifest), "--archive", str(root / "a"), "--group-by", "group"]
+    )
+    assert result.exit_code == 0, result.output
+    archive = Archive(root / "a")
+    features, offsets, _ = archive.all_features()
+    reduced = archive.reduce(features, normalise=False).astype(np.float16)
+    yield reduced, offsets, archive
+    archive.close()
+
+
+def test_flat_index_matches_the_archive_index_and_survives_save_and_load(store, tmp_path: Path):
+    vectors, _, archive = store
+    index = PatchIndex.build(vectors)
+    assert choose_factory(len(vectors), vectors.shape[1]) == "Flat"
+    assert index.ntotal == len(vectors) and index.nprobe is None
+    reference, _ = archive.index()
+    queries = vectors[::7]
+    sims, rows = index.search(queries, 5)
+    ref_scores, ref_rows = reference.search(l2_normalize(queries), 5)
+    # the store is float16, the archive's index float32: same neighbours, cosines to 1e-3
+    assert (rows[:, 0] == ref_rows[:, 0]).mean() >= 0.95
+    assert np.allclose(sims[:, 0], np.clip(ref_scores[:, 0], 0, 1), atol=2e-3)
+    assert np.all((sims >= 0) & (sims <= 1)) and np.all(np.diff(sims, axis=1) <= 1e-6)
+    index.save(tmp_path / "p.faiss")
+    loaded = PatchIndex.load(tmp_path / "p.faiss")
+    assert loaded.metric == "cosine"
+    assert np.array_equal(loaded.search(queries, 5)[1], rows)
+
+
+def test_l2_similarity_is_one_over_one_plus_distance(store):
+    vectors, _, _ = store
+    index = PatchIndex.build(vectors, metric="l2")
+    sims, rows = index.search(vectors[:10], 3)
+    assert np.all(rows[:, 0] == np.arange(10)) and np.allclose(sims[:, 0], 1)
+    distance = np.linalg.norm(vectors[:10].astype(np.float32) - vectors[rows[:, 1]], axis=1)
+    assert np.allclose(sims[:, 1], 1 / (1 + distance), rtol=1e-4)
+
+
+def test_ivf_agrees_with_flat_on_the_nearest_patch(store):
+    vectors, _, _ = store
+    flat = PatchIndex.build(vectors, kind="Flat")
+    ivf = PatchIndex.build(vectors, kind="IVF8,Flat", nprobe=2)
+    queries = vectors[1::2]
+    # compared by similarity: patches whose reduced vectors tie may come back in any order
+    flat_sims = flat.search(queries, 2)[0][:, 1]  # [:, 0] is the query itself
+    ivf_sims = ivf.search(queries, 2)[0][:, 1]
+    # measured: 0.xx of the queries find the same nearest patch probing 2 of 8 lists
+    assert np.isclose(ivf_sims, flat_sims, atol=1e-6).mean() >= 0.85
+    ivf.nprobe = 8  # every list: exact
+    assert ivf.nprobe == 8
+    assert np.allclose(ivf.search(queries, 2)[0][:, 1], flat_sims, atol=1e-6)
+
+
+def test_added_rows_equal_a_build_of_everything(store):
+    vectors, offsets, _ = store
+    half = int(offsets[len(offsets) // 2])
+    grown = PatchIndex.build(vectors[:half])
+    grown.add(vectors[half:])
+    whole = PatchIndex.build(vectors)
+    assert grown.ntotal == whole.ntotal == len(vectors)
+    assert np.array_equal(grown.search(vectors, 4)[1], whole.search(vectors, 4)[1])
+    # an IVF index trained on the first half only takes the rest without retraining
+    ivf = PatchIndex.build(vectors[:half], kind="IVF4,Flat", nprobe=4)
+    ivf.add(vectors[half:])
+    assert np.allclose(ivf.search(vectors, 4)[0], whole.search(vectors, 4)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        grown.add(vectors[:, :10])
+
+
+def test_excluded_rows_never_come_back(store):
+    vectors, offsets, _ = store
+    index = PatchIndex.build(vectors, kind="IVF4,Flat", nprobe=4)
+    allowed = np.ones(len(vectors), bool)
+    allowed[offsets[0] : offsets[3]] = False
+    _, rows = index.search(vectors[: offsets[3]], 10, allowed)
+    assert np.all(rows >= offsets[3])
+
+
+def test_mosaic_stands_for_every_patch(store):
+    vectors, _, _ = store
+    rows, weights = query_mosaic(vectors[:200], 16)
+    assert len(rows) == len(weights) == 16 and weights.sum() == 200
+    assert len(set(rows.tolist())) == 16
+    assert np.array_equal(query_mosaic(vectors[:10], 16)[1], np.ones(10))
+
+
+@pytest.mark.parametrize("kind", ["Flat", "IVF8,Flat"])
+def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
+    vectors, offsets, _ = store
+    n_slides = len(offsets) - 1
+    index = PatchIndex.build(vectors, kind=kind, nprobe=4)
+    same_top5 = same_top1 = queries = 0
+    for q in range(n_slides):
+        query = vectors[offsets[q] : offsets[q + 1]].astype(np.float32)
+        # skip the query's own slide; every third query also skips the exact scan's top 2
+        skip = {q}
+        if q % 3 == 0:
+            first, _ = rank_slides(vectors, offsets, query, 2, skip, exact=True)
+            skip |= set(first.tolist())
+        exact, exact_sims = rank_slides(vectors, offsets, query, 5, skip, exact=True)
+        fast, fast_sims = rank_slides(
+            vectors, offsets, query, 5, skip, index, n_candidates=12, neighbours=16
+        )
+        shortlist = shortlist_slides(index, offsets, query, 12, skip, neighbours=16)
+        assert len(shortlist) == 12 and not skip & set(shortlist.tolist())
+        assert set(fast.tolist()) <= set(shortlist.tolist())
+        queries += 1
+        same_top5 += set(fast.tolist()) == set(exact.tolist())
+        same_top1 += fast[0] == exact[0]
+        # whatever is returned carries its exact similarity
+        for slide, sim in zip(fast, fast_sims, strict=True):
+            reference = vectors[offsets[slide] : offsets[slide + 1]]
+            single = slide_similarities(query, reference, [0, len(reference)])[0]
+            assert sim == pytest.approx(single, abs=1e-6)
+        assert np.all(np.diff(exact_sims) <= 0) and not skip & set(exact.tolist())
+    # measured: 48/48 top-1 and 45/48 top-5 (a shortlist of 12 of 48 slides)
+    assert same_top1 / queries >= 0.95
+    assert same_top5 / queries >= 0.85
+
+
+def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store):
+    vectors, offsets, _ = store
+    query = vectors[offsets[5] : offsets[6]].astype(np.float32)
+    full = slide_similarities(query, vectors, offsets)
+    slides, sims = rank_slides(vectors, offsets, query, 48, exact=True)
+    assert np.array_equal(slides, np.argsort(-full, kind="stable"))
+    assert np.allclose(sims, full[slides], atol=1e-6)
+    # two query patches with one neighbour each reach at most two slides: too few for a top 5,
+    # so every slide is scanned
+    index = PatchIndex.build(vectors)
+    pair = query[:2]
+    assert len(shortlist_slides(index, offsets, pair, 64, neighbours=1)) <= 2
+    fallback = rank_slides(vectors, offsets, pair, 5, index=index, neighbours=1)[0]
+    assert np.array_equal(fallback, rank_slides(vectors, offsets, pair, 5, exact=True)[0])
+    assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])
