@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from data_paths import LC
 
 from histosearch.server.bench import running_server
 
@@ -87,6 +88,17 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
             # mark it relevant
             results.first.get_by_text("relevant", exact=True).click()
             page.wait_for_selector("#slide-results li .feedback button.chosen", timeout=10_000)
+
+            # an uploaded patch: a gallery of patches with their slide and position
+            patch = next((LC / "images" / "lung_aca").glob("*.jpeg"))
+            page.set_input_files("#upload-file", str(patch))
+            page.click("#upload-form button")
+            page.wait_for_selector("#patch-results figure", timeout=120_000)
+            figures = page.locator("#patch-results figure")
+            assert figures.count() == 5 and page.locator("#slide-results li").count() == 0
+            caption = figures.first.inner_text()
+            assert "lung_" in caption and ".jpeg" in caption and "%" in caption
+            assert page.locator("#query-gallery img").count() == 1  # the uploaded image
             assert errors == []
         finally:
             browser.close()
