@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The two everyday jobs, each setting up .venv first when it is missing or stale:
+# The everyday jobs, each setting up .venv first when it is missing or stale:
 #   bash dev.sh demo   # the main job on real data from ../shared/data
 #   bash dev.sh test   # lint and the test suite (extra arguments go to pytest)
+#   bash dev.sh serve  # the search service and viewer on the demo archive (built if missing)
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
@@ -10,6 +11,16 @@ if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; the
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -e ".[dev,ray]"
   touch "$venv/.installed"
+fi
+# The serve page's npm packages (OpenSeadragon, Swagger UI), pinned by the lock file, never
+# committed; without npm only `serve` (and its tests) lack them.
+web=src/histosearch/server/static
+if [ ! -f "$web/node_modules/.package-lock.json" ] || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
+  if command -v npm > /dev/null; then
+    (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+  else
+    echo "dev.sh: npm not found; the serve page's packages are not installed" >&2
+  fi
 fi
 job="${1:-}"
 shift || true
@@ -22,8 +33,14 @@ case "$job" in
     "$venv/bin/ruff" format --check src tests
     exec "$venv/bin/python" -m pytest "$@"
     ;;
+  serve)
+    if [ ! -f demo-output/archive/catalog.sqlite ]; then
+      "$venv/bin/histosearch" demo
+    fi
+    exec "$venv/bin/histosearch" serve --archive demo-output/archive "$@"
+    ;;
   *)
-    echo "usage: bash dev.sh demo|test [args]" >&2
+    echo "usage: bash dev.sh demo|test|serve [args]" >&2
     exit 2
     ;;
 esac

@@ -40,3 +40,27 @@ def ome_tiff(tmp_path_factory: pytest.TempPathFactory, cmu_pixels: np.ndarray) -
             )
             tiff.write(level, subfiletype=1, **options)
     return path
+
+
+# -- histosearch serve (tests/test_server.py, tests/test_browser.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def served_archive(tmp_path_factory: pytest.TempPathFactory, ome_tiff: Path) -> Path:
+    """A small real archive: 2 LC25000 source tiles per class (patch groups), the CMU-1 SVS
+    (OpenSlide) and the same pixels as an OME-TIFF (tiffslide), at 5x."""
+    from data_paths import LC, write_manifest
+
+    from histosearch import Archive, ArchiveSettings
+
+    root = tmp_path_factory.mktemp("served")
+    manifest = write_manifest(root / "lc25000.csv", LC, "group", per_class=2)
+    archive = Archive.create(
+        root / "archive",
+        ArchiveSettings(encoder="efficientnet-lite0-imagenet", magnification=5.0, tile_size=224),
+    )
+    try:
+        archive.add([manifest, CMU, ome_tiff], group_by="group")
+    finally:
+        archive.close()
+    return root / "archive"

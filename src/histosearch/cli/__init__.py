@@ -17,6 +17,7 @@ from histosearch.cli.bench import (
 )
 from histosearch.cli.common import error_console
 from histosearch.cli.evaluation import eval_command
+from histosearch.cli.serve import bench_serve_command, feedback, serve
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
 from histosearch.errors import HistosearchError
@@ -31,6 +32,8 @@ for command in (tile, index, search, check, reindex):
 app.command("eval")(eval_command)
 for command in (train, verify, explain, demo):
     app.command()(command)
+app.command()(serve)
+app.command()(feedback)
 
 bench_app = typer.Typer(help="Benchmarks whose figures the README reports.", no_args_is_help=True)
 bench_app.command("tiling")(bench_tiling_command)
@@ -41,6 +44,7 @@ bench_app.command("resume")(bench_resume_command)
 bench_app.command("api")(bench_api_command)
 bench_app.command("scale")(bench_scale_command)
 bench_app.command("scale-plot")(bench_scale_plot_command)
+bench_app.command("serve")(bench_serve_command)
 app.add_typer(bench_app, name="bench")
 
 

@@ -1,0 +1,130 @@
+"""`histosearch serve` (the search service and its page) and `feedback` (export the marks)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histosearch.cli.common import SHARED_DATA, console, error_console
+
+
+def is_local_host(host: str) -> bool:
+    """Whether binding `host` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; any non-loopback one needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="HISTOSEARCH_TOKEN",
+            help="Bearer token every /api and /slides request must carry.",
+        ),
+    ] = None,
+    max_upload_mb: Annotated[
+        int, typer.Option("--max-upload-mb", min=1, help="Largest upload accepted.")
+    ] = 512,
+) -> None:
+    """Serve the archive: the search API (docs at /docs) and the viewer page at /."""
+    if not is_local_host(host) and not token:
+        error_console.print(
+            f"[red]error:[/red] refusing to listen on {host} without --token: anyone who can "
+            "reach this machine could read every slide; give --token (or HISTOSEARCH_TOKEN), "
+            "or bind 127.0.0.1",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    import uvicorn
+
+    from histosearch.server.app import OPENSEADRAGON, create_app
+
+    app = create_app(archive_dir, token=token, max_upload_mb=max_upload_mb)
+    if not (OPENSEADRAGON / "openseadragon.min.js").is_file():
+        error_console.print(
+            "[yellow]warning:[/yellow] the page's viewer (OpenSeadragon) is not installed: "
+            "run `bash dev.sh` or `npm ci` in src/histosearch/server/static; the API works",
+            highlight=False,
+            soft_wrap=True,
+        )
+    shown = f"[{host}]" if ":" in host else host
+    console.print(
+        f"histosearch: serving {archive_dir} at http://{shown}:{port}/ (API docs at /docs)",
+        highlight=False,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def feedback(
+    archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+    csv_path: Annotated[Path, typer.Option("--csv", help="The CSV file to write.")],
+) -> None:
+    """Export the relevance marks given in the viewer as a CSV (ground truth for evaluation)."""
+    from histosearch import Archive
+    from histosearch.server.feedback import FeedbackStore, export_csv
+
+    with Archive.open(archive_dir) as archive:
+        names = {r.id: (r.name, r.label) for r in archive.slides()}
+    store = FeedbackStore(archive_dir)
+    try:
+        count = export_csv(store, csv_path, names)
+    finally:
+        store.close()
+    console.print(f"{count} marks written to {csv_path}", highlight=False)
+
+
+def bench_serve_command(
+    archive_dir: Annotated[
+        Path, typer.Option("--archive", help="The archive to serve (default: the demo's).")
+    ] = Path("demo-output/archive"),
+    patch: Annotated[
+        Path | None,
+        typer.Option("--patch", help="Patch image to query with (default: an LC25000 patch)."),
+    ] = None,
+    slide: Annotated[
+        int | None,
+        typer.Option("--slide", help="Catalog id of the slide query and tiles (default: first)."),
+    ] = None,
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Queries per figure.")] = 40,
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+) -> None:
+    """p50/p95 latency of patch and slide queries (1 and 8 clients) and deep-zoom tiles/s."""
+    import os
+
+    from rich.table import Table
+
+    from histosearch.inputs import read_manifest_rows
+    from histosearch.server.bench import bench_serve
+
+    if patch is None:
+        lc = data / "lc25000-lung-dev"
+        rows, _, _ = read_manifest_rows(lc / "manifest.csv")
+        patch = lc / rows[0]["path"]
+    results = bench_serve(archive_dir, patch, slide, queries)
+    table = Table(title=f"histosearch serve on {archive_dir} ({os.cpu_count()} CPU cores)")
+    for column in ("request", "clients", "requests", "p50 ms", "p95 ms", "per second"):
+        table.add_column(column, justify="left" if column == "request" else "right")
+    for row in results:
+        table.add_row(
+            row.name,
+            str(row.clients),
+            str(row.requests),
+            f"{row.p50_ms:.1f}",
+            f"{row.p95_ms:.1f}",
+            f"{row.per_s:.1f}",
+        )
+    console.print(table)

@@ -1,0 +1,1 @@
+"""The search service and web viewer behind `histosearch serve`."""

@@ -1,0 +1,499 @@
+"""`histosearch serve`: the search service and its web page, over `Archive` and `Searcher`.
+
+The archive's catalog is read once at start-up and its `Searcher` loaded once; requests share
+them (the searcher is thread-safe), plus a cache of open slides for the deep-zoom tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from histosearch.archive.archive import Archive
+from histosearch.archive.catalog import ArchiveError, SlideRecord
+from histosearch.errors import HistosearchError
+from histosearch.search.result import SearchResult, SlideMatch
+from histosearch.search.searcher import Searcher
+from histosearch.server.feedback import FeedbackStore, Mark
+from histosearch.server.models import (
+    ERRORS,
+    FeedbackIn,
+    FeedbackOut,
+    Health,
+    Heatmap,
+    HeatTile,
+    SearchOptions,
+    SearchResponse,
+    SlideInfo,
+    SlidePage,
+    SlideQuery,
+)
+from histosearch.server.tiles import (
+    CachedSlide,
+    SlideCache,
+    TileNotFound,
+    encode_jpeg,
+    thumbnail_jpeg,
+)
+from histosearch.server.uploads import UploadRejected, receive_upload
+from histosearch.slide import magnification_from_mpp
+
+log = logging.getLogger("histosearch.server")
+STATIC = Path(__file__).parent / "static"
+OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadragon"
+# The API docs' Swagger UI from npm too: the server may have no internet, and neither may
+# the browser.
+SWAGGER = "/static/node_modules/swagger-ui-dist"
+THUMBNAIL_SIZE = 256
+MAX_JSON_BYTES = 1 << 20
+KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
+KEPT_THUMBNAILS = 2048
+
+
+class Recent:
+    """A thread-safe mapping that keeps only its `capacity` most recently stored items."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class ServerState:
+    """What every request shares."""
+
+    archive: Archive
+    searcher: Searcher
+    slides: SlideCache
+    feedback: FeedbackStore
+    token: str | None
+    max_upload_bytes: int
+
+    def __post_init__(self) -> None:
+        self.results = Recent(KEPT_QUERIES)  # query id -> {slide id: SlideMatch}
+        self.thumbnails = Recent(KEPT_THUMBNAILS)  # slide id -> JPEG bytes
+        self._viewable: dict[int, bool] = {}
+
+    def record(self, slide_id: int) -> SlideRecord:
+        """The catalog row of `slide_id` (slides indexed while serving included), else 404."""
+        try:
+            return self.archive.get(slide_id)
+        except ArchiveError:
+            raise HTTPException(404, f"no slide with id {slide_id} in the archive") from None
+
+    def viewable(self, record: SlideRecord) -> bool:
+        """Whether the record is a slide file (deep zoom), not a group of patches."""
+        if record.id not in self._viewable:
+            self._viewable[record.id] = Path(record.path).is_file()
+        return self._viewable[record.id]
+
+    def keep(self, result: SearchResult) -> str:
+        """Remember a search result for its heat maps; returns its query id."""
+        query_id = uuid.uuid4().hex
+        matches = {match.record.id: match for match in result.slides}
+        self.results.put(query_id, matches)
+        return query_id
+
+    def match(self, query_id: str, slide_id: int) -> SlideMatch:
+        matches = self.results.get(query_id)
+        if matches is None:
+            raise HTTPException(404, f"no recent query {query_id} (only the last 64 are kept)")
+        match = matches.get(slide_id)
+        if match is None:
+            raise HTTPException(404, f"slide {slide_id} is not a slide result of query {query_id}")
+        return match
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+bearer = HTTPBearer(auto_error=False, description="Needed when the server was given --token.")
+
+
+def check_token(
+    state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """Every /api and /slides request carries the server's token, when it has one."""
+    if state.token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), state.token.encode()):
+        raise HTTPException(
+            401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> SlideRecord:
+    return state.record(slide_id)
+
+
+Record = Annotated[SlideRecord, Depends(slide_record)]
+api = APIRouter(prefix="/api", dependencies=[Depends(check_token)], responses=ERRORS)
+slides_router = APIRouter(prefix="/slides", dependencies=[Depends(check_token)], responses=ERRORS)
+JPEG = {200: {"content": {"image/jpeg": {}}, "description": "A JPEG image"}}
+
+
+@api.get("/health", response_model=Health)
+def health(state: State) -> Health:
+    """The archive served and how it was built."""
+    settings = state.archive.settings
+    records = state.archive.slides()
+    return Health(
+        status="ok",
+        slides=len(records),
+        patches=sum(r.n_patches for r in records),
+        encoder=settings["encoder"],
+        magnification=float(settings["magnification"]),
+        tile_size=int(settings["tile_size"]),
+        auth=state.token is not None,
+        viewer=(OPENSEADRAGON / "openseadragon.min.js").is_file(),
+    )
+
+
+@api.get("/slides", response_model=SlidePage)
+def list_slides(
+    state: State,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SlidePage:
+    """The catalog, a page at a time, in id order."""
+    records = state.archive.slides()
+    return SlidePage(
+        total=len(records),
+        offset=offset,
+        limit=limit,
+        slides=[
+            SlideInfo(
+                id=r.id,
+                name=r.name,
+                label=r.label,
+                patient=r.patient,
+                group=r.group,
+                patches=r.n_patches,
+                magnification=round(magnification_from_mpp(r.mpp), 2) if r.mpp else None,
+                viewable=state.viewable(r),
+            )
+            for r in records[offset : offset + limit]
+        ],
+    )
+
+
+@api.get("/slides/{slide_id}/thumbnail", response_class=Response, responses=JPEG)
+def thumbnail(state: State, record: Record) -> Response:
+    """A small JPEG of the slide (of its first patch, for a group of patches)."""
+    data = state.thumbnails.get(record.id)
+    if data is None:
+        if state.viewable(record):
+            with _open(state, record) as entry:
+                pixels = entry.slide.thumbnail(THUMBNAIL_SIZE)
+        else:
+            pixels = state.archive.patch_image(record, 0)
+        data = thumbnail_jpeg(pixels, THUMBNAIL_SIZE)
+        state.thumbnails.put(record.id, data)
+    return _jpeg(data)
+
+
+@api.get("/slides/{slide_id}/patches/{row}.jpeg", response_class=Response, responses=JPEG)
+def patch_image(state: State, record: Record, row: Annotated[int, PathParam(ge=0)]) -> Response:
+    """One archived patch: its image file, or its tile cut from the slide."""
+    if row >= record.n_patches:
+        raise HTTPException(404, f"slide {record.id} has {record.n_patches} patches, no row {row}")
+    return _jpeg(encode_jpeg(state.archive.patch_image(record, row)))
+
+
+@slides_router.get("/{slide_id}.dzi", response_class=Response)
+def dzi(state: State, record: Record) -> Response:
+    """The Deep Zoom descriptor of a viewable slide."""
+    with _open(state, record) as entry:
+        return Response(entry.deep_zoom.dzi(), media_type="application/xml")
+
+
+@slides_router.get(
+    "/{slide_id}_files/{level}/{col}_{row}.jpeg", response_class=Response, responses=JPEG
+)
+def dzi_tile(
+    state: State,
+    record: Record,
+    level: Annotated[int, PathParam(ge=0)],
+    col: Annotated[int, PathParam(ge=0)],
+    row: Annotated[int, PathParam(ge=0)],
+) -> Response:
+    """One deep-zoom tile."""
+    with _open(state, record) as entry:
+        try:
+            data = entry.deep_zoom.tile(level, col, row)
+        except TileNotFound as error:
+            raise HTTPException(404, str(error)) from None
+    return _jpeg(data, max_age=3600)
+
+
+@api.post(
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": SlideQuery.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "k": {"type": "integer", "default": 5},
+                            "mode": {"type": "string", "enum": ["auto", "slides", "patches"]},
+                            "exclude": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
+async def search(request: Request, state: State) -> dict[str, Any]:
+    """Search the archive with an archived slide (or a region of it, as JSON) or an uploaded
+    patch image or slide file (multipart `file`)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        async with receive_upload(request, state.max_upload_bytes) as upload:
+            fields = {
+                key: values if key == "exclude" else values[-1]
+                for key, values in upload.fields.items()
+            }
+            options = _validated(SearchOptions, fields)
+            result = await run_in_threadpool(
+                _run_search, state, str(upload.path), options, None, upload.filename
+            )
+            body = _response(state, result)
+            body["query"]["name"] = upload.filename  # not the temporary file it was saved as
+    elif content_type.startswith("application/json"):
+        body = await _json_body(request)
+        query = _validated(SlideQuery, body)
+        record = state.record(query.slide)
+        result = await run_in_threadpool(
+            _run_search, state, record.id, query, query.region, record.name
+        )
+        body = _response(state, result)
+    else:
+        raise HTTPException(
+            415, "send JSON (an archived slide) or multipart/form-data with a `file`"
+        )
+    return {"query_id": state.keep(result), **body}
+
+
+@api.get("/queries/{query_id}/heatmap/{slide_id}", response_model=Heatmap)
+def heatmap(state: State, query_id: str, record: Record) -> Heatmap:
+    """Every tile of a slide result with its best cosine to the query's tiles."""
+    match = state.match(query_id, record.id)
+    cells = match.heatmap()
+    return Heatmap(
+        query_id=query_id,
+        slide=record.id,
+        tile_size=cells[0][0].size if cells else None,
+        tiles=[HeatTile(x=t.x, y=t.y, cosine=round(float(c), 4)) for t, c in cells],
+    )
+
+
+@api.post("/feedback", response_model=FeedbackOut, status_code=201)
+def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
+    """Mark a result relevant or not (kept in the archive's catalog)."""
+    state.record(mark.result_slide)
+    if mark.query_slide is not None:
+        state.record(mark.query_slide)
+    return FeedbackOut(id=state.feedback.add(Mark(**mark.model_dump())))
+
+
+def _response(state: ServerState, result: SearchResult) -> dict[str, Any]:
+    """`result.to_dict()` with what the page needs added and server file paths left out."""
+    body = result.to_dict()
+    hits = result.slides if result.mode == "slides" else result.patches
+    for row, hit in zip(body["results"], hits, strict=True):
+        row["viewable"] = state.viewable(hit.record)
+        row.pop("path", None)
+        for match, tile_match in zip(
+            row.get("matches", ()), getattr(hit, "matches", ()), strict=True
+        ):
+            match["row"] = tile_match.reference_row
+    return body
+
+
+def _run_search(
+    state: ServerState,
+    query: int | str,
+    options: SearchOptions,
+    region: tuple[int, int, int, int] | None,
+    name: str,
+) -> SearchResult:
+    exclude = options.exclude
+    if exclude is None:
+        exclude = ["slide"] if isinstance(query, int) else []
+    try:
+        return state.searcher.search(
+            query, k=options.k, exclude=tuple(exclude), mode=options.mode, region=region
+        )
+    except HistosearchError as error:
+        # The temporary upload path means nothing to the client: name the upload instead.
+        reason = error.reason if error.path is None else f"{name}: {error.reason}"
+        raise HTTPException(400, reason) from None
+
+
+def _validated(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors()]
+        ) from None
+
+
+async def _json_body(request: Request) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_JSON_BYTES:
+            raise HTTPException(413, "a JSON query is at most 1 MB")
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise HTTPException(400, f"malformed JSON: {error}") from None
+
+
+def _open(state: ServerState, record: SlideRecord) -> AbstractContextManager[CachedSlide]:
+    if not state.viewable(record):
+        raise HTTPException(
+            404, f"slide {record.id} ({record.name}) is a group of patches, not a viewable slide"
+        )
+    return state.slides.use(record.id, record.path, record.mpp)
+
+
+def _jpeg(data: bytes, max_age: int = 0) -> Response:
+    headers = {"Cache-Control": f"private, max-age={max_age}"} if max_age else None
+    return Response(data, media_type="image/jpeg", headers=headers)
+
+
+def _validation_detail(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        loc = tuple(item.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]  # where the value came from, not which value
+        where = ".".join(str(p) for p in loc)
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(error)}, status_code=422)
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, error: UploadRejected) -> JSONResponse:
+        return JSONResponse({"detail": error.reason}, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+        return JSONResponse(
+            {"detail": detail}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(HistosearchError)
+    async def bad_input(_: Request, error: HistosearchError) -> JSONResponse:
+        return JSONResponse({"detail": error.reason}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": f"internal error ({type(error).__name__}); the server log has the details"},
+            status_code=500,
+        )
+
+
+def create_app(
+    archive_dir: str | Path, token: str | None = None, max_upload_mb: int = 512
+) -> FastAPI:
+    """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
+    loaded now, so that a bad archive fails here and not on the first request."""
+    archive = Archive.open(archive_dir)
+    state = ServerState(
+        archive=archive,
+        searcher=Searcher(archive),
+        slides=SlideCache(),
+        feedback=FeedbackStore(archive_dir),
+        token=token or None,
+        max_upload_bytes=max_upload_mb * 2**20,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.slides.close()
+        state.feedback.close()
+        archive.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        title="histosearch",
+        summary="Content-based similarity search over a histopathology archive",
+        version="0.1.0",
+    )
+    app.state.server = state
+    _install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(slides_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="histosearch API",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+        )
+
+    return app

@@ -1,0 +1,174 @@
+"""The service's request and response bodies (they are its OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["auto", "slides", "patches"]
+Exclusion = Literal["slide", "patient", "group"]
+Region = Annotated[
+    tuple[
+        Annotated[int, Field(ge=0)],
+        Annotated[int, Field(ge=0)],
+        Annotated[int, Field(gt=0)],
+        Annotated[int, Field(gt=0)],
+    ],
+    Field(description="Level-0 box [x, y, width, height] of the query slide."),
+]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    slides: int
+    patches: int
+    encoder: str
+    magnification: float = Field(description="Magnification the archive's tiles were cut at.")
+    tile_size: int
+    auth: bool = Field(description="Whether requests need a bearer token.")
+    viewer: bool = Field(description="Whether the OpenSeadragon viewer is installed.")
+
+
+class SlideInfo(BaseModel):
+    id: int
+    name: str
+    label: str | None
+    patient: str | None
+    group: str | None
+    patches: int
+    magnification: float | None = Field(description="Scan magnification (from microns/pixel).")
+    viewable: bool = Field(description="Whether the slide file can be shown (deep zoom).")
+
+
+class SlidePage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    slides: list[SlideInfo]
+
+
+class SearchOptions(BaseModel):
+    """What every query may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(5, ge=1, le=100, description="How many results.")
+    mode: Mode = "auto"
+    exclude: list[Exclusion] | None = Field(
+        None, description="Skip the query's own slide, patient or group (default: its slide)."
+    )
+
+
+class SlideQuery(SearchOptions):
+    """A search for an archived slide, or a region of it."""
+
+    slide: int = Field(description="Catalog id of the query slide.")
+    region: Region | None = None
+
+
+class TileBox(BaseModel):
+    x: int
+    y: int
+    size: float | None = Field(
+        description="Side of the square tile in level-0 pixels (None: a patch image, whole)."
+    )
+
+
+class TileMatchOut(BaseModel):
+    query: TileBox
+    match: TileBox
+    row: int = Field(description="Row of the matched patch in its slide (for its image).")
+    cosine: float
+
+
+class ResultRow(BaseModel):
+    """One ranked slide (mode "slides") or patch (mode "patches")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rank: int
+    slide_id: int
+    slide: str = Field(description="The slide's name.")
+    label: str | None
+    patient: str | None
+    group: str | None
+    viewable: bool = Field(description="Whether the slide can be shown (deep zoom).")
+    similarity: float
+    percentile: float | None
+    patches: int | None = Field(None, description="Slides: how many patches the slide has.")
+    matches: list[TileMatchOut] | None = Field(
+        None, description="Slides: for every query tile, its best tile in this slide."
+    )
+    patch: str | None = Field(None, description="Patches: file name or position.")
+    row: int | None = Field(None, description="Patches: row in its slide (for its image).")
+    tile: TileBox | None = None
+
+
+class QueryOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    slide_id: int | None
+    label: str | None
+    patches: int = Field(description="How many tiles of the query were searched with.")
+    region: Region | None
+
+
+class SearchResponse(BaseModel):
+    """`SearchResult.to_dict()` (as the CLI's --json prints it) with `query_id` (for the heat
+    maps), each result's `viewable` and each match's `row`; server file paths left out."""
+
+    query_id: str
+    query: QueryOut
+    mode: Literal["slides", "patches"]
+    results: list[ResultRow]
+
+
+class HeatTile(BaseModel):
+    x: int
+    y: int
+    cosine: float
+
+
+class Heatmap(BaseModel):
+    """Every tile of a result slide with its best cosine to any query tile."""
+
+    query_id: str
+    slide: int
+    tile_size: float | None
+    tiles: list[HeatTile]
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query_id: str | None = None
+    query_slide: int | None = None
+    query_name: str = Field(min_length=1, max_length=500)
+    region: Region | None = None
+    mode: Literal["slides", "patches"]
+    result_slide: int
+    result_row: int | None = Field(None, ge=0)
+    similarity: float | None = None
+    relevant: bool
+
+
+class FeedbackOut(BaseModel):
+    id: int
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "Malformed request or unreadable upload",
+        401: "Missing or wrong bearer token",
+        404: "Unknown slide, tile or query",
+        413: "Upload too large (bytes or pixels)",
+        415: "Upload is not an image or slide file",
+    }.items()
+}

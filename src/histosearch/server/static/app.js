@@ -1,0 +1,580 @@
+// The histosearch page: slide list, OpenSeadragon viewers, region search, results, heat map.
+"use strict";
+
+const OSD_IMAGES = "/static/node_modules/openseadragon/build/openseadragon/images/";
+const MATCH_COLOURS = ["#ff1744", "#00e676", "#2979ff", "#ffea00", "#d500f9", "#ff9100",
+  "#00e5ff", "#76ff03", "#f50057", "#651fff", "#1de9b6", "#ffc400"];
+const SHOWN_MATCHES = MATCH_COLOURS.length;
+// Heat map colours (low to high cosine), interpolated.
+const HEAT_STOPS = [[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]];
+
+const state = {
+  token: sessionStorage.getItem("histosearch-token") || "",
+  slides: [],
+  current: null,       // the slide shown in the query viewer
+  upload: null,        // {name, url} of an uploaded query
+  response: null,      // the last search response
+  selected: null,      // the slide result shown beside the query
+  heatmap: null,       // the heat map overlay element
+  drawing: false,
+  tilesLoaded: { query: 0, result: 0 },
+};
+window.histosearch = state;  // for the browser test and the curious
+
+const $ = (id) => document.getElementById(id);
+
+function setStatus(text, error = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", error);
+}
+
+function authHeaders() {
+  return state.token ? { Authorization: `Bearer ${state.token}` } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { ...authHeaders(), ...(options.headers || {}) },
+  });
+  if (response.status === 401) {
+    $("token-form").hidden = false;
+  }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      detail = (await response.json()).detail || detail;
+    } catch (_) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+// <img> cannot send a bearer token: with one, images are fetched and shown from blobs.
+async function setImage(img, path) {
+  if (!state.token) {
+    img.src = path;
+    return;
+  }
+  try {
+    const blob = await (await api(path)).blob();
+    img.src = URL.createObjectURL(blob);
+  } catch (error) {
+    img.alt = error.message;
+  }
+}
+
+function image(path, alt) {
+  const img = document.createElement("img");
+  img.alt = alt;
+  img.loading = "lazy";
+  setImage(img, path);
+  return img;
+}
+
+function makeViewer(id, key) {
+  const viewer = OpenSeadragon({
+    id,
+    prefixUrl: OSD_IMAGES,
+    drawer: "canvas",
+    showNavigator: true,
+    navigatorPosition: "BOTTOM_RIGHT",
+    loadTilesWithAjax: Boolean(state.token),
+    ajaxHeaders: authHeaders(),
+    gestureSettingsMouse: { clickToZoom: false, flickEnabled: false },
+    maxZoomPixelRatio: 2,
+    animationTime: 0.4,
+  });
+  viewer.addHandler("tile-loaded", () => { state.tilesLoaded[key] += 1; });
+  return viewer;
+}
+
+let queryViewer = null;
+let resultViewer = null;
+
+// ---- slides -------------------------------------------------------------------------------
+
+async function loadArchive() {
+  try {
+    const health = await (await api("/api/health")).json();
+    $("archive-info").textContent =
+      `${health.slides} slides, ${health.patches} patches · ${health.encoder} at ` +
+      `${health.magnification}x, ${health.tile_size} px tiles`;
+    if (!health.viewer) {
+      setStatus("OpenSeadragon is not installed: run `bash dev.sh` (npm ci) and reload", true);
+    }
+  } catch (error) {
+    $("archive-info").textContent = error.message;
+    return;
+  }
+  state.slides = [];
+  for (let offset = 0; ; offset += 500) {
+    const page = await (await api(`/api/slides?offset=${offset}&limit=500`)).json();
+    state.slides.push(...page.slides);
+    if (state.slides.length >= page.total || page.slides.length === 0) break;
+  }
+  renderSlideList();
+  const first = state.slides.find((s) => s.viewable) || state.slides[0];
+  if (first) selectSlide(first);
+}
+
+function renderSlideList() {
+  const list = $("slide-list");
+  list.replaceChildren();
+  for (const slide of state.slides) {
+    const item = document.createElement("li");
+    item.dataset.slide = slide.id;
+    const text = document.createElement("div");
+    const kind = slide.viewable ? "slide" : "patches";
+    text.innerHTML = `<div class="name"></div><div class="meta"></div>`;
+    text.querySelector(".name").textContent = slide.name;
+    text.querySelector(".meta").textContent =
+      `${slide.label || "no label"} · ${slide.patches} patches `;
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = kind;
+    text.querySelector(".meta").append(badge);
+    item.append(image(`/api/slides/${slide.id}/thumbnail`, slide.name), text);
+    item.addEventListener("click", () => selectSlide(slide));
+    list.append(item);
+  }
+}
+
+function selectSlide(slide) {
+  state.current = slide;
+  state.upload = null;
+  for (const item of $("slide-list").children) {
+    item.classList.toggle("active", Number(item.dataset.slide) === slide.id);
+  }
+  $("query-title").textContent = `${slide.name} (${slide.label || "no label"})`;
+  $("btn-whole").disabled = false;
+  $("btn-draw").disabled = !slide.viewable;
+  closeResult();
+  showQuerySlide(slide);
+}
+
+function showQuerySlide(slide) {
+  const gallery = $("query-gallery");
+  if (slide.viewable) {
+    gallery.hidden = true;
+    $("viewer-query").hidden = false;
+    queryViewer.clearOverlays();
+    state.tilesLoaded.query = 0;
+    queryViewer.open(`/slides/${slide.id}.dzi`);
+  } else {
+    $("viewer-query").hidden = true;
+    gallery.hidden = false;
+    const rows = [...Array(Math.min(slide.patches, 24)).keys()];
+    gallery.replaceChildren(...rows.map((row) =>
+      figure(`/api/slides/${slide.id}/patches/${row}.jpeg`, `patch ${row + 1}`)));
+  }
+}
+
+function figure(path, caption) {
+  const fig = document.createElement("figure");
+  const text = document.createElement("figcaption");
+  text.textContent = caption;
+  fig.append(image(path, caption), text);
+  return fig;
+}
+
+// ---- drawing a region ---------------------------------------------------------------------
+
+let regionStart = null;
+let regionBox = null;
+
+function setDrawing(on) {
+  state.drawing = on;
+  $("btn-draw").setAttribute("aria-pressed", String(on));
+  setStatus(on ? "drag a rectangle on the slide" : "");
+}
+
+function installRegionDrawing(viewer) {
+  viewer.addHandler("canvas-press", (event) => {
+    if (!state.drawing) return;
+    regionStart = viewer.viewport.pointFromPixel(event.position);
+    viewer.clearOverlays();
+    regionBox = document.createElement("div");
+    regionBox.className = "region-box";
+    viewer.addOverlay(regionBox, new OpenSeadragon.Rect(regionStart.x, regionStart.y, 0, 0));
+  });
+  viewer.addHandler("canvas-drag", (event) => {
+    if (!state.drawing || !regionStart) return;
+    event.preventDefaultAction = true;  // draw, do not pan
+    viewer.updateOverlay(regionBox, rectBetween(regionStart,
+      viewer.viewport.pointFromPixel(event.position)));
+  });
+  viewer.addHandler("canvas-release", (event) => {
+    if (!state.drawing || !regionStart) return;
+    const rect = rectBetween(regionStart, viewer.viewport.pointFromPixel(event.position));
+    regionStart = null;
+    setDrawing(false);
+    const box = viewer.world.getItemAt(0).viewportToImageRectangle(rect);
+    const [width, height] = [state.current.width, state.current.height];
+    const x = Math.max(0, Math.round(box.x));
+    const y = Math.max(0, Math.round(box.y));
+    const w = Math.round(Math.min(box.x + box.width, width) - x);
+    const h = Math.round(Math.min(box.y + box.height, height) - y);
+    if (w < 2 || h < 2) {
+      setStatus("the rectangle is empty: drag over the slide", true);
+      return;
+    }
+    searchSlide([x, y, w, h]);
+  });
+}
+
+function rectBetween(a, b) {
+  return new OpenSeadragon.Rect(Math.min(a.x, b.x), Math.min(a.y, b.y),
+    Math.abs(a.x - b.x), Math.abs(a.y - b.y));
+}
+
+// ---- searching ----------------------------------------------------------------------------
+
+function options() {
+  const exclude = [...document.querySelectorAll("input[name=exclude]:checked")]
+    .map((box) => box.value);
+  return { k: Number($("opt-k").value) || 5, mode: $("opt-mode").value, exclude };
+}
+
+async function searchSlide(region = null) {
+  const body = { slide: state.current.id, ...options() };
+  if (region) body.region = region;
+  await runSearch(() => api("/api/search", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  }));
+}
+
+async function searchUpload(file) {
+  const form = new FormData();
+  form.append("file", file);
+  const { k, mode, exclude } = options();
+  form.append("k", k);
+  form.append("mode", mode);
+  for (const value of exclude.filter((e) => e !== "slide")) form.append("exclude", value);
+  state.current = null;
+  state.upload = { name: file.name, url: URL.createObjectURL(file) };
+  for (const item of $("slide-list").children) item.classList.remove("active");
+  $("query-title").textContent = `upload: ${file.name}`;
+  $("btn-draw").disabled = true;
+  $("btn-whole").disabled = true;
+  closeResult();
+  $("viewer-query").hidden = true;
+  const gallery = $("query-gallery");
+  gallery.hidden = false;
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = state.upload.url;
+  img.alt = file.name;
+  fig.append(img, file.name);
+  gallery.replaceChildren(fig);
+  await runSearch(() => api("/api/search", { method: "POST", body: form }));
+}
+
+async function runSearch(request) {
+  setStatus("searching…");
+  const started = performance.now();
+  try {
+    state.response = await (await request()).json();
+  } catch (error) {
+    setStatus(error.message, true);
+    return;
+  }
+  const { query, mode, results } = state.response;
+  setStatus(`${results.length} ${mode} in ${Math.round(performance.now() - started)} ms` +
+    ` · query of ${query.patches} patch${query.patches === 1 ? "" : "es"}`);
+  renderResults();
+}
+
+function percent(value) {
+  return `${(100 * value).toFixed(1)}%`;
+}
+
+function rounded(value, digits) {
+  return value === null ? "–" : value.toFixed(digits);
+}
+
+function feedbackButtons(hit, row) {
+  const box = document.createElement("div");
+  box.className = "feedback";
+  for (const [text, relevant] of [["relevant", true], ["not relevant", false]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = text;
+    button.dataset.relevant = String(relevant);
+    button.addEventListener("click", async (event) => {
+      event.stopPropagation();
+      const query = state.response.query;
+      try {
+        await api("/api/feedback", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({
+            query_id: state.response.query_id,
+            query_slide: query.slide_id,
+            query_name: query.name,
+            region: query.region,
+            mode: state.response.mode,
+            result_slide: hit.slide_id,
+            result_row: row,
+            similarity: hit.similarity,
+            relevant,
+          }),
+        });
+        for (const other of box.children) other.classList.toggle("chosen", other === button);
+      } catch (error) {
+        setStatus(error.message, true);
+      }
+    });
+    box.append(button);
+  }
+  return box;
+}
+
+function renderResults() {
+  const { mode, results } = state.response;
+  const list = $("slide-results");
+  const gallery = $("patch-results");
+  list.replaceChildren();
+  gallery.replaceChildren();
+  showQueryRegion();
+  (mode === "slides" ? results : []).forEach((hit, rank) => {
+    const item = document.createElement("li");
+    item.dataset.slide = hit.slide_id;
+    const text = document.createElement("div");
+    text.innerHTML = `<div><b class="rank"></b> <span class="name"></span></div>
+      <div class="label"></div><div><span class="sim"></span> · <span class="pct"></span></div>`;
+    text.querySelector(".rank").textContent = `${rank + 1}.`;
+    text.querySelector(".name").textContent = hit.slide;
+    text.querySelector(".label").textContent = hit.label || "no label";
+    text.querySelector(".sim").textContent = percent(hit.similarity);
+    text.querySelector(".pct").textContent = `percentile ${rounded(hit.percentile, 1)}`;
+    text.append(feedbackButtons(hit, null));
+    item.append(image(`/api/slides/${hit.slide_id}/thumbnail`, hit.slide), text);
+    item.addEventListener("click", () => openResult(hit));
+    list.append(item);
+  });
+  for (const hit of mode === "patches" ? results : []) {
+    const where = hit.patch || `x=${hit.tile.x}, y=${hit.tile.y}`;
+    const path = hit.row === null ? `/api/slides/${hit.slide_id}/thumbnail`
+      : `/api/slides/${hit.slide_id}/patches/${hit.row}.jpeg`;
+    const fig = figure(path, `${hit.slide} · ${where}`);
+    fig.dataset.slide = hit.slide_id;
+    const caption = fig.querySelector("figcaption");
+    caption.append(document.createElement("br"),
+      `${hit.label || "no label"} · ${percent(hit.similarity)} · p${rounded(hit.percentile, 0)}`);
+    fig.append(feedbackButtons(hit, hit.row));
+    fig.addEventListener("click", () => openPatch(hit));
+    gallery.append(fig);
+  }
+}
+
+// The query's region (or its tiles, for a whole-slide query) on the query viewer.
+function showQueryRegion() {
+  if (!state.current || !state.current.viewable) return;
+  queryViewer.clearOverlays();
+  const region = state.response.query.region;
+  if (region) addBox(queryViewer, region[0], region[1], region[2], region[3], "region-box");
+}
+
+function addBox(viewer, x, y, w, h, className, colour = null, label = null) {
+  const item = viewer.world.getItemAt(0);
+  if (!item) return null;
+  const element = document.createElement("div");
+  element.className = className;
+  if (colour) element.style.borderColor = colour;
+  if (label !== null) {
+    const tag = document.createElement("span");
+    tag.textContent = label;
+    tag.style.background = colour;
+    element.append(tag);
+  }
+  viewer.addOverlay(element, item.imageToViewportRectangle(x, y, w, h));
+  return element;
+}
+
+// ---- a result beside the query ------------------------------------------------------------
+
+function closeResult() {
+  state.selected = null;
+  $("result-pane").hidden = true;
+  $("btn-heatmap").disabled = true;
+  setHeatmapButton(false);
+  if (resultViewer) resultViewer.close();
+}
+
+// Open a slide in a viewer whose pane may just have been shown: the viewer learns its new size
+// on its next frame, and the slide is fitted to that size.
+function openShown(viewer, source, then) {
+  viewer.addOnceHandler("open", () => {
+    const size = viewer.viewport.getContainerSize();
+    const element = viewer.element;
+    if (Math.round(size.x) === element.clientWidth && Math.round(size.y) === element.clientHeight) {
+      viewer.viewport.goHome(true);
+    } else {
+      // after OpenSeadragon's own zoom, which keeps the old scale, right after this event
+      viewer.addOnceHandler("resize", () => setTimeout(() => viewer.viewport.goHome(true)));
+    }
+    then();
+  });
+  viewer.open(source);
+}
+
+function openResult(hit) {
+  state.selected = hit;
+  for (const item of $("slide-results").children) {
+    item.classList.toggle("active", Number(item.dataset.slide) === hit.slide_id);
+  }
+  $("result-pane").hidden = false;
+  $("result-title").textContent =
+    `${hit.slide} (${hit.label || "no label"}) · ${percent(hit.similarity)}`;
+  // The best matches, strongest first, numbered alike on both slides.
+  const pairs = [...hit.matches].sort((a, b) => b.cosine - a.cosine).slice(0, SHOWN_MATCHES);
+  if (state.current && state.current.viewable) {
+    showQueryRegion();
+    pairs.forEach((pair, i) => addBox(queryViewer, pair.query.x, pair.query.y, pair.query.size,
+      pair.query.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
+  }
+  queryViewer.forceRedraw();
+  const gallery = $("result-gallery");
+  $("btn-heatmap").disabled = !hit.viewable;
+  setHeatmapButton(false);
+  if (hit.viewable) {
+    gallery.hidden = true;
+    $("viewer-result").hidden = false;
+    state.tilesLoaded.result = 0;
+    openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
+      pairs.forEach((pair, i) => addBox(resultViewer, pair.match.x, pair.match.y,
+        pair.match.size, pair.match.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
+      document.body.dataset.resultOverlays = String(pairs.length);
+    });
+  } else {
+    resultViewer.close();
+    $("viewer-result").hidden = true;
+    gallery.hidden = false;
+    gallery.replaceChildren(...pairs.map((pair, i) => {
+      const row = pair.row;
+      const path = row === null ? `/api/slides/${hit.slide_id}/thumbnail`
+        : `/api/slides/${hit.slide_id}/patches/${row}.jpeg`;
+      const fig = figure(path, `${i + 1}. cosine ${pair.cosine.toFixed(3)}`);
+      fig.style.borderColor = MATCH_COLOURS[i];
+      return fig;
+    }));
+    document.body.dataset.resultOverlays = String(pairs.length);
+  }
+}
+
+function openPatch(hit) {
+  const slide = state.slides.find((s) => s.id === hit.slide_id);
+  if (!slide || !slide.viewable) return;
+  state.selected = null;
+  $("result-pane").hidden = false;
+  $("result-title").textContent = `${hit.slide} · x=${hit.tile.x}, y=${hit.tile.y}`;
+  $("btn-heatmap").disabled = true;
+  $("result-gallery").hidden = true;
+  $("viewer-result").hidden = false;
+  openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
+    const item = resultViewer.world.getItemAt(0);
+    addBox(resultViewer, hit.tile.x, hit.tile.y, hit.tile.size, hit.tile.size, "match-box",
+      MATCH_COLOURS[0], "1");
+    resultViewer.viewport.fitBounds(item.imageToViewportRectangle(
+      hit.tile.x - hit.tile.size, hit.tile.y - hit.tile.size, 3 * hit.tile.size,
+      3 * hit.tile.size), true);
+  });
+}
+
+// ---- heat map -----------------------------------------------------------------------------
+
+function setHeatmapButton(on) {
+  $("btn-heatmap").setAttribute("aria-pressed", String(on));
+  if (!on && state.heatmap && resultViewer) {
+    resultViewer.removeOverlay(state.heatmap);
+    state.heatmap = null;
+  }
+}
+
+function heatColour(t) {
+  const scaled = Math.min(Math.max(t, 0), 1) * (HEAT_STOPS.length - 1);
+  const i = Math.min(Math.floor(scaled), HEAT_STOPS.length - 2);
+  const f = scaled - i;
+  return HEAT_STOPS[i].map((c, j) => Math.round(c + f * (HEAT_STOPS[i + 1][j] - c)));
+}
+
+async function toggleHeatmap() {
+  const on = $("btn-heatmap").getAttribute("aria-pressed") !== "true";
+  setHeatmapButton(on);
+  if (!on || !state.selected) return;
+  const hit = state.selected;
+  let heat;
+  try {
+    heat = await (await api(
+      `/api/queries/${state.response.query_id}/heatmap/${hit.slide_id}`)).json();
+  } catch (error) {
+    setStatus(error.message, true);
+    setHeatmapButton(false);
+    return;
+  }
+  if (state.selected !== hit || !heat.tiles.length) return;
+  // One canvas pixel per tile of the grid, stretched over the slide.
+  const size = heat.tile_size;
+  const cols = Math.max(...heat.tiles.map((t) => Math.round(t.x / size))) + 1;
+  const rows = Math.max(...heat.tiles.map((t) => Math.round(t.y / size))) + 1;
+  const cosines = heat.tiles.map((t) => t.cosine);
+  const low = Math.min(...cosines);
+  const span = Math.max(...cosines) - low || 1;
+  const canvas = document.createElement("canvas");
+  canvas.width = cols;
+  canvas.height = rows;
+  canvas.className = "heatmap";
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(cols, rows);
+  for (const tile of heat.tiles) {
+    const offset = 4 * (Math.round(tile.y / size) * cols + Math.round(tile.x / size));
+    pixels.data.set([...heatColour((tile.cosine - low) / span), 255], offset);
+  }
+  context.putImageData(pixels, 0, 0);
+  const item = resultViewer.world.getItemAt(0);
+  resultViewer.addOverlay(canvas, item.imageToViewportRectangle(0, 0, cols * size, rows * size));
+  state.heatmap = canvas;
+  setStatus(`heat map: cosine ${low.toFixed(2)} (dark) to ${(low + span).toFixed(2)} (bright)`);
+}
+
+// ---- start --------------------------------------------------------------------------------
+
+function start() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("token")) {
+    state.token = fragment.get("token");
+    sessionStorage.setItem("histosearch-token", state.token);
+    history.replaceState(null, "", location.pathname);
+  }
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem("histosearch-token", $("token-input").value);
+    location.reload();
+  });
+  if (typeof OpenSeadragon === "undefined") {
+    setStatus("OpenSeadragon is not installed: run `bash dev.sh` (npm ci) and reload", true);
+    return;
+  }
+  queryViewer = makeViewer("viewer-query", "query");
+  resultViewer = makeViewer("viewer-result", "result");
+  queryViewer.addHandler("open", () => {
+    const size = queryViewer.world.getItemAt(0).getContentSize();
+    if (state.current) Object.assign(state.current, { width: size.x, height: size.y });
+  });
+  installRegionDrawing(queryViewer);
+  $("btn-draw").addEventListener("click", () => setDrawing(!state.drawing));
+  $("btn-whole").addEventListener("click", () => searchSlide());
+  $("btn-heatmap").addEventListener("click", toggleHeatmap);
+  $("upload-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const file = $("upload-file").files[0];
+    if (file) searchUpload(file);
+  });
+  loadArchive();
+}
+
+start();

@@ -1,0 +1,558 @@
+"""`histosearch serve`: every endpoint and every refusal, on a small real archive, in process
+(FastAPI's TestClient) and against a real server process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from data_paths import CMU, LC, TARGET
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from histosearch.cli import app as cli_app
+from histosearch.server.app import create_app
+from histosearch.server.bench import running_server
+from histosearch.server.tiles import DeepZoom, SlideCache
+from histosearch.slide import open_slide
+
+
+@pytest.fixture(scope="module")
+def app(served_archive: Path):
+    return create_app(served_archive)
+
+
+@pytest.fixture(scope="module")
+def client(app) -> TestClient:
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def slides(client: TestClient) -> dict[str, dict]:
+    return {s["name"]: s for s in client.get("/api/slides").json()["slides"]}
+
+
+def jpeg(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def detail(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["detail"], str) and "Traceback" not in body["detail"]
+    return body["detail"]
+
+
+def lc_patch(group_in_archive: bool, served_archive: Path) -> Path:
+    """An LC25000 patch whose group is (or is not) in the served archive."""
+    with (served_archive.parent / "lc25000.csv").open(newline="") as file:
+        served = {row["path"] for row in csv.DictReader(file)}
+    with (LC / "manifest.csv").open(newline="") as file:
+        for row in csv.DictReader(file):
+            path = str((LC / row["path"]).resolve())
+            if (path in served) == group_in_archive:
+                return Path(path)
+    raise AssertionError("no such patch")
+
+
+# -- catalog, images, tiles ----------------------------------------------------------------
+
+
+def test_health_describes_the_archive(client: TestClient) -> None:
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok"
+    assert health["slides"] == 8  # 6 LC25000 groups + CMU-1 twice
+    assert health["encoder"] == "efficientnet-lite0-imagenet"
+    assert health["magnification"] == 5.0 and health["tile_size"] == 224
+    assert health["auth"] is False and health["viewer"] is True
+
+
+def test_slide_list_pages_and_flags(client: TestClient, slides: dict[str, dict]) -> None:
+    page = client.get("/api/slides").json()
+    assert page["total"] == 8 and len(page["slides"]) == 8
+    assert slides["cmu-1-small-region.svs"]["viewable"] is True
+    assert slides["cmu-1.ome.tif"]["viewable"] is True
+    groups = [s for s in slides.values() if not s["viewable"]]
+    assert len(groups) == 6
+    assert {g["label"] for g in groups} == {"lung_aca", "lung_n", "lung_scc"}
+    assert all(g["patches"] == 8 for g in groups)
+    assert slides["cmu-1-small-region.svs"]["magnification"] == pytest.approx(20, abs=0.2)
+    ids = [s["id"] for s in page["slides"]]
+    second = client.get("/api/slides?offset=2&limit=3").json()
+    assert [s["id"] for s in second["slides"]] == ids[2:5]
+    assert second["total"] == 8
+    assert client.get("/api/slides?offset=8").json()["slides"] == []
+
+
+def test_thumbnails_of_a_slide_and_of_a_patch_group(
+    client: TestClient, slides: dict[str, dict]
+) -> None:
+    slide = jpeg(client.get(f"/api/slides/{slides['cmu-1-small-region.svs']['id']}/thumbnail"))
+    # CMU-1's region is 2220 x 2967: the longer side shrinks to 256
+    assert slide.shape == (256, int(2220 / (2967 / 256)), 3)
+    group = next(s for s in slides.values() if not s["viewable"])
+    assert jpeg(client.get(f"/api/slides/{group['id']}/thumbnail")).shape == (224, 224, 3)
+
+
+def test_patch_images(client: TestClient, slides: dict[str, dict], served_archive: Path) -> None:
+    group = next(s for s in slides.values() if not s["viewable"])
+    pixels = jpeg(client.get(f"/api/slides/{group['id']}/patches/7.jpeg"))
+    assert pixels.shape == (224, 224, 3) and pixels.std() > 10  # real tissue, not blank
+    cmu = slides["cmu-1-small-region.svs"]
+    assert jpeg(client.get(f"/api/slides/{cmu['id']}/patches/0.jpeg")).shape == (224, 224, 3)
+    assert "no row 8" in detail(client.get(f"/api/slides/{group['id']}/patches/8.jpeg"), 404)
+
+
+def test_deep_zoom_of_openslide_and_tiffslide_files_agree(
+    client: TestClient, slides: dict[str, dict]
+) -> None:
+    svs, ome = slides["cmu-1-small-region.svs"]["id"], slides["cmu-1.ome.tif"]["id"]
+    for slide_id in (svs, ome):
+        response = client.get(f"/slides/{slide_id}.dzi")
+        assert response.status_code == 200
+        root = ElementTree.fromstring(response.text)
+        assert (root.get("TileSize"), root.get("Overlap")) == ("254", "1")
+        size = root.find("{http://schemas.microsoft.com/deepzoom/2008}Size")
+        assert (size.get("Width"), size.get("Height")) == ("2220", "2967")
+    # OpenSlide's DeepZoomGenerator (SVS) and histosearch's own (OME-TIFF, same pixels) cut
+    # the same pyramid: equal tile shapes, nearly equal pixels (both JPEG-compressed).
+    for level, col, row in [(12, 0, 0), (12, 3, 5), (12, 8, 11), (11, 4, 5), (9, 1, 1), (0, 0, 0)]:
+        a = jpeg(client.get(f"/slides/{svs}_files/{level}/{col}_{row}.jpeg"))
+        b = jpeg(client.get(f"/slides/{ome}_files/{level}/{col}_{row}.jpeg"))
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
+    # the last column of the full level: 2220 - 8 * 254 + 1 overlap = 189 px wide
+    assert jpeg(client.get(f"/slides/{ome}_files/12/8_0.jpeg")).shape == (255, 189, 3)
+
+
+def test_deep_zoom_over_a_plain_image_is_its_pixels() -> None:
+    with open_slide(TARGET) as image:
+        pixels = image.read_scaled((0, 0), image.dimensions, 1.0)
+        zoom = DeepZoom(image)
+        top = zoom.level_count - 1
+        tile = np.asarray(Image.open(io.BytesIO(zoom.tile(top, 0, 0))).convert("RGB"))
+    assert tile.shape == (min(255, pixels.shape[0]), min(255, pixels.shape[1]), 3)
+    assert np.abs(tile.astype(int) - pixels[:255, :255].astype(int)).mean() < 4
+
+
+def test_slide_cache_closes_an_evicted_slide_only_after_its_last_reader() -> None:
+    cache = SlideCache(capacity=1)
+    with cache.use(1, CMU) as first:
+        with cache.use(2, TARGET):
+            pass
+        # evicted by slide 2, still readable while in use
+        assert first.slide.read_scaled((0, 0), (8, 8), 1.0).shape == (8, 8, 3)
+    with pytest.raises(Exception):  # noqa: B017 - closed: OpenSlide refuses any read
+        first.slide.read_scaled((0, 0), (8, 8), 1.0)
+    with cache.use(1, CMU) as again:
+        assert again is not first and again.slide.dimensions == (2220, 2967)
+    cache.close()
+
+
+def test_tile_and_slide_errors(client: TestClient, slides: dict[str, dict]) -> None:
+    svs = slides["cmu-1-small-region.svs"]["id"]
+    group = next(s for s in slides.values() if not s["viewable"])["id"]
+    assert "outside level 12 (9x12 tiles)" in detail(
+        client.get(f"/slides/{svs}_files/12/9_0.jpeg"), 404
+    )
+    assert "level 13 is outside 0..12" in detail(
+        client.get(f"/slides/{svs}_files/13/0_0.jpeg"), 404
+    )
+    ome = slides["cmu-1.ome.tif"]["id"]
+    assert "outside level" in detail(client.get(f"/slides/{ome}_files/12/0_12.jpeg"), 404)
+    assert "no slide with id 999" in detail(client.get("/slides/999.dzi"), 404)
+    assert "no slide with id 999" in detail(client.get("/api/slides/999/thumbnail"), 404)
+    assert "group of patches" in detail(client.get(f"/slides/{group}.dzi"), 404)
+    assert "slide_id" in detail(client.get("/slides/abc.dzi"), 422)
+    assert "limit" in detail(client.get("/api/slides?limit=0"), 422)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/slides/..%2F..%2F..%2Fetc%2Fpasswd.dzi",
+        "/slides/%2e%2e/%2e%2e/etc/passwd",
+        "/slides/1_files/..%2F..%2Fcatalog.sqlite",
+        "/api/slides/..%2F..%2Fcatalog.sqlite/thumbnail",
+        "/static/..%2F..%2F..%2Fcatalog.sqlite",
+        "/static/../app.py",
+    ],
+)
+def test_path_traversal_is_not_found(client: TestClient, path: str) -> None:
+    detail(client.get(path), 404)
+
+
+def test_page_and_viewer_files_are_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "openseadragon.min.js" in page.text
+    script = client.get(
+        "/static/node_modules/openseadragon/build/openseadragon/openseadragon.min.js"
+    )
+    assert script.status_code == 200 and b"OpenSeadragon" in script.content
+    icon = client.get("/static/node_modules/openseadragon/build/openseadragon/images/home_rest.png")
+    assert icon.status_code == 200 and icon.content[:4] == b"\x89PNG"
+    assert client.get("/static/app.js").status_code == 200
+    docs = client.get("/openapi.json").json()
+    assert "/api/search" in docs["paths"] and "/slides/{slide_id}.dzi" in docs["paths"]
+    docs_page = client.get("/docs")  # Swagger UI from npm too, not from a CDN
+    assert docs_page.status_code == 200 and "cdn." not in docs_page.text
+    bundle = "/static/node_modules/swagger-ui-dist/swagger-ui-bundle.js"
+    assert bundle in docs_page.text and client.get(bundle).status_code == 200
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def test_region_search_finds_the_same_pixels_first(
+    client: TestClient, slides: dict[str, dict]
+) -> None:
+    svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
+    region = [0, 0, 1800, 1800]
+    response = client.post("/api/search", json={"slide": svs["id"], "region": region, "k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mode"] == "slides" and len(body["query_id"]) == 32
+    query = body["query"]
+    assert query["slide_id"] == svs["id"] and query["region"] == region
+    assert query["name"] == "cmu-1-small-region.svs"
+    assert 0 < query["patches"] < svs["patches"]
+    hits = body["results"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert svs["id"] not in [h["slide_id"] for h in hits]  # its own slide is excluded
+    assert hits[0]["slide_id"] == ome["id"] and hits[0]["viewable"] is True
+    assert [h["viewable"] for h in hits[1:]] == [False, False]  # LC25000 groups
+    assert hits[0]["similarity"] > 0.8 > hits[1]["similarity"]
+    assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
+    assert all(0 <= h["percentile"] <= 100 for h in hits)
+    assert len(hits[0]["matches"]) == query["patches"]
+    for match in hits[0]["matches"]:  # only tiles whose centre is inside the box
+        tile = match["query"]
+        assert tile["x"] + tile["size"] / 2 < 1800 and tile["y"] + tile["size"] / 2 < 1800
+    best = max(hits[0]["matches"], key=lambda m: m["cosine"])
+    assert best["cosine"] > 0.9
+    # the same pixels match the same place (the two files' grids differ by their mpp rounding)
+    assert abs(best["query"]["x"] - best["match"]["x"]) < 20
+    assert abs(best["query"]["y"] - best["match"]["y"]) < 20
+    # a match's row is the matched patch's row in its slide
+    group = hits[1]
+    row = group["matches"][0]["row"]
+    assert 0 <= row < group["patches"]
+    assert client.get(f"/api/slides/{group['slide_id']}/patches/{row}.jpeg").status_code == 200
+
+
+def test_heatmap_of_a_result(client: TestClient, slides: dict[str, dict]) -> None:
+    svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
+    body = client.post("/api/search", json={"slide": svs["id"], "k": 2}).json()
+    hit = body["results"][0]
+    heat = client.get(f"/api/queries/{body['query_id']}/heatmap/{ome['id']}")
+    assert heat.status_code == 200, heat.text
+    tiles = heat.json()["tiles"]
+    assert len(tiles) == ome["patches"] and heat.json()["tile_size"] > 224  # level-0 px at 20x
+    assert max(t["cosine"] for t in tiles) == pytest.approx(
+        max(m["cosine"] for m in hit["matches"]), abs=2e-3
+    )
+    other = next(s for s in slides.values() if s["id"] not in {svs["id"], ome["id"]})
+    shown = {h["slide_id"] for h in body["results"]}
+    if other["id"] not in shown:
+        assert "not a slide result" in detail(
+            client.get(f"/api/queries/{body['query_id']}/heatmap/{other['id']}"), 404
+        )
+    assert "no recent query" in detail(client.get(f"/api/queries/{'0' * 32}/heatmap/1"), 404)
+
+
+def test_upload_of_an_archived_patch_finds_itself(client: TestClient, served_archive: Path) -> None:
+    patch = lc_patch(True, served_archive)
+    response = client.post(
+        "/api/search", files={"file": (patch.name, patch.read_bytes(), "image/jpeg")}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mode"] == "patches" and body["query"]["name"] == patch.name
+    assert body["query"]["slide_id"] is None and body["query"]["patches"] == 1
+    top = body["results"][0]
+    assert top["patch"] == patch.name and top["similarity"] > 0.99
+    assert "path" not in top  # no server file path is given out
+    image = jpeg(client.get(f"/api/slides/{top['slide_id']}/patches/{top['row']}.jpeg"))
+    assert np.abs(image.astype(int) - np.asarray(Image.open(patch).convert("RGB"))).mean() < 6
+
+
+def test_upload_of_a_slide_file_with_options(client: TestClient, slides: dict[str, dict]) -> None:
+    response = client.post(
+        "/api/search",
+        files={"file": ("query.svs", CMU.read_bytes())},
+        data={"k": "2", "mode": "slides"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query"]["name"] == "query.svs"
+    hits = body["results"]
+    assert len(hits) == 2
+    assert {h["slide_id"] for h in hits} == {
+        slides["cmu-1-small-region.svs"]["id"],
+        slides["cmu-1.ome.tif"]["id"],
+    }
+    assert hits[1]["similarity"] > 0.8
+
+
+def test_uploads_leave_no_temporary_file(
+    client: TestClient, served_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    patch = lc_patch(False, served_archive)
+    ok = client.post("/api/search", files={"file": (patch.name, patch.read_bytes())})
+    bad = client.post("/api/search", files={"file": ("x.png", b"not a png")})
+    assert ok.status_code == 200 and bad.status_code == 400
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_queries_get_the_answers_of_serial_ones(
+    client: TestClient, slides: dict[str, dict], served_archive: Path
+) -> None:
+    svs = slides["cmu-1-small-region.svs"]["id"]
+    patch = lc_patch(False, served_archive).read_bytes()
+    queries = (
+        [
+            {"json": {"slide": svs, "region": [0, 0, 900 * (1 + i % 3), 2967], "k": 4}}
+            for i in range(4)
+        ]
+        + [{"json": {"slide": s["id"], "k": 3}} for s in list(slides.values())[:2]]
+        + [{"files": {"file": ("p.jpeg", patch)}, "data": {"k": "4"}}] * 2
+    )
+
+    def run(query: dict) -> list:
+        response = client.post("/api/search", **query)
+        assert response.status_code == 200, response.text
+        return [(h["slide_id"], h["similarity"]) for h in response.json()["results"]]
+
+    serial = [run(q) for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(run, queries))
+    assert concurrent == serial
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"slide": 999}, 404, "no slide with id 999"),
+        ({"slide": "x"}, 422, "slide"),
+        ({"k": 5}, 422, "slide: Field required"),
+        ({"slide": 7, "k": 0}, 422, "k:"),
+        ({"slide": 7, "mode": "best"}, 422, "mode:"),
+        ({"slide": 7, "exclude": ["hospital"]}, 422, "exclude"),
+        ({"slide": 7, "region": [0, 0, 10]}, 422, "region"),
+        ({"slide": 7, "region": [0, 0, -5, 10]}, 422, "region"),
+        ({"slide": 7, "path": "/etc/passwd"}, 422, "path: Extra inputs"),
+    ],
+)
+def test_malformed_queries(client: TestClient, slides, body: dict, status: int, words: str) -> None:
+    if body.get("slide") == 7:
+        body = {**body, "slide": slides["cmu-1-small-region.svs"]["id"]}
+    assert words in detail(client.post("/api/search", json=body), status)
+
+
+def test_search_refusals(client: TestClient, slides: dict[str, dict]) -> None:
+    svs = slides["cmu-1-small-region.svs"]["id"]
+    outside = client.post("/api/search", json={"slide": svs, "region": [50000, 50000, 10, 10]})
+    detail(outside, 400)
+    broken = client.post(
+        "/api/search", content=b'{"slide": 1,', headers={"content-type": "application/json"}
+    )
+    assert "malformed JSON" in detail(broken, 400)
+    assert "multipart" in detail(client.post("/api/search", content=b"slide=1"), 415)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "status", "words"),
+    [
+        ("notes.txt", b"hello", 415, "not an image or slide file"),
+        ("patch.png", b"\x89PNG\r\n\x1a\n garbage", 400, "not a readable image"),
+        ("patch.jpeg", b"", 400, "empty"),
+        ("scan.svs", b"II*\x00 this is no slide", 400, "not a readable slide"),
+    ],
+)
+def test_unreadable_uploads(
+    client: TestClient, name: str, content: bytes, status: int, words: str
+) -> None:
+    response = client.post("/api/search", files={"file": (name, content)})
+    message = detail(response, status)
+    assert words in message and name in message and "/tmp" not in message
+
+
+def test_upload_without_a_file_part(client: TestClient) -> None:
+    response = client.post("/api/search", data={"k": "3"}, files={"image": ("a.png", b"x")})
+    assert "no `file` part" in detail(response, 400)
+
+
+def test_decompression_bomb_is_refused(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buffer, "PNG")  # 144 Mpx in a small file
+    assert len(buffer.getvalue()) < 1 << 20
+    response = client.post("/api/search", files={"file": ("bomb.png", buffer.getvalue())})
+    assert "pixel" in detail(response, 413)
+
+
+def test_upload_over_the_byte_cap(app, client: TestClient) -> None:
+    state = app.state.server
+    saved, state.max_upload_bytes = state.max_upload_bytes, 1 << 20
+    try:
+        big = CMU.read_bytes()  # 1.8 MB
+        assert len(big) > 1 << 20
+        response = client.post("/api/search", files={"file": ("big.svs", big)})
+        assert "exceeds the 1 MB limit" in detail(response, 413)
+
+        def chunks():  # no Content-Length: the cap is counted while streaming
+            yield b"--b\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * 65536
+
+        streamed = client.post(
+            "/api/search",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        assert "exceeds the 1 MB limit" in detail(streamed, 413)
+    finally:
+        state.max_upload_bytes = saved
+    assert client.get("/api/health").status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_without_traceback(app, slides: dict[str, dict]) -> None:
+    state = app.state.server
+    real = state.searcher
+
+    class Broken:
+        def search(self, *args, **kwargs):
+            raise RuntimeError("disk on fire at /secret/path")
+
+    state.searcher = Broken()
+    try:
+        # not entered as a context: leaving it would run the shutdown of the shared app
+        client = TestClient(app, raise_server_exceptions=False)
+        body = {"slide": slides["cmu-1-small-region.svs"]["id"]}
+        message = detail(client.post("/api/search", json=body), 500)
+        assert "RuntimeError" in message and "/secret" not in message
+        state.searcher = real
+        assert client.post("/api/search", json=body).status_code == 200
+    finally:
+        state.searcher = real
+
+
+def test_bearer_token_guards_api_and_tiles(app, client: TestClient, slides) -> None:
+    state = app.state.server
+    state.token = "s3cret"
+    svs = slides["cmu-1-small-region.svs"]["id"]
+    try:
+        for path in (
+            "/api/health",
+            "/api/slides",
+            f"/slides/{svs}.dzi",
+            f"/slides/{svs}_files/0/0_0.jpeg",
+        ):
+            response = client.get(path)
+            assert "bearer token" in detail(response, 401)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.post("/api/search", json={"slide": svs}).status_code == 401
+        assert client.get("/").status_code == 200  # the page asks for the token
+    finally:
+        state.token = None
+
+
+# -- feedback --------------------------------------------------------------------------------------
+
+
+def test_feedback_is_stored_and_exported(
+    client: TestClient, slides: dict[str, dict], served_archive: Path, tmp_path: Path
+) -> None:
+    svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
+    query = {"slide": svs["id"], "region": [0, 0, 1800, 1800]}
+    body = client.post("/api/search", json=query).json()
+    marks = [(ome["id"], True), (body["results"][1]["slide_id"], False)]
+    for slide_id, relevant in marks:
+        response = client.post(
+            "/api/feedback",
+            json={
+                "query_id": body["query_id"],
+                "query_slide": svs["id"],
+                "query_name": svs["name"],
+                "region": [0, 0, 1800, 1800],
+                "mode": "slides",
+                "result_slide": slide_id,
+                "similarity": 0.5,
+                "relevant": relevant,
+            },
+        )
+        assert response.status_code == 201 and response.json()["id"] > 0
+    unknown = {"query_name": "q", "mode": "slides", "result_slide": 999, "relevant": True}
+    assert "no slide with id 999" in detail(client.post("/api/feedback", json=unknown), 404)
+    assert "relevant" in detail(
+        client.post("/api/feedback", json={**unknown, "relevant": None}), 422
+    )
+    out = tmp_path / "marks.csv"
+    result = CliRunner().invoke(
+        cli_app, ["feedback", "--archive", str(served_archive), "--csv", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r["query_id"] == body["query_id"]]
+    assert [(int(r["result_slide"]), r["relevant"]) for r in rows] == [
+        (slide_id, str(relevant)) for slide_id, relevant in marks
+    ]
+    assert rows[0]["result_name"] == "cmu-1.ome.tif" and rows[0]["region"] == "[0, 0, 1800, 1800]"
+
+
+# -- a real server process ---------------------------------------------------------------------
+
+
+def test_a_real_server_process(served_archive: Path, slides: dict[str, dict]) -> None:
+    svs = slides["cmu-1-small-region.svs"]["id"]
+    token = {"Authorization": "Bearer t0ken"}
+    options = ("--token", "t0ken", "--max-upload-mb", "1")
+    with (
+        running_server(served_archive, *options) as (url, _),
+        httpx.Client(base_url=url, timeout=120) as http,
+    ):
+        assert http.get("/api/health").status_code == 401
+        assert http.get("/api/health", headers=token).json()["slides"] == 8
+        found = http.post("/api/search", json={"slide": svs, "k": 2}, headers=token)
+        assert found.status_code == 200 and found.json()["results"][0]["similarity"] > 0.8
+        tile = http.get(f"/slides/{svs}_files/12/0_0.jpeg", headers=token)
+        assert tile.status_code == 200 and tile.content[:2] == b"\xff\xd8"
+        big = http.post("/api/search", files={"file": ("big.svs", CMU.read_bytes())}, headers=token)
+        assert big.status_code == 413 and "1 MB" in big.json()["detail"]
+        assert http.get("/slides/..%2F..%2Fetc%2Fpasswd.dzi", headers=token).status_code == 404
+        assert http.get("/api/health", headers=token).status_code == 200  # still serving
+
+
+def test_serve_refuses_a_public_bind_without_token(served_archive: Path) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--archive", str(served_archive), "--host", "0.0.0.0"]
+    )
+    assert result.exit_code == 2
+    assert "refusing to listen on 0.0.0.0 without --token" in result.output
+
+
+def test_coarse_levels_cut_from_the_overview_match_direct_reads() -> None:
+    with open_slide(CMU) as slide:
+        zoom = DeepZoom(slide)
+        for level in (10, 8, 0):  # 555 x 742, 139 x 186 and 1 x 1 px: from the overview
+            assert max(zoom.level_dimensions[level]) <= 1024
+            cut = np.asarray(Image.open(io.BytesIO(zoom.tile(level, 0, 0))).convert("RGB"))
+            read = zoom._read(level, zoom.bounds(level, 0, 0))
+            assert cut.shape == read.shape
+            assert np.abs(cut.astype(int) - read.astype(int)).mean() < 6
