@@ -338,6 +338,11 @@ def demo(
             gallery=out / "search-wsi.png",
         )
     console.print(f"archive in {archive_dir}/, galleries in {out}/search-*.png")
+    console.print(
+        f"browse it: histosearch serve --archive {archive_dir} (or bash dev.sh serve), "
+        "then open http://127.0.0.1:8000/",
+        highlight=False,
+    )
 
 
 def _print_result(result: SearchResult) -> None:

@@ -113,6 +113,7 @@ class SearchResult:
                     {
                         "query": m.query.to_dict(),
                         "match": m.reference.to_dict(),
+                        "row": m.reference_row,
                         "cosine": round(m.cosine, 4),
                     }
                     for m in hit.matches

@@ -345,10 +345,6 @@ def _response(state: ServerState, result: SearchResult) -> dict[str, Any]:
     for row, hit in zip(body["results"], hits, strict=True):
         row["viewable"] = state.viewable(hit.record)
         row.pop("path", None)
-        for match, tile_match in zip(
-            row.get("matches", ()), getattr(hit, "matches", ()), strict=True
-        ):
-            match["row"] = tile_match.reference_row
     return body
 
 
