@@ -444,15 +444,8 @@ class ImageSlide(Slide):
     backend = "pillow"
 
     def _open(self) -> tuple[float | None, float | None]:
-        with self._decoding() as image:
+        with _decoding(self.path) as image:
             (w, h), jpeg = image.size, image.format == "JPEG"
-        if w * h > MAX_PLAIN_PIXELS:
-            raise SlideReadError(
-                self.path,
-                f"a plain image of {w}x{h} px ({w * h / 1e6:.0f} Mpx) is over the "
-                f"{MAX_PLAIN_PIXELS / 1e6:.0f} Mpx that are decoded whole; save it as a "
-                "tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)",
-            )
         scales = JPEG_DRAFT_SCALES if jpeg else (1,)
         self.level_dimensions = tuple((-(-w // s), -(-h // s)) for s in scales)
         self.level_downsamples = tuple(float(s) for s in scales)
@@ -460,38 +453,13 @@ class ImageSlide(Slide):
         self._level(self.level_count - 1)  # a truncated or corrupt file fails here
         return None, None
 
-    @contextlib.contextmanager
-    def _decoding(self) -> Iterator[Image.Image]:
-        """The opened image; Pillow's errors and warnings become one SlideReadError."""
-        with reader_notes(self.path) as notes:
-            try:
-                with Image.open(self.path) as image:
-                    yield image
-            except Image.DecompressionBombError as error:
-                raise SlideReadError(
-                    self.path, f"refused before decoding, too large: {error}"
-                ) from error
-            except Exception as error:
-                reason = str(error).replace(str(self.path), "").strip(" '\"")
-                if "truncated" in reason:
-                    reason = f"truncated: {reason}"
-                raise SlideReadError(
-                    self.path, _with_notes(f"cannot read image: {reason}", notes)
-                ) from error
-
     def _level(self, level: int) -> Image.Image:
         """The RGB image of `level`, decoded on first use (transparent pixels white)."""
         if level not in self._levels:
-            with self._decoding() as image:
+            with _decoding(self.path) as image:
                 if level:
                     image.draft("RGB", self.level_dimensions[level])
-                image.load()
-                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                    rgba = image.convert("RGBA")
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    rgb = Image.alpha_composite(white, rgba).convert("RGB")
-                else:
-                    rgb = image if image.mode == "RGB" else image.convert("RGB")
+                rgb = _flatten(image)
             if rgb.size != self.level_dimensions[level]:
                 # Draft decodes to the nearest scale it supports: fit the declared size.
                 rgb = rgb.resize(self.level_dimensions[level], Image.Resampling.BOX)
@@ -514,6 +482,53 @@ class ImageSlide(Slide):
         if x_b > x_a and y_b > y_a:
             out[y_a - y : y_b - y, x_a - x : x_b - x] = np.asarray(image.crop((x_a, y_a, x_b, y_b)))
         return out
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[Image.Image]:
+    """A plain image opened by Pillow (header only), refused above MAX_PLAIN_PIXELS; every
+    error and warning of Pillow's becomes one SlideReadError naming `path`."""
+    with reader_notes(path) as notes:
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+                if w * h > MAX_PLAIN_PIXELS:
+                    raise SlideReadError(
+                        path,
+                        f"a plain image of {w}x{h} px ({w * h / 1e6:.0f} Mpx) is over the "
+                        f"{MAX_PLAIN_PIXELS / 1e6:.0f} Mpx that are decoded whole; save it as "
+                        "a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)",
+                    )
+                yield image
+        except SlideReadError:
+            raise
+        except Image.DecompressionBombError as error:
+            raise SlideReadError(path, f"refused before decoding, too large: {error}") from error
+        except Exception as error:
+            reason = str(error).replace(str(path), "").strip(" '\"")
+            if "truncated" in reason:
+                reason = f"truncated: {reason}"
+            raise SlideReadError(
+                path, _with_notes(f"cannot read image: {reason}", notes)
+            ) from error
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """Decode `image` to RGB; transparent pixels (outside a scanned area) become white."""
+    image.load()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """A whole plain image (a patch) as RGB uint8; any failure is a SlideReadError."""
+    path = Path(path)
+    _file_header(path)
+    with _decoding(path) as image:
+        return np.array(_flatten(image))
 
 
 OME_UNITS_IN_MICRONS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}

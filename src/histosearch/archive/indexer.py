@@ -60,7 +60,11 @@ def index_items(
     tissue = archive.settings["tissue"]
 
     def add(
-        item: Item, features: np.ndarray, coords: np.ndarray, item_mpp: float | None, patches: bool
+        item: Item,
+        features: np.ndarray,
+        coords: np.ndarray,
+        item_mpp: float | None,
+        paths: list[str] | None,
     ) -> None:
         archive.add(
             item.key,
@@ -71,7 +75,7 @@ def index_items(
             patient=item.patient,
             group=item.group,
             mpp=item_mpp,
-            paths=[str(p) for p in item.paths] if patches else None,
+            paths=paths,
         )
         report.added += 1
         report.patches += len(features)
@@ -83,16 +87,26 @@ def index_items(
     slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
     for run in _runs(patches):
         paths = [p for item in run for p in item.paths]
-        try:
-            features = embed_dataset(
-                ImageDataset(paths, encoder.input_size), encoder, batch_size, num_workers, on_batch
+        bad: dict[int, str] = {}  # one unreadable patch costs only itself
+        features = embed_dataset(
+            ImageDataset(paths, encoder.input_size),
+            encoder,
+            batch_size,
+            num_workers,
+            on_batch,
+            failures=bad,
+        )
+        start = row = 0
+        for item in run:
+            good = [str(p) for i, p in enumerate(item.paths, start) if i not in bad]
+            report.failures.extend(
+                (item.name, bad[i]) for i in range(start, start + len(item.paths)) if i in bad
             )
-        except HistosearchError as error:
-            report.failures.extend((item.name, str(error)) for item in run)
-            continue
-        offsets = np.cumsum([0] + [len(item.paths) for item in run])
-        for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
-            add(item, features[a:b], np.zeros((b - a, 2), np.int64), None, patches=True)
+            start += len(item.paths)
+            if good:
+                rows = features[row : row + len(good)]
+                add(item, rows, np.zeros((len(good), 2), np.int64), None, paths=good)
+                row += len(good)
 
     for item in slides:
         try:
@@ -108,7 +122,7 @@ def index_items(
                 num_workers=num_workers,
                 on_batch=on_batch,
             )
-            add(item, features, coords, item_mpp, patches=False)
+            add(item, features, coords, item_mpp, paths=None)
         except HistosearchError as error:
             report.failures.append((item.name, str(error)))
         except Exception as error:  # one bad slide must not stop a batch
