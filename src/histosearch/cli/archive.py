@@ -16,6 +16,12 @@ from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
     SHARED_DATA,
+    Exclude,
+    IndexMetric,
+    Mode,
+    Reduction,
+    Tissue,
+    check_shared_data,
     console,
     error_console,
     progress,
@@ -35,15 +41,15 @@ def index(
     encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
     tile_size: Annotated[int, typer.Option("--tile-size", min=8)] = 224,
-    tissue: Annotated[str, typer.Option("--tissue", help="otsu or histogram.")] = "otsu",
+    tissue: Annotated[Tissue, typer.Option("--tissue")] = "otsu",
     reduction: Annotated[
-        str, typer.Option("--reduction", help="cov (the paper's), pca or none.")
+        Reduction, typer.Option("--reduction", help="cov is the paper's.")
     ] = "cov",
     n_features: Annotated[
         int, typer.Option("--n-features", help="Features kept by the reduction.")
     ] = 128,
     index_metric: Annotated[
-        str, typer.Option("--index-metric", help="Patch index: cosine or l2 (LGFFEM's).")
+        IndexMetric, typer.Option("--index-metric", help="l2 is LGFFEM's.")
     ] = "cosine",
     group_by: Annotated[
         str | None,
@@ -154,10 +160,10 @@ def search(
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
     k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 5,
     exclude: Annotated[
-        list[str] | None,
-        typer.Option("--exclude", help="Skip the query's slide, patient or group."),
+        list[Exclude] | None,
+        typer.Option("--exclude", help="Skip the query's own."),
     ] = None,
-    mode: Annotated[str, typer.Option("--mode", help="slides, patches or auto.")] = "auto",
+    mode: Annotated[Mode, typer.Option("--mode")] = "auto",
     patient: Annotated[str | None, typer.Option("--patient", help="The query's patient.")] = None,
     group: Annotated[str | None, typer.Option("--group", help="The query's group.")] = None,
     encoder_name: Annotated[
@@ -276,7 +282,7 @@ def run_search(
 
 
 def demo(
-    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    data: Annotated[Path, typer.Option("--data", callback=check_shared_data)] = SHARED_DATA,
     out: Annotated[Path, typer.Option("--out", help="Where the archive and galleries go.")] = Path(
         "demo-output"
     ),

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from histosearch.cli.common import (
+    Tissue,
     console,
     report_failures,
     run_batch,
@@ -16,7 +17,7 @@ from histosearch.cli.common import (
 from histosearch.errors import NoTissueError
 from histosearch.slide import open_slide
 from histosearch.tiling import TileGrid, save_overlay, tile_slide
-from histosearch.tissue import DETECTORS, make_detector
+from histosearch.tissue import make_detector
 
 
 def _tile_row(grid: TileGrid, size: tuple[int, int]) -> list[str]:
@@ -40,9 +41,7 @@ def tile(
     tile_size: Annotated[
         int, typer.Option("--tile-size", min=8, help="Tile side in pixels.")
     ] = 224,
-    tissue: Annotated[
-        str, typer.Option("--tissue", help=f"Tissue detection: {' or '.join(DETECTORS)}.")
-    ] = "otsu",
+    tissue: Annotated[Tissue, typer.Option("--tissue", help="Tissue detection.")] = "otsu",
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the CSV and PNG per slide.")
     ] = Path("tiles"),
