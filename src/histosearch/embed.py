@@ -165,14 +165,16 @@ def embed_path(
     batch_size: int = 32,
     num_workers: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    edges: str = "drop",
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """(features, level-0 coords, mpp) of a slide's tissue tiles at `magnification`; an image
-    no larger than a tile is one patch, embedded whole, at coordinate (0, 0)."""
+    no larger than a tile is one patch, embedded whole, at coordinate (0, 0). `edges` "keep"
+    tiles the partial last row and column too (see `tile_slide`)."""
     with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
         if max(slide.dimensions) <= tile_size:
             features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
             return features, np.zeros((1, 2), np.int64), slide.mpp
-        grid = tile_slide(slide, magnification, tile_size, tissue)
+        grid = tile_slide(slide, magnification, tile_size, tissue, edges)
         if grid.n_tissue == 0:
             raise NoTissueError(
                 path, f"no tissue in the {len(grid)} tiles of {tile_size} px at {magnification:g}x"

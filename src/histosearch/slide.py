@@ -313,11 +313,27 @@ class Slide(ABC):
         y0 = location[1] + round(offset[1] * downsample)
         w, h = size
         source = (max(1, round(w * scale)), max(1, round(h * scale)))
-        pixels = self._read_level((x0, y0), level, source)
+        pixels = self._read_within((x0, y0), level, source)
         if source == (w, h):
             return pixels
         interpolation = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
         return cv2.resize(pixels, (w, h), interpolation=interpolation)
+
+    def _read_within(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """`_read_level`, with what lies right of or below the level read as white glass
+        (backends differ: transparent, black or an error)."""
+        level_w, level_h = self.level_dimensions[level]
+        scale = self.level_downsamples[level]
+        inside_w = min(size[0], math.floor(level_w - location[0] / scale))
+        inside_h = min(size[1], math.floor(level_h - location[1] / scale))
+        if (inside_w, inside_h) == size:
+            return self._read_level(location, level, size)
+        pixels = np.full((size[1], size[0], 3), 255, np.uint8)
+        if inside_w > 0 and inside_h > 0:
+            pixels[:inside_h, :inside_w] = self._read_level(location, level, (inside_w, inside_h))
+        return pixels
 
     def read_overview(self, size: tuple[int, int], downsample: float) -> np.ndarray:
         """The region of `size` pixels from the top-left corner at `downsample`, read cheaply:
