@@ -609,9 +609,11 @@ def inspect_tiff(path: Path) -> bool:
                 # tifffile stops at a directory offset past the end and only logs it.
                 beyond = [int(m) for m in _offsets_in(notes.messages) if int(m) >= size]
                 if beyond:
+                    # Far past the end is a garbled offset rather than a cut-off file.
+                    kind = "truncated" if beyond[0] < 16 * size else "corrupt TIFF"
                     raise SlideReadError(
                         path,
-                        f"truncated: the file has {size:,} bytes, but its image directory "
+                        f"{kind}: the file has {size:,} bytes, but its image directory "
                         f"{len(pages)} is at byte {beyond[0]:,}",
                     )
                 if not pages:
