@@ -241,3 +241,15 @@ def test_reader_warnings_name_the_file(tmp_path: Path, caplog):
         logging.getLogger("tifffile").warning("<tifffile.TiffPages @8> invalid page offset 9")
         warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
     assert f"{path}: invalid page offset 9; Corrupt EXIF data" in caplog.text
+
+
+def test_unreadable_files_are_named(tmp_path: Path, monkeypatch):
+    path = tmp_path / "locked.svs"
+    shutil.copy(CMU, path)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)  # root reads files whatever their mode
+    with pytest.raises(SlideReadError, match=r"locked\.svs: permission denied"):
+        open_slide(path)
