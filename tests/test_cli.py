@@ -102,3 +102,19 @@ def test_choices_are_checked_by_the_cli_with_the_valid_values_listed(tmp_path: P
         assert f"{value} is not one of" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, cases[0][0])
     assert "'slide', 'patient', 'group'" in result.output
+
+
+def test_demo_finds_the_shared_data_from_anywhere_or_says_where_it_looked(
+    tmp_path: Path, monkeypatch
+):
+    from data_paths import DATA
+
+    from histosearch.cli.common import SHARED_DATA, shared_data_candidates
+
+    assert SHARED_DATA.resolve() == DATA.resolve()  # found beside the repository, not the cwd
+    monkeypatch.setenv("HISTOSEARCH_DATA", str(tmp_path / "elsewhere"))
+    assert shared_data_candidates() == [tmp_path / "elsewhere"]
+    result = runner.invoke(app, ["demo", "--data", str(tmp_path / "nowhere"), "--out", "x"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    assert "looked in:" in text and "set HISTOSEARCH_DATA" in text
