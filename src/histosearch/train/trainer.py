@@ -303,6 +303,7 @@ def train(
         settings.stain_lab = saved.get("stain_lab")
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(settings, out, failures)
+    _set_seed(settings.seed)  # the initial weights depend on --seed alone
     model = build_model(settings).to(device).to(memory_format=torch.channels_last)
     criterion = (
         _arcface(settings, model.out_dim).to(device) if settings.method == "lgffem" else None
