@@ -315,7 +315,7 @@ def test_l2_patch_index(tmp_path: Path):
     assert result.exit_code == 0, result.output
     with Archive(archive_dir) as archive:
         index = archive.patch_index(archive.view())
-        assert index.metric_type == faiss.METRIC_L2
+        assert index.metric == "l2" and index.index.metric_type == faiss.METRIC_L2
         patch = archive.read(archive.slides()[0]).paths[0]
     result = runner.invoke(
         app, ["search", patch, "--archive", str(archive_dir), "-k", "2", "--json"]

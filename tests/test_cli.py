@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import get_args
 
 from data_paths import CMU, TCGA, WSI
 from typer.testing import CliRunner
@@ -52,3 +53,68 @@ def test_user_supplied_resolution(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     assert "2.000" in result.output and "3x4" in result.output  # 0.5 um/px at 20x
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    from histosearch.cli.common import LogProgress, progress
+
+    assert isinstance(progress(), LogProgress)  # pytest's stderr is not a terminal
+    now = [0.0]
+    with LogProgress(clock=lambda: now[0]) as bar:
+        slides = bar.add_task("slides", total=41)
+        for _ in range(41):
+            now[0] += 0.5  # 20.5 s in all
+            bar.advance(slides)
+        patches = bar.add_task("patches", total=None)
+        for _ in range(3):
+            now[0] += 6.0
+            bar.advance(patches, 100)
+    lines = capsys.readouterr().err.splitlines()
+    # quiet for the first 2 s, then a line for every 5% (3 slides of 41) and the last one
+    assert lines[:3] == [
+        "slides 4/41 (10%) 0:00:02",
+        "slides 7/41 (17%) 0:00:03",
+        "slides 10/41 (24%) 0:00:05",
+    ]
+    assert len(lines) == 13 + 1 + 3 and lines[-4] == "slides 41/41 (100%) 0:00:20"
+    # without a total, one line every 5 s
+    assert lines[-3:] == ["patches 100 0:00:06", "patches 200 0:00:12", "patches 300 0:00:18"]
+
+
+def test_choices_are_checked_by_the_cli_with_the_valid_values_listed(tmp_path: Path):
+    from histosearch.archive.archive import INDEX_METRICS
+    from histosearch.cli.common import Exclude, IndexMetric
+    from histosearch.search.ranking import EXCLUDE_CHOICES
+
+    assert tuple(Exclude) == EXCLUDE_CHOICES and get_args(IndexMetric) == INDEX_METRICS
+    cases = [
+        (["search", "q.png", "--archive", str(tmp_path), "--exclude", "patients"], "'patients'"),
+        (["search", "q.png", "--archive", str(tmp_path), "--mode", "tiles"], "'tiles'"),
+        (["tile", str(CMU), "--tissue", "ostu"], "'ostu'"),
+        (["index", str(CMU), "--archive", str(tmp_path), "--reduction", "pcaa"], "'pcaa'"),
+        (["index", str(CMU), "--archive", str(tmp_path), "--index-metric", "ip"], "'ip'"),
+        (["eval", "m.csv", "--metric", "dot"], "'dot'"),
+        (["train", "simclr", "--data", "m.csv", "--out", str(tmp_path)], "'simclr'"),
+    ]
+    for args, value in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"{value} is not one of" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, cases[0][0])
+    assert "'slide', 'patient', 'group'" in result.output
+
+
+def test_demo_finds_the_shared_data_from_anywhere_or_says_where_it_looked(
+    tmp_path: Path, monkeypatch
+):
+    from data_paths import DATA
+
+    from histosearch.cli.common import SHARED_DATA, shared_data_candidates
+
+    assert SHARED_DATA.resolve() == DATA.resolve()  # found beside the repository, not the cwd
+    monkeypatch.setenv("HISTOSEARCH_DATA", str(tmp_path / "elsewhere"))
+    assert shared_data_candidates() == [tmp_path / "elsewhere"]
+    result = runner.invoke(app, ["demo", "--data", str(tmp_path / "nowhere"), "--out", "x"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    assert "looked in:" in text and "set HISTOSEARCH_DATA" in text

@@ -132,6 +132,22 @@ def test_gradcam_maps_and_figure(tmp_path: Path):
     assert list(maps) == [*NODE_NAMES, "combined"]
     for cam in maps.values():
         assert cam.shape == rgb.shape[:2] and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+    # Known answer: tissue on one half, blank glass on the other; the map of the descriptor
+    # (its distance from glass) must sit on the tissue. Share of the map on the left half
+    # (a map with no positive evidence anywhere, all zero, has none):
+    shares: dict[str, list[float]] = {"left": [], "right": []}
+    for label in ("lung_aca", "lung_n", "lung_scc"):
+        for image in sorted((LC / "images" / label).glob("*.jpeg"))[:2]:
+            tissue = np.asarray(Image.open(image).convert("RGB"))
+            half = tissue.shape[1] // 2
+            for side, blank in (("left", np.s_[:, half:]), ("right", np.s_[:, :half])):
+                masked = tissue.copy()
+                masked[blank] = 255
+                cam = gradcam(encoder, masked)["combined"]
+                if cam.sum() > 0:
+                    shares[side].append(cam[:, :half].sum() / cam.sum())
+    assert len(shares["left"]) >= 4 and len(shares["right"]) >= 4, shares
+    assert np.mean(shares["left"]) > 0.7 and np.mean(shares["right"]) < 0.3, shares
     out = tmp_path / "cam.png"
     result = CliRunner().invoke(
         app,

@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import logging
 import shutil
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from data_paths import CMU, KIDNEY, TARGET, TCGA, WSI
 from PIL import Image
 
 from histosearch import MagnificationError, SlideReadError, open_slide
+from histosearch import slide as slide_module
 from histosearch.slide import ImageSlide, OpenSlideSlide, TiffSlideSlide
 
 
@@ -124,6 +130,52 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
+def _truncated_tail(tmp_path: Path) -> Path:
+    path = tmp_path / "truncated-tail.svs"
+    path.write_bytes(CMU.read_bytes()[: int(CMU.stat().st_size * 0.9)])
+    return path
+
+
+def _directory(tmp_path: Path) -> Path:
+    path = tmp_path / "folder.svs"
+    path.mkdir()
+    return path
+
+
+def _link_loop(tmp_path: Path) -> Path:
+    path = tmp_path / "loop.svs"
+    path.symlink_to(path.name)
+    return path
+
+
+def _header_bomb(tmp_path: Path) -> Path:
+    """A 500-byte tiled TIFF whose header claims 200,000 x 200,000 px."""
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256))
+    with tifffile.TiffFile(path, mode="r+b") as tiff:
+        for tag in ("ImageWidth", "ImageLength"):
+            tiff.pages[0].tags[tag].overwrite(200_000)
+    return path
+
+
+def _grey16(tmp_path: Path) -> Path:
+    """A tiled 16-bit grayscale TIFF made from real pixels (OpenSlide would open it)."""
+    path = tmp_path / "grey16.tif"
+    grey = np.asarray(Image.open(TARGET).convert("L"), np.uint16) * 257
+    tifffile.imwrite(path, grey, tile=(256, 256))
+    return path
+
+
+def _huge_png(tmp_path: Path) -> Path:
+    """A real PNG whose header is edited to claim 100,000 x 100,000 px."""
+    data = bytearray(TARGET.read_bytes())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path = tmp_path / "huge.png"
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.mark.parametrize(
     ("make_path", "reason"),
     [
@@ -134,7 +186,13 @@ def _empty(tmp_path: Path) -> Path:
         (lambda tmp: WSI / "pathml" / "smalltif.tif", "not a brightfield RGB image"),
         (lambda tmp: tmp / "missing.svs", "no such file"),
         (_empty, "empty"),
-        (_truncated, "cannot open|failed"),
+        (_truncated, "truncated: the file has 969,477 bytes"),
+        (_truncated_tail, "truncated: .* image directory 2 is at byte"),
+        (_directory, "is a directory, not a slide file"),
+        (_link_loop, "symbolic link loop"),
+        (_header_bomb, "claims 200000x200000 px in 611,524 tiles but lists 1"),
+        (_grey16, r"not a brightfield RGB image \(MINISBLACK, 1 sample\(s\) of 16 bits"),
+        (_huge_png, "refused before decoding, too large"),
     ],
 )
 def test_bad_files_give_one_clear_error(tmp_path: Path, make_path, reason: str):
@@ -149,3 +207,49 @@ def test_copies_of_a_slide_read_identically(tmp_path: Path):
     shutil.copy(CMU, copy)
     with open_slide(CMU) as a, open_slide(copy) as b:
         assert np.array_equal(a.thumbnail(256), b.thumbnail(256))
+
+
+def test_large_plain_images_are_refused_before_decoding(tmp_path: Path, monkeypatch):
+    path = tmp_path / "target.png"
+    shutil.copy(TARGET, path)
+    monkeypatch.setattr(slide_module, "MAX_PLAIN_PIXELS", 999_999)
+    with pytest.raises(SlideReadError, match=r"1000x1000 px .* over the 1 Mpx"):
+        open_slide(path)
+
+
+def test_flat_slides_too_large_for_an_overview_are_refused(monkeypatch):
+    monkeypatch.setattr(slide_module, "MAX_OVERVIEW_PIXELS", 1_000_000)
+    with pytest.raises(SlideReadError, match=r"its only level is 1493x901 px .* pyramidal TIFF"):
+        open_slide(KIDNEY)
+
+
+def test_jpeg_overviews_decode_at_a_fraction_of_the_size(tmp_path: Path):
+    path = tmp_path / "target.jpg"
+    Image.open(TARGET).convert("RGB").save(path, quality=95)
+    with open_slide(path) as slide:
+        assert slide.level_downsamples == (1.0, 2.0, 4.0, 8.0)
+        thumb = slide.thumbnail(125)
+        assert list(slide._levels) == [3]  # level 0 never decoded
+        full = slide.read_scaled((0, 0), (1000, 1000), 1.0)
+    reduced = cv2.resize(full, (125, 125), interpolation=cv2.INTER_AREA)
+    assert np.abs(thumb.astype(int) - reduced).mean() < 6
+
+
+def test_reader_warnings_name_the_file(tmp_path: Path, caplog):
+    path = tmp_path / "odd.tif"
+    with caplog.at_level("WARNING", logger="histosearch"), slide_module.reader_notes(path):
+        logging.getLogger("tifffile").warning("<tifffile.TiffPages @8> invalid page offset 9")
+        warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
+    assert f"{path}: invalid page offset 9; Corrupt EXIF data" in caplog.text
+
+
+def test_unreadable_files_are_named(tmp_path: Path, monkeypatch):
+    path = tmp_path / "locked.svs"
+    shutil.copy(CMU, path)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)  # root reads files whatever their mode
+    with pytest.raises(SlideReadError, match=r"locked\.svs: permission denied"):
+        open_slide(path)

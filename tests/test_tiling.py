@@ -66,3 +66,36 @@ def test_csv_and_overlay(tmp_path: Path):
     assert sum(int(r["is_tissue"]) for r in rows) == grid.n_tissue
     assert (tmp_path / "tiles.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles.csv", "tiles.png"]  # no temp files
+
+
+@pytest.mark.parametrize("path", [CMU, KIDNEY])
+def test_kept_edges_cover_the_slide_padded_with_white(path: Path):
+    with open_slide(path, objective_power=20) as slide:
+        dropped = tile_slide(slide, 5, edges="drop")
+        kept = tile_slide(slide, 5, edges="keep")
+        w, h = slide.size_at(5)
+        assert (kept.rows, kept.cols) == (-(-h // 224), -(-w // 224))
+        assert dropped.margins == (w % 224, h % 224) and kept.margins == (0, 0)
+        assert (
+            kept.coords.reshape(kept.rows, kept.cols, 2)[: dropped.rows, : dropped.cols]
+            .reshape(-1, 2)
+            .tolist()
+            == dropped.coords.tolist()
+        )
+        corner = next(read_tiles(slide, kept, kept.coords[-1:]))
+        # white beyond the slide (the boundary pixel mixes both when the size is fractional)
+        assert (corner[h % 224 + 1 :, :] == 255).all() and (corner[:, w % 224 + 1 :] == 255).all()
+        assert (corner[: h % 224, : w % 224] != 255).any()
+
+
+def test_the_tissue_left_out_by_the_floor_grid_is_reported():
+    with open_slide(TCGA, objective_power=20) as slide:
+        dropped = tile_slide(slide, 5)
+        kept = tile_slide(slide, 5, edges="keep")
+    # TCGA at 5x: 1110x891 px, a 3x4 grid leaves 214 and 219 px strips with tissue
+    assert dropped.margins == (214, 219)
+    assert 0.2 < dropped.untiled_tissue < 0.45
+    assert "margins of 214 and 219 px not tiled (" in dropped.edge_note()
+    assert kept.untiled_tissue == 0 and kept.n_tissue > dropped.n_tissue
+    with pytest.raises(ValueError, match="edges must be one of drop, keep"):
+        tile_slide(slide, 5, edges="pad")

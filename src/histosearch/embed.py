@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -12,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histosearch.encoders import Encoder
-from histosearch.errors import NoTissueError, SlideReadError
-from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide
+from histosearch.errors import HistosearchError, NoTissueError, SlideReadError
+from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide, read_image
 from histosearch.tiling import TileGrid, tile_slide
 
 
@@ -28,6 +29,11 @@ class TileDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.coords)
+
+    def describe(self, index: int) -> str:
+        """The file (and tile) that item `index` is read from."""
+        x, y = self.coords[index]
+        return f"{self.path} (tile at x={x}, y={y})"
 
     def __getitem__(self, index: int) -> np.ndarray:
         if self._slide is None:
@@ -45,13 +51,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def describe(self, index: int) -> str:
+        """The file item `index` is read from."""
+        return str(self.paths[index])
+
     def __getitem__(self, index: int) -> np.ndarray:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = np.array(image.convert("RGB"))
-        except Exception as error:
-            raise SlideReadError(path, f"cannot read image: {error}") from error
+        rgb = read_image(self.paths[index])
         if rgb.shape[:2] != (self.size, self.size):
             interpolation = cv2.INTER_AREA if rgb.shape[0] > self.size else cv2.INTER_LINEAR
             rgb = cv2.resize(rgb, (self.size, self.size), interpolation=interpolation)
@@ -69,28 +74,78 @@ def is_patch_file(path: Path, tile_size: int) -> bool:
         return False
 
 
+@dataclass
+class _Unreadable:
+    """What a worker hands back instead of an item it cannot read."""
+
+    index: int
+    path: str | None
+    reason: str
+
+
+class _Guarded(Dataset):
+    """Items of `dataset` as (index, pixels), or (index, _Unreadable) for one that fails:
+    a bad item is caught inside the worker that reads it, so the batch goes on."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | _Unreadable]:
+        try:
+            return index, self.dataset[index]
+        except HistosearchError as error:
+            return index, _Unreadable(index, error.path, error.reason)
+        except Exception as error:  # a reader bug must not cost the other items either
+            where = self.dataset.describe(index) if hasattr(self.dataset, "describe") else None
+            reason = f"unexpected {type(error).__name__}: {error}"
+            return index, _Unreadable(index, where, reason)
+
+
+def _collate(
+    items: list[tuple[int, np.ndarray | _Unreadable]],
+) -> tuple[torch.Tensor | None, list[_Unreadable]]:
+    good = [torch.from_numpy(np.asarray(x)) for _, x in items if not isinstance(x, _Unreadable)]
+    bad = [x for _, x in items if isinstance(x, _Unreadable)]
+    return (torch.stack(good) if good else None), bad
+
+
 def embed_dataset(
     dataset: Dataset,
     encoder: Encoder,
     batch_size: int = 32,
     num_workers: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    failures: dict[int, str] | None = None,
 ) -> np.ndarray:
-    """Embeddings (n, dim) float32 of every item, in order; `on_batch(n)` after each batch."""
+    """Embeddings (n, dim) float32 of every item, in order; `on_batch(n)` after each batch.
+
+    With a `failures` dict, an item that cannot be read is skipped (the rows are the readable
+    items, in order) and recorded as index -> "file: reason"; without one, the first such item
+    raises a SlideReadError naming its file.
+    """
     loader = DataLoader(
-        dataset,
+        _Guarded(dataset),
         batch_size=batch_size,
         num_workers=num_workers,
+        collate_fn=_collate,
         pin_memory=torch.cuda.is_available(),
     )
     out = np.empty((len(dataset), encoder.dim), np.float32)
     start = 0
-    for batch in loader:
-        out[start : start + len(batch)] = encoder(batch)
-        start += len(batch)
+    for batch, bad in loader:
+        for item in bad:
+            if failures is None:
+                raise SlideReadError(item.path, item.reason)
+            failures[item.index] = f"{item.path}: {item.reason}" if item.path else item.reason
+        if batch is not None:
+            out[start : start + len(batch)] = encoder(batch)
+            start += len(batch)
         if on_batch is not None:
-            on_batch(len(batch))
-    return out
+            on_batch(len(bad) + (0 if batch is None else len(batch)))
+    return out[:start]
 
 
 def default_device() -> str:
@@ -110,14 +165,16 @@ def embed_path(
     batch_size: int = 32,
     num_workers: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    edges: str = "drop",
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """(features, level-0 coords, mpp) of a slide's tissue tiles at `magnification`; an image
-    no larger than a tile is one patch, embedded whole, at coordinate (0, 0)."""
+    no larger than a tile is one patch, embedded whole, at coordinate (0, 0). `edges` "keep"
+    tiles the partial last row and column too (see `tile_slide`)."""
     with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
         if max(slide.dimensions) <= tile_size:
             features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
             return features, np.zeros((1, 2), np.int64), slide.mpp
-        grid = tile_slide(slide, magnification, tile_size, tissue)
+        grid = tile_slide(slide, magnification, tile_size, tissue, edges)
         if grid.n_tissue == 0:
             raise NoTissueError(
                 path, f"no tissue in the {len(grid)} tiles of {tile_size} px at {magnification:g}x"

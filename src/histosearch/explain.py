@@ -1,9 +1,12 @@
 """Grad-CAM for LGFFEM embeddings: where each outer fusion node P1_2..P4_2 looks.
 
-The score explained is the cosine similarity of the image's embedding to a reference
-embedding: a retrieved image's (why do these two match?) or, alone, its own (what makes
-up this descriptor?). Each node's map weights its channels by their mean gradient
-(Selvaraju et al.), keeps the positive part and is resized to the image.
+The score explained is the cosine similarity of the image's embedding to a retrieved
+image's (why do these two match?) or, alone, the cosine distance of the image's embedding
+from that of blank glass (what sets this descriptor apart from background?). The distance
+from glass has a non-zero gradient wherever the image holds anything but glass; the image's
+similarity to its own (detached) embedding, used before, has a zero gradient at its maximum
+and gave noise. Each node's map weights its channels by their mean gradient (Selvaraju et
+al.), keeps the positive part and is resized to the image.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ def embed_for_cam(encoder: Encoder, rgb: np.ndarray) -> torch.Tensor:
 def gradcam(
     encoder: Encoder, rgb: np.ndarray, reference: torch.Tensor | None = None
 ) -> dict[str, np.ndarray]:
-    """Maps in [0, 1] of the image's size for each outer node and their mean ("combined")."""
+    """Maps in [0, 1] of the image's size for each outer node and their mean ("combined"):
+    of the similarity to `reference`, or without one of the distance from blank glass."""
     model = _lgffem(encoder)
+    glass = embed_for_cam(encoder, np.full_like(rgb, 255)) if reference is None else None
     x = _input(encoder, rgb)
     # Encoders are frozen; gradients must reach the nodes for this one backward pass.
     model.neck.requires_grad_(True)
@@ -53,8 +58,11 @@ def gradcam(
             for node in nodes:
                 node.retain_grad()
             embedding = torch.cat([h(p) for h, p in zip(model.heads, nodes, strict=True)], 1)
-            target = embedding.detach() if reference is None else reference.to(embedding.device)
-            F.cosine_similarity(embedding, target).sum().backward()
+            if glass is None:
+                score = F.cosine_similarity(embedding, reference.to(embedding.device))
+            else:
+                score = 1 - F.cosine_similarity(embedding, glass.to(embedding.device))
+            score.sum().backward()
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)

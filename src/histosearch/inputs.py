@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
+import os
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,30 +52,129 @@ class Item:
     is_group: bool = False
 
 
-def read_manifest_rows(manifest: Path) -> tuple[list[dict[str, str]], list[str], list[str]]:
+# Encodings tried in turn: UTF-8 (with or without the BOM Excel writes), then Windows-1252,
+# the usual "ANSI" of spreadsheets, whose printable characters include all of Latin-1's.
+FALLBACK_ENCODING = "cp1252"
+# A value that must be present on every row: `path` always, `label` when the column exists
+# (an empty label is refused, not made a class of its own).
+REQUIRED_COLUMNS = ("path", "label")
+log = logging.getLogger("histosearch")
+
+
+def _decode(manifest: Path, data: bytes) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    if b"\x00" in data:
+        raise ManifestError(manifest, "not a text CSV file (binary content)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        try:
+            text = data.decode(FALLBACK_ENCODING)
+        except UnicodeDecodeError:
+            raise ManifestError(
+                manifest, f"neither UTF-8 nor {FALLBACK_ENCODING} text: {error}; save it as UTF-8"
+            ) from None
+    log.warning("%s: not UTF-8, read as %s (Windows Latin-1)", manifest, FALLBACK_ENCODING)
+    return text
+
+
+def _lines(manifest: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank record; `;` or tab separate the fields when
+    the header has no comma but one of them."""
+    header = text.split("\n", 1)[0]
+    delimiter = next((d for d in ",;\t" if d in header), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    line = 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                yield line, fields
+            line = reader.line_num + 1
+    except csv.Error as error:
+        raise ManifestError(manifest, f"line {line}: {error}") from None
+
+
+def _lines_named(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:5]))
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}" + (
+        f" and {len(numbers) - 5} more" if len(numbers) > 5 else ""
+    )
+
+
+def read_manifest_rows(
+    manifest: Path, required: Sequence[str] = ()
+) -> tuple[list[dict[str, str]], list[str], list[str]]:
     """A CSV manifest's rows, its columns, and the listed `path`s (relative to the CSV) that
-    are not files; a missing manifest or one without a `path` column is refused."""
-    if not manifest.is_file():
-        raise ManifestError(manifest, "no such manifest")
-    with manifest.open(newline="") as file:
-        reader = csv.DictReader(file)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    are not files.
+
+    Read as UTF-8 (a BOM is fine) or else Windows-1252, with a warning. Refused, naming the
+    line numbers: rows with more or fewer fields than the header, rows without a `path`, a
+    `label` (when the column exists) or another `required` value. Rows listing a file already
+    listed are dropped with a warning (the first is kept)."""
+    if manifest.is_dir():
+        raise ManifestError(manifest, "is a directory, not a manifest CSV")
+    try:
+        data = manifest.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(manifest, "no such manifest") from None
+    except OSError as error:
+        raise ManifestError(manifest, f"cannot read: {error.strerror}") from None
+    records = list(_lines(manifest, _decode(manifest, data)))
+    if not records:
+        raise ManifestError(manifest, "empty: no header row")
+    columns = [c.strip() for c in records[0][1]]
     if "path" not in columns:
-        raise ManifestError(manifest, f"no 'path' column (columns: {', '.join(columns)})")
+        shown = ", ".join(c[:40] for c in columns[:10])
+        raise ManifestError(manifest, f"no 'path' column (columns: {shown})")
+    for column in required:
+        if column not in columns:
+            raise ManifestError(manifest, f"no '{column}' column (columns: {', '.join(columns)})")
+    malformed = [n for n, fields in records[1:] if len(fields) != len(columns)]
+    if malformed:
+        raise ManifestError(
+            manifest,
+            f"{_lines_named(malformed)}: not {len(columns)} fields as in the header "
+            f"({','.join(columns)})",
+        )
+    needed = [c for c in (*REQUIRED_COLUMNS, *required) if c in columns]
+    rows: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    duplicates: list[str] = []
+    for number, fields in records[1:]:
+        row = {c: f.strip() for c, f in zip(columns, fields, strict=True)}
+        empty = [c for c in needed if not row[c]]
+        if empty:
+            raise ManifestError(manifest, f"line {number}: no {' or '.join(empty)}")
+        key = os.path.normpath(manifest.parent / row["path"])
+        if key in seen:
+            duplicates.append(f"line {number} repeats line {seen[key]} ({row['path']})")
+            continue
+        seen[key] = number
+        rows.append(row)
+    if duplicates:
+        log.warning(
+            "%s: %d rows list a file already listed, kept the first: %s",
+            manifest,
+            len(duplicates),
+            "; ".join(duplicates[:3]) + ("; ..." if len(duplicates) > 3 else ""),
+        )
     missing = [r["path"] for r in rows if not (manifest.parent / r["path"]).is_file()]
     return rows, columns, missing
 
 
 def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
     """Items of a CSV with a `path` column (relative to the CSV) and optional metadata;
-    `group_by` names a column whose values gather patches into one archive slide."""
-    rows, columns, missing = read_manifest_rows(manifest)
-    if group_by is not None and group_by not in columns:
-        raise ManifestError(manifest, f"--group-by {group_by}: no such column")
-    if missing:
+    `group_by` names a column whose values gather patches into one archive slide.
+
+    Listed files that do not exist stay in, to be reported one by one when they are read;
+    a manifest none of whose files exist is refused."""
+    rows, _, missing = read_manifest_rows(manifest, () if group_by is None else (group_by,))
+    if rows and len(missing) == len(rows):
         raise ManifestError(
-            manifest, f"{len(missing)} listed files do not exist, e.g. {', '.join(missing[:3])}"
+            manifest,
+            f"none of the {len(rows)} listed files exists, e.g. {missing[0]} "
+            f"(paths are relative to {manifest.parent})",
         )
 
     def item(key: str, name: str, members: list[dict[str, str]], is_group: bool) -> Item:
@@ -80,9 +183,9 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
             key=key,
             name=name,
             paths=[manifest.parent / m["path"] for m in members],
-            label=first.get("label"),
-            patient=first.get("patient"),
-            group=first.get("group") or (first.get(group_by) if group_by else None),
+            label=first.get("label") or None,
+            patient=first.get("patient") or None,
+            group=first.get("group") or (first.get(group_by) if group_by else None) or None,
             is_group=is_group,
         )
 
@@ -100,15 +203,32 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
     ]
 
 
-def collect_items(inputs: list[Path], group_by: str | None = None) -> list[Item]:
-    """Expand slide files, folders (searched recursively) and manifest CSVs into items."""
+def collect_items(
+    inputs: list[Path],
+    group_by: str | None = None,
+    failures: list[tuple[str, str]] | None = None,
+) -> list[Item]:
+    """Expand slide files, folders (searched recursively) and manifest CSVs into items.
+
+    With a `failures` list, an input that gives nothing (a manifest refused, a folder without
+    slides) is recorded there as (name, message) and the others go on; without, it raises."""
     items: list[Item] = []
     for path in inputs:
-        if path.suffix.lower() == ".csv":
-            items.extend(read_manifest(path, group_by))
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
-            items.extend(Item(catalog_key(p), p.name, [p]) for p in files)
-        else:
-            items.append(Item(catalog_key(path), path.name, [path]))
+        try:
+            items.extend(_expand(path, group_by))
+        except HistosearchError as error:
+            if failures is None:
+                raise
+            failures.append((path.name, str(error)))
     return items
+
+
+def _expand(path: Path, group_by: str | None) -> list[Item]:
+    if path.suffix.lower() == ".csv":
+        return read_manifest(path, group_by)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not files:
+            raise ManifestError(path, "a folder without slide or image files")
+        return [Item(catalog_key(p), p.name, [p]) for p in files]
+    return [Item(catalog_key(path), path.name, [path])]

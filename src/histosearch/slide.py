@@ -8,8 +8,16 @@ pyramid levels stay inside `Slide`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import math
+import os
+import re
+import stat
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 from xml.etree import ElementTree
@@ -25,6 +33,24 @@ from histosearch.errors import MagnificationError, SlideReadError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Plain-image signatures: such a file is read by Pillow whatever its name says.
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+# A plain image (no random access, decoded whole) larger than this is refused before any
+# decoding: Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179 Mpx,
+# ~540 MB of RGB), which a 13,000 x 13,000 px image still fits.
+MAX_PLAIN_PIXELS = 2 * 89_478_485
+# Any overview (tissue detection, thumbnail) decodes the slide's coarsest level whole: a file
+# whose coarsest level is larger than this (a flat TIFF without a pyramid, or a header that
+# lies) is refused at opening instead of reading for minutes. 1 Gpx is ~32,000 px square.
+MAX_OVERVIEW_PIXELS = 1 << 30
+# JPEG files decode at 1/2, 1/4 or 1/8 scale for little more than the cost of the smaller
+# image (Pillow's draft mode): plain JPEGs get these as pyramid levels.
+JPEG_DRAFT_SCALES = (1, 2, 4, 8)
+
+# Warnings from the readers (tifffile logs them, Pillow warns) are re-emitted here with the
+# file's name, or folded into the error when the file cannot be read.
+log = logging.getLogger("histosearch")
 
 # Microns per pixel outside this range are not a microscope scan: a TIFF written with the
 # default 72 dpi says 352.8 um/px, which is a screen resolution, not the specimen's.
@@ -67,6 +93,51 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
 
 
+class _Notes(logging.Handler):
+    """Collects the messages the readers log or warn while a file is opened or read."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def summary(self) -> str:
+        unique = list(dict.fromkeys(m.split("> ", 1)[-1] for m in self.messages))
+        return "; ".join(unique[:3])
+
+
+@contextlib.contextmanager
+def reader_notes(path: Path) -> Iterator[_Notes]:
+    """Capture tifffile/tiffslide log records and Python warnings raised inside the block;
+    on success they are logged again as warnings naming `path`."""
+    notes = _Notes()
+    loggers = [logging.getLogger(name) for name in ("tifffile", "tiffslide")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(notes)
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Sizes are checked against MAX_PLAIN_PIXELS before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield notes
+        notes.messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg, propagate in saved:
+            lg.removeHandler(notes)
+            lg.propagate = propagate
+    if notes.messages:
+        log.warning("%s: %s", path, notes.summary())
+
+
+def _with_notes(reason: str, notes: _Notes) -> str:
+    summary = notes.summary()
+    return f"{reason} ({summary})" if summary and summary not in reason else reason
+
+
 class Slide(ABC):
     """A whole-slide image or a plain image, read at any magnification.
 
@@ -87,6 +158,7 @@ class Slide(ABC):
         self.level_dimensions: tuple[tuple[int, int], ...]
         self.level_downsamples: tuple[float, ...]
         file_mpp, file_power = self._open()
+        self._check_overview_size()
         for name, value in (("mpp", mpp), ("objective power", objective_power)):
             if value is not None and _positive_float(value) is None:
                 raise MagnificationError(
@@ -96,6 +168,18 @@ class Slide(ABC):
             mpp if mpp is not None else file_mpp,
             objective_power if objective_power is not None else file_power,
         )
+
+    def _check_overview_size(self) -> None:
+        w, h = self.level_dimensions[-1]
+        if w * h > MAX_OVERVIEW_PIXELS:
+            self.close()
+            levels = "its only level" if self.level_count == 1 else "its coarsest level"
+            raise SlideReadError(
+                self.path,
+                f"{levels} is {w}x{h} px ({w * h / 1e9:.1f} Gpx): an overview would decode "
+                f"all of it (limit {MAX_OVERVIEW_PIXELS / 1e9:.1f} Gpx). Save it as a "
+                "pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)",
+            )
 
     @staticmethod
     def _resolve_resolution(
@@ -229,11 +313,27 @@ class Slide(ABC):
         y0 = location[1] + round(offset[1] * downsample)
         w, h = size
         source = (max(1, round(w * scale)), max(1, round(h * scale)))
-        pixels = self._read_level((x0, y0), level, source)
+        pixels = self._read_within((x0, y0), level, source)
         if source == (w, h):
             return pixels
         interpolation = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
         return cv2.resize(pixels, (w, h), interpolation=interpolation)
+
+    def _read_within(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """`_read_level`, with what lies right of or below the level read as white glass
+        (backends differ: transparent, black or an error)."""
+        level_w, level_h = self.level_dimensions[level]
+        scale = self.level_downsamples[level]
+        inside_w = min(size[0], math.floor(level_w - location[0] / scale))
+        inside_h = min(size[1], math.floor(level_h - location[1] / scale))
+        if (inside_w, inside_h) == size:
+            return self._read_level(location, level, size)
+        pixels = np.full((size[1], size[0], 3), 255, np.uint8)
+        if inside_w > 0 and inside_h > 0:
+            pixels[:inside_h, :inside_w] = self._read_level(location, level, (inside_w, inside_h))
+        return pixels
 
     def read_overview(self, size: tuple[int, int], downsample: float) -> np.ndarray:
         """The region of `size` pixels from the top-left corner at `downsample`, read cheaply:
@@ -260,21 +360,24 @@ class OpenSlideSlide(Slide):
         return openslide.OpenSlide(self.path)
 
     def _open(self) -> tuple[float | None, float | None]:
-        try:
-            self.handle = self._open_handle()
-        except SlideReadError:
-            raise
-        except openslide.OpenSlideUnsupportedFormatError as error:
-            raise SlideReadError(
-                self.path, "corrupt or unsupported: not a format OpenSlide reads"
-            ) from error
-        except Exception as error:  # each backend raises its own types for corrupt files
-            reason = str(error).replace(f"Reading {self.path}: ", "")
-            raise SlideReadError(self.path, f"cannot open: {reason}") from error
-        self.level_dimensions = tuple(tuple(map(int, d)) for d in self.handle.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self.handle.level_downsamples)
-        # A corrupt tile table often opens fine and fails on the first read: fail here instead.
-        self._read_level((0, 0), self.level_count - 1, (1, 1))
+        with reader_notes(self.path) as notes:
+            try:
+                self.handle = self._open_handle()
+            except SlideReadError:
+                raise
+            except openslide.OpenSlideUnsupportedFormatError as error:
+                raise SlideReadError(
+                    self.path, "corrupt or unsupported: not a format OpenSlide reads"
+                ) from error
+            except Exception as error:  # each backend raises its own types for corrupt files
+                reason = str(error).replace(f"Reading {self.path}: ", "")
+                raise SlideReadError(
+                    self.path, _with_notes(f"cannot open: {reason}", notes)
+                ) from error
+            self.level_dimensions = tuple(tuple(map(int, d)) for d in self.handle.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in self.handle.level_downsamples)
+            # A corrupt tile table often opens fine and fails on the first read: fail here.
+            self._read_level((0, 0), self.level_count - 1, (1, 1))
         props = self.handle.properties
         prefix = self._property_prefix
         return (
@@ -324,6 +427,9 @@ class TiffSlideSlide(OpenSlideSlide):
 
     def _open_handle(self) -> Any:
         handle = tiffslide.TiffSlide(self.path)
+        if not handle.ts_tifffile.series:
+            handle.close()
+            raise SlideReadError(self.path, "truncated or corrupt TIFF: no readable image in it")
         series = handle.ts_tifffile.series[0]
         if not (
             series.axes.endswith("S") and series.shape[-1] in (3, 4) and series.dtype == np.uint8
@@ -344,36 +450,101 @@ class TiffSlideSlide(OpenSlideSlide):
 
 
 class ImageSlide(Slide):
-    """A plain image (PNG, JPEG, ...) as a one-level slide held in memory."""
+    """A plain image (PNG, JPEG, ...) as a slide, decoded only when read.
+
+    Images above MAX_PLAIN_PIXELS are refused from their header. A JPEG gets levels at 1/2,
+    1/4 and 1/8 scale (decoded in Pillow's draft mode), so overviews and thumbnails never
+    decode it whole; other formats have one level, decoded once on the first read.
+    """
 
     backend = "pillow"
 
     def _open(self) -> tuple[float | None, float | None]:
-        try:
-            with Image.open(self.path) as image:
-                self._pixels = np.asarray(image.convert("RGB"))
-        except Exception as error:
-            raise SlideReadError(self.path, f"cannot read image: {error}") from error
-        h, w = self._pixels.shape[:2]
-        self.level_dimensions = ((w, h),)
-        self.level_downsamples = (1.0,)
+        with _decoding(self.path) as image:
+            (w, h), jpeg = image.size, image.format == "JPEG"
+        scales = JPEG_DRAFT_SCALES if jpeg else (1,)
+        self.level_dimensions = tuple((-(-w // s), -(-h // s)) for s in scales)
+        self.level_downsamples = tuple(float(s) for s in scales)
+        self._levels: dict[int, Image.Image] = {}
+        self._level(self.level_count - 1)  # a truncated or corrupt file fails here
         return None, None
 
+    def _level(self, level: int) -> Image.Image:
+        """The RGB image of `level`, decoded on first use (transparent pixels white)."""
+        if level not in self._levels:
+            with _decoding(self.path) as image:
+                if level:
+                    image.draft("RGB", self.level_dimensions[level])
+                rgb = _flatten(image)
+            if rgb.size != self.level_dimensions[level]:
+                # Draft decodes to the nearest scale it supports: fit the declared size.
+                rgb = rgb.resize(self.level_dimensions[level], Image.Resampling.BOX)
+            self._levels[level] = rgb
+        return self._levels[level]
+
     def close(self) -> None:
-        """Nothing to release: the pixels were read into memory on opening."""
+        self._levels = {}
 
     def _read_level(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        x, y = location
+        image = self._level(level)
+        scale = self.level_downsamples[level]
+        x, y = round(location[0] / scale), round(location[1] / scale)
         w, h = size
         out = np.full((h, w, 3), 255, np.uint8)
-        img_h, img_w = self._pixels.shape[:2]
         x_a, y_a = max(x, 0), max(y, 0)
-        x_b, y_b = min(x + w, img_w), min(y + h, img_h)
+        x_b, y_b = min(x + w, image.width), min(y + h, image.height)
         if x_b > x_a and y_b > y_a:
-            out[y_a - y : y_b - y, x_a - x : x_b - x] = self._pixels[y_a:y_b, x_a:x_b]
+            out[y_a - y : y_b - y, x_a - x : x_b - x] = np.asarray(image.crop((x_a, y_a, x_b, y_b)))
         return out
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[Image.Image]:
+    """A plain image opened by Pillow (header only), refused above MAX_PLAIN_PIXELS; every
+    error and warning of Pillow's becomes one SlideReadError naming `path`."""
+    with reader_notes(path) as notes:
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+                if w * h > MAX_PLAIN_PIXELS:
+                    raise SlideReadError(
+                        path,
+                        f"a plain image of {w}x{h} px ({w * h / 1e6:.0f} Mpx) is over the "
+                        f"{MAX_PLAIN_PIXELS / 1e6:.0f} Mpx that are decoded whole; save it as "
+                        "a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)",
+                    )
+                yield image
+        except SlideReadError:
+            raise
+        except Image.DecompressionBombError as error:
+            raise SlideReadError(path, f"refused before decoding, too large: {error}") from error
+        except Exception as error:
+            reason = str(error).replace(str(path), "").strip(" '\"")
+            if "truncated" in reason:
+                reason = f"truncated: {reason}"
+            raise SlideReadError(
+                path, _with_notes(f"cannot read image: {reason}", notes)
+            ) from error
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """Decode `image` to RGB; transparent pixels (outside a scanned area) become white."""
+    image.load()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """A whole plain image (a patch) as RGB uint8; any failure is a SlideReadError."""
+    path = Path(path)
+    _file_header(path)
+    with _decoding(path) as image:
+        return np.array(_flatten(image))
 
 
 OME_UNITS_IN_MICRONS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
@@ -395,34 +566,131 @@ def _ome_mpp(ome_xml: str | None) -> float | None:
     return None if unit is None or size is None else _plausible_mpp(size * unit)
 
 
-def _is_tiff(path: Path) -> bool:
-    with path.open("rb") as file:
-        return file.read(4) in TIFF_MAGIC
-
-
-def _is_ome_tiff(path: Path) -> bool:
-    """OME-TIFF, which OpenSlide would open as a flat generic TIFF without pyramid or mpp."""
+def _file_header(path: Path) -> bytes:
+    """The first bytes of `path`, after naming what makes it unreadable as a file."""
     try:
-        with tifffile.TiffFile(path) as tiff:
-            return bool(tiff.is_ome)
-    except Exception:  # not readable as TIFF: the backends report why
-        return False
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SlideReadError(path, f"broken symbolic link to {os.readlink(path)}") from None
+        raise SlideReadError(path, "no such file") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise SlideReadError(path, "symbolic link loop") from None
+        raise SlideReadError(path, f"cannot access: {error.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SlideReadError(path, "is a directory, not a slide file")
+    if not stat.S_ISREG(info.st_mode):
+        raise SlideReadError(path, "not a regular file (a pipe, socket or device)")
+    if info.st_size == 0:
+        raise SlideReadError(path, "the file is empty")
+    try:
+        with path.open("rb") as file:
+            return file.read(16)
+    except PermissionError:
+        raise SlideReadError(path, "permission denied") from None
+    except OSError as error:
+        raise SlideReadError(path, f"cannot read: {error.strerror}") from None
+
+
+def _is_image(header: bytes) -> bool:
+    return header.startswith(IMAGE_MAGIC) or (header[:4] == b"RIFF" and header[8:12] == b"WEBP")
+
+
+def inspect_tiff(path: Path) -> bool:
+    """Check a TIFF's directories before any backend reads it: refuse a truncated file, a
+    header whose declared size its tile table does not cover, and pixels that are not 8-bit
+    RGB. Returns whether it is an OME-TIFF."""
+    size = path.stat().st_size
+    with reader_notes(path) as notes:
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                pages = list(tiff.pages)
+                # tifffile stops at a directory offset past the end and only logs it.
+                beyond = [int(m) for m in _offsets_in(notes.messages) if int(m) >= size]
+                if beyond:
+                    # Far past the end is a garbled offset rather than a cut-off file.
+                    kind = "truncated" if beyond[0] < 16 * size else "corrupt TIFF"
+                    raise SlideReadError(
+                        path,
+                        f"{kind}: the file has {size:,} bytes, but its image directory "
+                        f"{len(pages)} is at byte {beyond[0]:,}",
+                    )
+                if not pages:
+                    raise SlideReadError(
+                        path, _with_notes("truncated or corrupt TIFF: no image directory", notes)
+                    )
+                for index, page in enumerate(pages):
+                    _check_page(path, size, index, page)
+                notes.messages.clear()  # diagnosed above; nothing left to warn about
+                return bool(tiff.is_ome)
+        except SlideReadError:
+            raise
+        except Exception as error:
+            reason = _with_notes(f"truncated or corrupt TIFF: {error}", notes)
+            raise SlideReadError(path, reason) from error
+
+
+def _offsets_in(messages: list[str]) -> list[str]:
+    return [m.group(1) for m in map(_BAD_OFFSET.search, messages) if m]
+
+
+_BAD_OFFSET = re.compile(r"invalid (?:page|offset to first page)\D*(\d+)")
+
+
+def _check_page(path: Path, size: int, index: int, page: Any) -> None:
+    if not isinstance(page, tifffile.TiffPage):
+        return
+    ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+    if ends and max(ends) > size:
+        raise SlideReadError(
+            path,
+            f"truncated: the file has {size:,} bytes, but image {index}'s data runs to byte "
+            f"{max(ends):,}",
+        )
+    if page.is_tiled:
+        across = -(-page.imagewidth // page.tilewidth) * -(-page.imagelength // page.tilelength)
+        expected = across * (page.samplesperpixel if page.planarconfig == 2 else 1)
+    else:
+        rows = page.rowsperstrip or page.imagelength
+        expected = -(-page.imagelength // max(1, rows))
+        expected *= page.samplesperpixel if page.planarconfig == 2 else 1
+    if len(page.dataoffsets) < expected:
+        kind = "tiles" if page.is_tiled else "strips"
+        raise SlideReadError(
+            path,
+            f"corrupt header: image {index} claims {page.imagewidth}x{page.imagelength} px in "
+            f"{expected:,} {kind} but lists {len(page.dataoffsets):,} (a damaged file or a "
+            "decompression bomb)",
+        )
+    if index == 0:
+        photometric = getattr(page.photometric, "name", str(page.photometric))
+        rgb = photometric in ("RGB", "YCBCR") and page.samplesperpixel in (3, 4)
+        if not (rgb and page.bitspersample == 8):
+            raise SlideReadError(
+                path,
+                f"not a brightfield RGB image ({photometric}, {page.samplesperpixel} "
+                f"sample(s) of {page.bitspersample} bits); multiplex fluorescence and "
+                "grayscale scans are not supported",
+            )
 
 
 def open_slide(
     path: str | Path, *, mpp: float | None = None, objective_power: float | None = None
 ) -> Slide:
-    """Open any supported slide or image; `mpp`/`objective_power` override or fill in the file's."""
+    """Open any supported slide or image; `mpp`/`objective_power` override or fill in the file's.
+
+    Every failure is a SlideReadError naming the file and the reason (missing, a directory,
+    a link loop, unreadable, empty, truncated, too large to read safely, unsupported)."""
     path = Path(path)
-    if not path.is_file():
-        raise SlideReadError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise SlideReadError(path, "the file is empty")
+    header = _file_header(path)
     options = {"mpp": mpp, "objective_power": objective_power}
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if _is_image(header) or (
+        path.suffix.lower() in IMAGE_SUFFIXES and header[:4] not in TIFF_MAGIC
+    ):
         return ImageSlide(path, **options)
-    is_tiff = _is_tiff(path)
-    if is_tiff and _is_ome_tiff(path):
+    is_tiff = header[:4] in TIFF_MAGIC
+    if is_tiff and inspect_tiff(path):
         return TiffSlideSlide(path, **options)
     try:
         return OpenSlideSlide(path, **options)

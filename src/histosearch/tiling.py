@@ -20,12 +20,19 @@ DETECTION_PX = 32
 MAX_DETECTION_SIDE = 8192
 
 
+EDGES = ("drop", "keep")
+
+
 @dataclass(frozen=True)
 class TileGrid:
-    """The floor(h/s) x floor(w/s) grid of `tile_size` tiles of a slide at `magnification`.
+    """The grid of `tile_size` tiles of a slide at `magnification`: floor(h/s) x floor(w/s)
+    (edges "drop", the papers' grid) or ceil(h/s) x ceil(w/s) with the partial last row and
+    column padded with white glass (edges "keep").
 
     `coords` are level-0 (x, y) top-left corners in row-major order, as CLAM/TRIDENT store
-    them; one tile covers `tile_size * downsample` level-0 pixels.
+    them; one tile covers `tile_size * downsample` level-0 pixels. `margins` are the right
+    and bottom strips (pixels at `magnification`) that no tile covers, and
+    `untiled_tissue` the share of the slide's tissue in them.
     """
 
     slide_path: str
@@ -39,9 +46,24 @@ class TileGrid:
     tissue_fraction: np.ndarray
     is_tissue: np.ndarray
     method: str
+    edges: str = "drop"
+    margins: tuple[int, int] = (0, 0)
+    untiled_tissue: float = 0.0
 
     def __len__(self) -> int:
         return self.rows * self.cols
+
+    def edge_note(self) -> str:
+        """What the grid leaves out at the right and bottom edges, in words."""
+        right, bottom = self.margins
+        if self.edges == "keep":
+            return "partial edge tiles kept, padded with white"
+        if not right and not bottom:
+            return "the grid covers the whole slide"
+        return (
+            f"right/bottom margins of {right} and {bottom} px not tiled "
+            f"({self.untiled_tissue:.0%} of tissue; --edges keep tiles them)"
+        )
 
     @property
     def n_tissue(self) -> int:
@@ -100,25 +122,35 @@ def tile_slide(
     magnification: float,
     tile_size: int = 224,
     tissue: str | TissueDetector = "otsu",
+    edges: str = "drop",
 ) -> TileGrid:
-    """Grid `slide` into `tile_size` tiles at `magnification` and find the tissue tiles."""
+    """Grid `slide` into `tile_size` tiles at `magnification` and find the tissue tiles;
+    `edges` "keep" adds the partial last row and column (padded with white)."""
     if tile_size <= 0:
         raise ValueError(f"tile size must be positive, got {tile_size}")
+    if edges not in EDGES:
+        raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
     detector = make_detector(tissue) if isinstance(tissue, str) else tissue
     downsample = slide.downsample_for(magnification)
     width, height = slide.size_at(magnification)
-    rows, cols = height // tile_size, width // tile_size
+    full_rows, full_cols = -(-height // tile_size), -(-width // tile_size)
+    rows, cols = (
+        (full_rows, full_cols) if edges == "keep" else (height // tile_size, width // tile_size)
+    )
     span = tile_size * downsample  # level-0 pixels per tile
     row_index, col_index = np.divmod(np.arange(rows * cols), max(cols, 1))
     coords = np.stack([np.round(col_index * span), np.round(row_index * span)], axis=1).astype(
         np.int64
     )
-    if rows and cols:
-        px = max(2, min(DETECTION_PX, tile_size, MAX_DETECTION_SIDE // max(rows, cols)))
-        thumb = slide.read_overview((cols * px, rows * px), span / px)
-        fraction, keep = detector.detect(thumb, (px, px))
-    else:
-        fraction, keep = np.zeros((0,), np.float32), np.zeros((0,), bool)
+    fraction, keep = _detect(slide, detector, rows, cols, tile_size, span)
+    margins = (width - cols * tile_size, height - rows * tile_size)
+    untiled = 0.0
+    if edges == "drop" and any(margins):
+        # The tissue in the margins, from a detection on the grid that covers them as well.
+        full, _ = _detect(slide, detector, full_rows, full_cols, tile_size, span)
+        full = full.reshape(full_rows, full_cols).astype(np.float64)
+        total = full.sum()
+        untiled = float((total - full[:rows, :cols].sum()) / total) if total > 0 else 0.0
     return TileGrid(
         slide_path=str(slide.path),
         magnification=float(magnification),
@@ -131,7 +163,21 @@ def tile_slide(
         tissue_fraction=fraction.reshape(-1).astype(np.float32),
         is_tissue=keep.reshape(-1),
         method=detector.name,
+        edges=edges,
+        margins=(max(0, margins[0]), max(0, margins[1])),
+        untiled_tissue=untiled,
     )
+
+
+def _detect(
+    slide: Slide, detector: TissueDetector, rows: int, cols: int, tile_size: int, span: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue fraction and decision of each tile of a rows x cols grid, from an overview."""
+    if not (rows and cols):
+        return np.zeros((0,), np.float32), np.zeros((0,), bool)
+    px = max(2, min(DETECTION_PX, tile_size, MAX_DETECTION_SIDE // max(rows, cols)))
+    thumb = slide.read_overview((cols * px, rows * px), span / px)
+    return detector.detect(thumb, (px, px))
 
 
 def read_tiles(

@@ -39,6 +39,7 @@ from histosearch.slide import open_slide
 if TYPE_CHECKING:
     from histosearch.archive.indexer import IndexReport
     from histosearch.encoders import Encoder
+    from histosearch.inputs import Item
     from histosearch.search.patch_index import PatchIndex
 
 __all__ = ["Archive", "ArchiveError", "ArchiveSettings", "SlideFeatures", "SlideRecord"]
@@ -335,7 +336,7 @@ class Archive:
 
     def add(
         self,
-        inputs: Sequence[str | Path],
+        inputs: Sequence[str | Path | Item],
         *,
         group_by: str | None = None,
         encoder: Encoder | None = None,
@@ -347,17 +348,23 @@ class Archive:
         on_progress: Callable[[str, int, int | None], None] | None = None,
         ray: bool | str = False,
     ) -> IndexReport:
-        """Embed and store the slides, folders of slides and manifests in `inputs` that the
-        archive does not hold yet; failures are collected in the report, not raised.
+        """Embed and store the slides, folders of slides and manifests in `inputs` (or items
+        collected from them) that the archive does not hold yet; failures are collected in the
+        report, not raised.
 
         `on_progress(stage, done, total)` is called as slides ("slides") and patches
         ("patches") are done. `ray` spreads the embedding over Ray workers: True starts a
         local Ray instance, a string is a cluster's address; this process commits the rows.
         """
         from histosearch.archive.indexer import index_items
-        from histosearch.inputs import collect_items
+        from histosearch.inputs import Item, collect_items
 
-        items = collect_items([Path(p) for p in inputs], group_by)
+        # an input that gives nothing (a refused manifest, a folder of no slides) is reported
+        # with the failures and the others go on; items collected already are taken as given
+        unreadable: list[tuple[str, str]] = []
+        items = [i for i in inputs if isinstance(i, Item)] + collect_items(
+            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
+        )
         if encoder is None:
             from histosearch.embed import default_device
             from histosearch.encoders import create_encoder
@@ -377,6 +384,7 @@ class Archive:
                 ray=ray,
                 weights=weights,
             )
+            report.failures[:0] = unreadable
             self.sync()
         return report
 

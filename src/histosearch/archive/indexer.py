@@ -4,7 +4,7 @@ batch-tolerant."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,17 +200,30 @@ def index_items(
     slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
     for run in _runs(patches):
         paths = [p for item in run for p in item.paths]
-        try:
-            features = embed_dataset(
-                ImageDataset(paths, encoder.input_size), encoder, batch_size, num_workers, on_batch
+        bad: dict[int, str] = {}  # one unreadable patch costs only itself
+        features = embed_dataset(
+            ImageDataset(paths, encoder.input_size),
+            encoder,
+            batch_size,
+            num_workers,
+            on_batch,
+            failures=bad,
+        )
+        start = row = 0
+        for item in run:
+            good = [str(p) for i, p in enumerate(item.paths, start) if i not in bad]
+            report.failures.extend(
+                (item.name, bad[i]) for i in range(start, start + len(item.paths)) if i in bad
             )
-        except HistosearchError as error:
-            report.failures.extend((item.name, str(error)) for item in run)
-            continue
-        offsets = np.cumsum([0] + [len(item.paths) for item in run])
-        for item, a, b in zip(run, offsets[:-1], offsets[1:], strict=True):
-            coords = np.zeros((b - a, 2), np.int64)
-            add(item, EmbeddedFile(features[a:b], coords, None, None))
+            start += len(item.paths)
+            if good:
+                rows = features[row : row + len(good)]
+                coords = np.zeros((len(good), 2), np.int64)
+                add(
+                    replace(item, paths=[Path(p) for p in good]),
+                    EmbeddedFile(rows, coords, None, None),
+                )
+                row += len(good)
 
     for item in slides:
         try:

@@ -15,6 +15,12 @@ from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
     SHARED_DATA,
+    Exclude,
+    IndexMetric,
+    Mode,
+    Reduction,
+    Tissue,
+    check_shared_data,
     console,
     error_console,
     progress,
@@ -37,15 +43,15 @@ def index(
     encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
     tile_size: Annotated[int, typer.Option("--tile-size", min=8)] = 224,
-    tissue: Annotated[str, typer.Option("--tissue", help="otsu or histogram.")] = "otsu",
+    tissue: Annotated[Tissue, typer.Option("--tissue")] = "otsu",
     reduction: Annotated[
-        str, typer.Option("--reduction", help="pca (default), cov (the paper's) or none.")
+        Reduction, typer.Option("--reduction", help="pca, or cov (the paper's).")
     ] = "pca",
     n_features: Annotated[
         int, typer.Option("--n-features", help="Features kept by the reduction.")
     ] = 128,
     index_metric: Annotated[
-        str, typer.Option("--index-metric", help="Patch index: cosine or l2 (LGFFEM's).")
+        IndexMetric, typer.Option("--index-metric", help="l2 is LGFFEM's.")
     ] = "cosine",
     group_by: Annotated[
         str | None,
@@ -118,7 +124,10 @@ def build_archive(
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    collect_items(inputs, group_by)  # a bad manifest is refused before the model loads
+    unreadable: list[tuple[str, str]] = []
+    items = collect_items(inputs, group_by, unreadable)
+    if not items:  # nothing to index: say why before the model loads or an archive begins
+        report_failures(unreadable, len(inputs))
     encoder = create_encoder(encoder_name, weights).to(default_device())
     with Archive.create(archive_dir, settings, encoder) as archive, progress() as bar:
         tasks = {"slides": bar.add_task("slides", total=None)}
@@ -128,7 +137,7 @@ def build_archive(
             bar.update(tasks[stage], completed=done, total=total)
 
         report = archive.add(
-            inputs,
+            items,
             group_by=group_by,
             encoder=encoder,
             weights=weights,
@@ -140,6 +149,7 @@ def build_archive(
             ray=ray,
         )
         description = archive.describe()
+    report.failures[:0] = unreadable
     console.print(
         f"added {report.added} ({report.patches} patches), {report.skipped} already there; "
         f"archive: {description}",
@@ -156,10 +166,10 @@ def search(
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
     k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 5,
     exclude: Annotated[
-        list[str] | None,
-        typer.Option("--exclude", help="Skip the query's slide, patient or group."),
+        list[Exclude] | None,
+        typer.Option("--exclude", help="Skip the query's own."),
     ] = None,
-    mode: Annotated[str, typer.Option("--mode", help="slides, patches or auto.")] = "auto",
+    mode: Annotated[Mode, typer.Option("--mode")] = "auto",
     region: Annotated[
         tuple[int, int, int, int] | None,
         typer.Option("--region", help="Only the query slide's tiles in this level-0 X Y W H box."),
@@ -269,7 +279,7 @@ def reindex(
 
 
 def demo(
-    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    data: Annotated[Path, typer.Option("--data", callback=check_shared_data)] = SHARED_DATA,
     out: Annotated[Path, typer.Option("--out", help="Where the archive and galleries go.")] = Path(
         "demo-output"
     ),

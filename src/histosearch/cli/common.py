@@ -2,28 +2,160 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable
+from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from histosearch.archive.reduce import REDUCERS
 from histosearch.errors import HistosearchError
+from histosearch.tissue import DETECTORS
+from histosearch.train import METHODS
 
 console = Console()
 error_console = Console(stderr=True)
 
+
+class _WarningLine(logging.Handler):
+    """The package's warnings (a manifest read as cp1252, duplicates dropped, a reader's
+    complaint about a file) as one yellow line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error_console.print(
+            f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False, soft_wrap=True
+        )
+
+
+logging.getLogger("histosearch").addHandler(_WarningLine(logging.WARNING))
+
 T = TypeVar("T")
 DEFAULT_ENCODER = "efficientnet-lite0-imagenet"
-# The project's real data sits beside the repository; HISTOSEARCH_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("HISTOSEARCH_DATA", "../shared/data"))
 
 
-def progress() -> Progress:
-    """A progress bar in the project's style."""
+def shared_data_candidates() -> list[Path]:
+    """Where the project's real data is looked for: $HISTOSEARCH_DATA alone when it is set,
+    else ../shared/data beside the repository (of an editable install), then beside the
+    current folder."""
+    if os.environ.get("HISTOSEARCH_DATA"):
+        return [Path(os.environ["HISTOSEARCH_DATA"])]
+    repository = Path(__file__).resolve().parents[3]
+    return [repository.parent / "shared" / "data", Path("..", "shared", "data")]
+
+
+def _find_shared_data() -> Path:
+    candidates = shared_data_candidates()
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_DATA = _find_shared_data()
+
+
+def check_shared_data(data: Path) -> Path:
+    """An option callback: `data` must be a folder, else say where the data was looked for."""
+    if not data.is_dir():
+        looked = ", ".join(str(c) for c in dict.fromkeys([data, *shared_data_candidates()]))
+        raise typer.BadParameter(
+            f"no data folder at {data} (looked in: {looked}); pass --data or set "
+            "HISTOSEARCH_DATA to the shared data folder"
+        )
+    return data
+
+
+class LogProgress:
+    """Progress as plain lines on stderr ("slides 12/41 (29%) 0:01:10"), for logs: one line
+    each PROGRESS_STEP of a task or PROGRESS_SECONDS, once the task has run QUIET_SECONDS,
+    and a last line at the end. Takes the calls `progress()` callers make of rich's bar."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task in self.tasks.values():
+            if task["printed"] and task["printed"] != (task["done"], task["description"]):
+                self._print(task)
+
+    def add_task(self, description: str, total: float | None = None, **_: object) -> int:
+        now = self.clock()
+        key = len(self.tasks)
+        self.tasks[key] = {
+            "description": description,
+            "total": total,
+            "done": 0.0,
+            "start": now,
+            "last": now,
+            "last_fraction": 0.0,
+            "printed": None,
+        }
+        return key
+
+    def advance(self, key: int, advance: float = 1) -> None:
+        self.update(key, advance=advance)
+
+    def update(
+        self,
+        key: int,
+        *,
+        advance: float | None = None,
+        completed: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+        **_: object,
+    ) -> None:
+        task = self.tasks[key]
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        if completed is not None:
+            task["done"] = completed
+        if advance is not None:
+            task["done"] += advance
+        now = self.clock()
+        if now - task["start"] < QUIET_SECONDS:
+            return
+        fraction = task["done"] / task["total"] if task["total"] else 0.0
+        if (
+            fraction >= 1
+            or fraction - task["last_fraction"] >= PROGRESS_STEP
+            or now - task["last"] >= PROGRESS_SECONDS
+        ):
+            self._print(task)
+
+    def _print(self, task: dict) -> None:
+        now = self.clock()
+        elapsed = int(now - task["start"])
+        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+        done, total = task["done"], task["total"]
+        count = f"{done:g}" if not total else f"{done:g}/{total:g} ({done / total:.0%})"
+        print(f"{task['description']} {count} {clock}", file=sys.stderr, flush=True)
+        task["last"], task["printed"] = now, (done, task["description"])
+        task["last_fraction"] = done / total if total else 0.0
+
+
+# Without a terminal (a batch job, CI, nohup), progress is printed as lines at most every
+# PROGRESS_STEP of a task or every PROGRESS_SECONDS, and not at all for runs shorter than
+# QUIET_SECONDS.
+PROGRESS_STEP = 0.05
+PROGRESS_SECONDS = 5.0
+QUIET_SECONDS = 2.0
+
+
+def progress() -> Progress | LogProgress:
+    """A progress bar in the project's style on a terminal, plain lines otherwise."""
+    if not error_console.is_terminal:
+        return LogProgress()
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -51,14 +183,30 @@ def run_batch(items: Iterable[T], work: Callable[[T], None], label: str) -> list
     return failures
 
 
-def report_failures(failures: list[tuple[T, str]], total: int) -> None:
+def report_failures(failures: list[tuple[T, str]], total: int | None, what: str = "failed") -> None:
     """Print the failures and exit non-zero if there were any."""
     if not failures:
         return
-    error_console.print(f"[red]{len(failures)} of {total} failed:[/red]")
+    count = f"{len(failures)}" if total is None else f"{len(failures)} of {total}"
+    error_console.print(f"[red]{count} {what}:[/red]")
     for _, message in failures:
         error_console.print(f"  [red]x[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+# Choices checked before a command runs; a wrong value is named with the valid ones. The
+# values of modules that import FAISS or torch are spelled out (a test keeps them equal) so
+# that `histosearch --help` does not load those.
+Tissue = Literal[tuple(DETECTORS)]
+SlideReduction = Literal[tuple(REDUCERS)]
+Reduction = Literal[(*REDUCERS, "none")]
+IndexMetric = Literal["cosine", "l2"]  # archive.INDEX_METRICS
+Metric = Literal["cosine", "l2"]
+Mode = Literal["auto", "slides", "patches"]
+Edges = Literal["drop", "keep"]  # tiling.EDGES
+Method = Literal[METHODS]
+# A StrEnum, not a Literal: typer takes lists of enums only; its members compare as strings.
+Exclude = StrEnum("Exclude", {v: v for v in ("slide", "patient", "group")})  # ranking's
 
 
 ENCODER_HELP = (

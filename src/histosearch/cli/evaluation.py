@@ -11,6 +11,8 @@ from rich.table import Table
 from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
+    Metric,
+    SlideReduction,
     console,
     error_console,
     progress,
@@ -34,14 +36,14 @@ def eval_command(
         str,
         typer.Option("--exclude", help="Column whose matches are never neighbours, or none."),
     ] = "auto",
-    metric: Annotated[str, typer.Option("--metric", help="cosine or l2.")] = "cosine",
+    metric: Annotated[Metric, typer.Option("--metric")] = "cosine",
     ks: Annotated[list[int] | None, typer.Option("--k", help="Ranks (default 1 3 5).")] = None,
     slide_column: Annotated[
         str | None,
         typer.Option("--slide-column", help="Also run the slide protocol, patches grouped by it."),
     ] = None,
     reduction: Annotated[
-        str, typer.Option("--reduction", help="Slide protocol: cov or pca.")
+        SlideReduction, typer.Option("--reduction", help="Slide protocol.")
     ] = "cov",
     n_features: Annotated[int, typer.Option("--n-features")] = 128,
     pairs: Annotated[int, typer.Option("--pairs", help="Pairs for ADDR and verification.")] = 5000,

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from histosearch.cli.common import (
+    Edges,
+    Tissue,
     console,
     report_failures,
     run_batch,
@@ -16,7 +18,7 @@ from histosearch.cli.common import (
 from histosearch.errors import NoTissueError
 from histosearch.slide import open_slide
 from histosearch.tiling import TileGrid, save_overlay, tile_slide
-from histosearch.tissue import DETECTORS, make_detector
+from histosearch.tissue import make_detector
 
 
 def _tile_row(grid: TileGrid, size: tuple[int, int]) -> list[str]:
@@ -40,9 +42,13 @@ def tile(
     tile_size: Annotated[
         int, typer.Option("--tile-size", min=8, help="Tile side in pixels.")
     ] = 224,
-    tissue: Annotated[
-        str, typer.Option("--tissue", help=f"Tissue detection: {' or '.join(DETECTORS)}.")
-    ] = "otsu",
+    tissue: Annotated[Tissue, typer.Option("--tissue", help="Tissue detection.")] = "otsu",
+    edges: Annotated[
+        Edges,
+        typer.Option(
+            "--edges", help="Partial last row/column: drop (the papers' grid) or keep (padded)."
+        ),
+    ] = "drop",
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the CSV and PNG per slide.")
     ] = Path("tiles"),
@@ -77,9 +83,10 @@ def tile(
 
     def work(path: Path) -> None:
         with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
-            grid = tile_slide(slide, mag, tile_size, detector)
+            grid = tile_slide(slide, mag, tile_size, detector, edges)
             size = slide.size_at(mag)
             table.add_row(*_tile_row(grid, size))
+            notes.append(f"{path.name}: {grid.edge_note()}")
             if len(grid) == 0:
                 raise NoTissueError(
                     path,
@@ -90,7 +97,10 @@ def tile(
             if grid.n_tissue == 0:
                 raise NoTissueError(path, f"no tissue in any of the {len(grid)} tiles at {mag:g}x")
 
+    notes: list[str] = []
     failures = run_batch(slides, work, "tiling")
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
     console.print(f"coordinates and thumbnails in {out}/")
     report_failures(failures, len(slides))

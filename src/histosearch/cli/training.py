@@ -11,8 +11,10 @@ import typer
 from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
+    Method,
     console,
     progress,
+    report_failures,
 )
 from histosearch.embed import default_device
 from histosearch.slide import open_slide
@@ -20,9 +22,9 @@ from histosearch.slide import open_slide
 
 def train(
     method: Annotated[
-        str,
+        Method,
         typer.Argument(
-            help="spatial (Gildenblat & Klaiman), byol (Huang & Chen) or lgffem (Nunez-Fernandez)."
+            help="spatial (Gildenblat & Klaiman), byol (Huang & Chen) or lgffem (Nunez-Fernandez).",
         ),
     ],
     data: Annotated[Path, typer.Option("--data", help="Manifest CSV of the training images.")],
@@ -100,6 +102,7 @@ def train(
         stain_target=None if stain_target is None else str(stain_target),
     )
     device = default_device()
+    skipped: list[str] = []
     with progress() as bar:
         task = bar.add_task(f"{method} on {device}", total=None)
 
@@ -108,7 +111,13 @@ def train(
             bar.advance(task)
 
         path = run_training(
-            settings, out, resume=resume, device=device, workers=workers, on_step=on_step
+            settings,
+            out,
+            resume=resume,
+            device=device,
+            workers=workers,
+            on_step=on_step,
+            failures=skipped,
         )
     history = load_checkpoint(path)["history"]
     console.print(
@@ -116,6 +125,7 @@ def train(
         + " ".join(f"{value:.4f}" for value in history),
         highlight=False,
     )
+    report_failures([(None, message) for message in skipped], None, "images left out")
 
 
 def verify(

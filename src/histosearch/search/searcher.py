@@ -3,6 +3,7 @@ by file, by archived slide or by a region of one."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class Searcher:
             vectors = np.asarray(loaded.view.vectors[rows.start : rows.stop], np.float32)
             coords = np.asarray(loaded.view.coords[rows.start : rows.stop])
             name, tile_l0, label = record.name, record.tile_l0, record.label
-        elif Path(query).is_file():
+        elif os.path.lexists(query):  # a file, or something open_slide names (a folder...)
             from histosearch.archive.indexer import embed_file
 
             embedded = embed_file(

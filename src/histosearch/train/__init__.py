@@ -1,1 +1,3 @@
-"""Self-supervised training of domain encoders: spatial-continuity siamese and BYOL."""
+"""Training domain encoders: spatial-continuity siamese, BYOL and supervised LGFFEM."""
+
+METHODS = ("spatial", "byol", "lgffem")

@@ -10,18 +10,34 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from histosearch.embed import ImageDataset
+from histosearch.errors import HistosearchError
 from histosearch.stain import ReinhardNormalizer
 
 
 def load_images(
-    paths: list[Path], size: int, stain: ReinhardNormalizer | None = None
+    paths: list[Path],
+    size: int,
+    stain: ReinhardNormalizer | None = None,
+    failures: dict[int, str] | None = None,
 ) -> np.ndarray:
-    """(n, size, size, 3) uint8, each image resized (and stain-normalised if asked)."""
+    """(n, size, size, 3) uint8, each image resized (and stain-normalised if asked).
+
+    With a `failures` dict, an unreadable image is skipped (the rows are the readable images,
+    in order) and recorded as index -> "file: reason"; without one, the first raises."""
     images = ImageDataset(paths, size)  # read and resized exactly as the encoder will see them
     out = np.empty((len(paths), size, size, 3), np.uint8)
+    kept = 0
     for index in range(len(paths)):
-        out[index] = images[index] if stain is None else stain.transform(images[index])
-    return out
+        try:
+            image = images[index]
+        except HistosearchError as error:
+            if failures is None:
+                raise
+            failures[index] = str(error)
+            continue
+        out[kept] = image if stain is None else stain.transform(image)
+        kept += 1
+    return out[:kept]
 
 
 def spatial_augment(size: int) -> v2.Transform:

@@ -17,6 +17,7 @@ from histosearch.errors import HistosearchError
 from histosearch.fileio import atomic_path
 from histosearch.inputs import read_manifest_rows
 from histosearch.stain import ReinhardNormalizer
+from histosearch.train import METHODS
 from histosearch.train.data import (
     LabelledDataset,
     PairDataset,
@@ -78,9 +79,6 @@ class TrainSettings:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
-METHODS = ("spatial", "byol", "lgffem")
-
-
 def build_model(settings: TrainSettings) -> SiameseNet | BYOLNet | LGFFEM:
     if settings.method == "spatial":
         return SiameseNet(settings.backbone, settings.out_dim)
@@ -119,8 +117,8 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
     rows, _, missing = read_manifest_rows(path)
     if not rows:
         raise TrainingError(path, "lists no images")
-    if missing:
-        raise TrainingError(path, f"{len(missing)} listed files are missing, e.g. {missing[0]}")
+    if len(missing) == len(rows):  # else each missing file is left out and named
+        raise TrainingError(path, f"none of the {len(rows)} listed files exists, e.g. {missing[0]}")
     return rows
 
 
@@ -156,15 +154,25 @@ def _holdout(
     rows: list[dict[str, str]], settings: TrainSettings, manifest: Path, out: Path
 ) -> list[dict[str, str]]:
     """Keep a seeded fraction of the groups/patients out of training (written to
-    `out/heldout.csv` for `eval`); never the same group on both sides."""
+    `out/heldout.csv` for `eval`); never the same group on both sides. A fraction of 0 holds
+    out nothing; any other rounds to at least one group."""
+    fraction = settings.holdout_fraction
+    if not 0 <= fraction < 1:
+        raise TrainingError(manifest, f"--holdout-fraction must be in [0, 1), got {fraction:g}")
+    if fraction == 0:
+        (out / "heldout.csv").unlink(missing_ok=True)  # a previous run's split no longer holds
+        return rows
     column = _split_column(rows)
     if column is None:
         raise TrainingError(manifest, "lgffem needs a group, patient or slide column to hold out")
     values = sorted({r[column] for r in rows})
+    if len(values) < 2:
+        raise TrainingError(
+            manifest, f"one {column} only: nothing to hold out (use --holdout-fraction 0)"
+        )
     rng = np.random.default_rng(settings.seed)
-    held = set(
-        rng.choice(values, max(1, round(len(values) * settings.holdout_fraction)), replace=False)
-    )
+    count = min(len(values) - 1, max(1, round(len(values) * fraction)))
+    held = set(rng.choice(values, count, replace=False))
     train_rows = [r for r in rows if r[column] not in held]
     test_rows = [r for r in rows if r[column] in held]
     unseen = sorted({r["label"] for r in test_rows} - {r["label"] for r in train_rows})
@@ -179,8 +187,9 @@ def _holdout(
     return train_rows
 
 
-def prepare(settings: TrainSettings, out: Path) -> TrainData:
-    """Check the data (and build pairs or classes) before any training."""
+def prepare(settings: TrainSettings, out: Path, failures: list[str] | None = None) -> TrainData:
+    """Check the data (and build pairs or classes) before any training. Images that cannot
+    be read are left out and named in `failures` (without it, the first one raises)."""
     manifest = Path(settings.manifest)
     rows = _read_manifest(manifest)
     data = TrainData(images=np.empty(0))
@@ -191,6 +200,29 @@ def prepare(settings: TrainSettings, out: Path) -> TrainData:
             raise TrainingError(manifest, "spatial pairs need x, y and a slide or patient column")
         if settings.coord_mpp is None:
             raise TrainingError(manifest, "give --coord-mpp: microns per x, y unit (IDC: 4.0)")
+    if settings.method == "lgffem":
+        if "label" not in rows[0]:
+            raise TrainingError(manifest, "lgffem needs a label column")
+        labels = sorted({r["label"] for r in rows})
+        if len(labels) < 2:
+            raise TrainingError(manifest, f"lgffem needs at least two labels, found {labels}")
+        rows = _holdout(rows, settings, manifest, out)
+        settings.classes = labels
+    bad: dict[int, str] | None = None if failures is None else {}
+    data.images = load_images(
+        [manifest.parent / r["path"] for r in rows],
+        settings.image_size,
+        stain_normaliser(settings),
+        bad,
+    )
+    if bad:
+        failures.extend(bad.values())
+        rows = [r for i, r in enumerate(rows) if i not in bad]
+    if len(rows) < settings.batch_size:
+        raise TrainingError(
+            manifest, f"{len(rows)} images is fewer than one batch of {settings.batch_size}"
+        )
+    if settings.method == "spatial":
         xy = np.array([[float(r["x"]), float(r["y"])] for r in rows]) * settings.coord_mpp
         data.pairs, data.pair_labels = sample_spatial_pairs(
             [r[slide_column] for r in rows],
@@ -202,21 +234,7 @@ def prepare(settings: TrainSettings, out: Path) -> TrainData:
             settings.seed,
         )
     if settings.method == "lgffem":
-        if "label" not in rows[0]:
-            raise TrainingError(manifest, "lgffem needs a label column")
-        labels = sorted({r["label"] for r in rows})
-        if len(labels) < 2:
-            raise TrainingError(manifest, f"lgffem needs at least two labels, found {labels}")
-        rows = _holdout(rows, settings, manifest, out)
-        settings.classes = labels
         data.classes = np.array([labels.index(r["label"]) for r in rows])
-    if len(rows) < settings.batch_size:
-        raise TrainingError(
-            manifest, f"{len(rows)} images is fewer than one batch of {settings.batch_size}"
-        )
-    data.images = load_images(
-        [manifest.parent / r["path"] for r in rows], settings.image_size, stain_normaliser(settings)
-    )
     return data
 
 
@@ -244,10 +262,13 @@ def train(
     device: str = "cpu",
     workers: int = 1,
     on_step: Callable[[int, int, float], None] | None = None,
+    failures: list[str] | None = None,
 ) -> Path:
     """Train, writing `out/checkpoint.pt` after every epoch; `resume` continues from it.
 
-    `on_step(epoch, step, loss)` reports progress. Returns the checkpoint's path.
+    `on_step(epoch, step, loss)` reports progress; unreadable images are skipped and named
+    in `failures` when it is given (else the first one stops the run). Returns the
+    checkpoint's path.
     """
     if settings.backbone == IMAGENET_LITE0:
         settings.mean, settings.std = [0.5] * 3, [0.5] * 3  # the TF-Lite models' scaling
@@ -281,7 +302,8 @@ def train(
         # the run goes on with its own stain target, even if the image has moved since
         settings.stain_lab = saved.get("stain_lab")
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare(settings, out)
+    data = prepare(settings, out, failures)
+    _set_seed(settings.seed)  # the initial weights depend on --seed alone
     model = build_model(settings).to(device).to(memory_format=torch.channels_last)
     criterion = (
         _arcface(settings, model.out_dim).to(device) if settings.method == "lgffem" else None
