@@ -191,3 +191,16 @@ def test_incremental_adds_equal_a_fresh_build(tmp_path: Path):
             }
 
         assert ranking(grown) == ranking(fresh)
+
+
+def test_edges_keep_tiles_the_partial_last_row_and_column(tmp_path: Path):
+    patches = {}
+    for edges in ("drop", "keep"):
+        settings = ArchiveSettings(encoder="color-histogram", reduction="none", edges=edges)
+        with Archive.create(tmp_path / edges, settings) as archive:
+            archive.add([CMU])
+            assert archive.settings["edges"] == edges
+            patches[edges] = archive.slides()[0].n_patches
+    assert patches["keep"] > patches["drop"] > 0
+    with pytest.raises(ValueError, match="edges 'all': choose from drop, keep"):
+        ArchiveSettings(edges="all")

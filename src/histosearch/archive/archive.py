@@ -48,6 +48,7 @@ __all__ = ["Archive", "ArchiveError", "ArchiveSettings", "SlideFeatures", "Slide
 # reduced vectors as the LGFFEM paper indexes them.
 INDEX_METRICS = ("cosine", "l2")
 REDUCTIONS = (*REDUCERS, "none")
+EDGES = ("drop", "keep")
 LOCK = ".writer.lock"
 # Percentiles are measured on at most this many slides and patches of the archive.
 CALIBRATION_SLIDES = 200
@@ -65,11 +66,14 @@ class ArchiveSettings:
     reduction: str = "pca"
     n_features: int = 128
     index_metric: str = "cosine"
+    # the partial last row and column of tiles: dropped (the papers' grid) or kept, padded
+    edges: str = "drop"
 
     def __post_init__(self) -> None:
         for name, value, choices in (
             ("reduction", self.reduction, REDUCTIONS),
             ("index_metric", self.index_metric, INDEX_METRICS),
+            ("edges", self.edges, EDGES),
         ):
             if value not in choices:
                 raise ValueError(f"{name} {value!r}: choose from {', '.join(choices)}")

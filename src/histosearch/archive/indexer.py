@@ -74,6 +74,7 @@ def embed_file(
         batch_size=batch_size,
         num_workers=num_workers,
         on_batch=on_batch,
+        edges=settings.get("edges", "drop"),
     )
     with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
         whole = max(slide.dimensions) <= tile_size

@@ -15,6 +15,7 @@ from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
     SHARED_DATA,
+    Edges,
     Exclude,
     IndexMetric,
     Mode,
@@ -44,6 +45,9 @@ def index(
     weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
     tile_size: Annotated[int, typer.Option("--tile-size", min=8)] = 224,
     tissue: Annotated[Tissue, typer.Option("--tissue")] = "otsu",
+    edges: Annotated[
+        Edges, typer.Option("--edges", help="Partial last row/column: drop (papers') or keep.")
+    ] = "drop",
     reduction: Annotated[
         Reduction, typer.Option("--reduction", help="pca, or cov (the paper's).")
     ] = "pca",
@@ -81,6 +85,7 @@ def index(
         reduction=reduction,
         n_features=n_features,
         index_metric=index_metric,
+        edges=edges,
         group_by=group_by,
         mpp=mpp,
         objective_power=objective_power,
@@ -103,6 +108,7 @@ def build_archive(
     reduction: str = "pca",
     n_features: int = 128,
     index_metric: str = "cosine",
+    edges: str = "drop",
     group_by: str | None = None,
     mpp: float | None = None,
     objective_power: float | None = None,
@@ -120,7 +126,7 @@ def build_archive(
     try:
         make_detector(tissue)
         settings = ArchiveSettings(
-            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric
+            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric, edges
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
