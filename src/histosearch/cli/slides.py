@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -15,10 +15,9 @@ from histosearch.cli.common import (
     report_failures,
     run_batch,
 )
-from histosearch.errors import NoTissueError
-from histosearch.slide import open_slide
-from histosearch.tiling import TileGrid, save_overlay, tile_slide
-from histosearch.tissue import make_detector
+
+if TYPE_CHECKING:
+    from histosearch.tiling import TileGrid
 
 
 def _tile_row(grid: TileGrid, size: tuple[int, int]) -> list[str]:
@@ -65,6 +64,11 @@ def tile(
     Writes OUT/<slide>.tiles.csv (level-0 x, y of every tile, its tissue fraction and
     decision) and OUT/<slide>.tiles.png (a thumbnail with the kept tiles outlined).
     """
+    from histosearch.errors import NoTissueError
+    from histosearch.slide import open_slide
+    from histosearch.tiling import save_overlay, tile_slide
+    from histosearch.tissue import make_detector
+
     try:
         detector = make_detector(tissue)
     except ValueError as error:

@@ -16,8 +16,6 @@ from histosearch.cli.common import (
     progress,
     report_failures,
 )
-from histosearch.embed import default_device
-from histosearch.slide import open_slide
 
 
 def train(
@@ -101,6 +99,8 @@ def train(
         margin=margin,
         stain_target=None if stain_target is None else str(stain_target),
     )
+    from histosearch.embed import default_device
+
     device = default_device()
     skipped: list[str] = []
     with progress() as bar:
@@ -170,6 +170,7 @@ def explain(
     """Grad-CAM heatmaps of LGFFEM's outer fusion nodes P1_2..P4_2 and their combination."""
     from histosearch.encoders import create_encoder
     from histosearch.explain import embed_for_cam, gradcam
+    from histosearch.slide import open_slide
     from histosearch.viz import save_cam_figure
 
     encoder = create_encoder(encoder_name)
