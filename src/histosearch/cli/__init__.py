@@ -12,6 +12,7 @@ from histosearch.cli.bench import (
     bench_tissue_command,
 )
 from histosearch.cli.common import error_console
+from histosearch.cli.encoders import encoders_command
 from histosearch.cli.evaluation import eval_command
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
@@ -25,6 +26,7 @@ app = typer.Typer(
 for command in (tile, index, search):
     app.command()(command)
 app.command("eval")(eval_command)
+app.command("encoders")(encoders_command)
 for command in (train, verify, explain, demo):
     app.command()(command)
 

@@ -32,6 +32,10 @@ class Encoder:
     tile_transform: Callable[[np.ndarray], np.ndarray] | None = None
     # Cosine at or above which two images count as the same category (pair verification).
     threshold: float | None = None
+    # Identity of the weights (sha256 prefix of the checkpoint; "builtin" without weights).
+    fingerprint: str = "builtin"
+    # Autocast dtype on a GPU, as the model card recommends ("float32": none).
+    precision: str = "float32"
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels_last."""
@@ -50,6 +54,9 @@ class Encoder:
         if self.tile_transform is not None:
             tiles = np.stack([self.tile_transform(np.asarray(tile)) for tile in tiles])
         batch = torch.as_tensor(tiles).to(self.device)
+        if self.device.startswith("cuda") and self.precision != "float32":
+            with torch.autocast("cuda", dtype=getattr(torch, self.precision)):
+                return self.model(self.preprocess(batch)).float().cpu().numpy()
         return self.model(self.preprocess(batch)).float().cpu().numpy()
 
     def to(self, device: str) -> Encoder:
@@ -74,23 +81,34 @@ def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     return decorator
 
 
+def _register_builtins() -> None:
+    """Import the modules whose encoders register themselves (once)."""
+    from histosearch.encoders import foundation, handcrafted, imagenet  # noqa: F401
+
+
 def available_encoders() -> list[str]:
     """Registered encoder names (any `timm:<model>` with a checkpoint works as well)."""
+    _register_builtins()
     return sorted(_REGISTRY)
 
 
 def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     """The encoder called `name`, in eval mode, frozen, on the CPU.
 
-    `name` is a registered encoder or `timm:<model name>`; `weights` is a local checkpoint.
+    `name` is a registered encoder or `timm:<model name>`; `weights` is a local checkpoint
+    file, or a folder holding one (as `huggingface-cli download --local-dir` leaves it).
     """
+    from histosearch.encoders.fingerprint import weights_fingerprint
+
+    _register_builtins()
     path = None if weights is None else Path(weights)
-    if path is not None and not path.is_file():
-        raise EncoderError(path, "weights file not found")
+    if path is not None and not path.exists():
+        raise EncoderError(path, f"{name}: weights file not found")
     if name.endswith(".pt") and Path(name).is_file():
         from histosearch.train.checkpoint import encoder_from_checkpoint
 
         encoder = encoder_from_checkpoint(Path(name))
+        encoder.fingerprint = weights_fingerprint([Path(name)])
     elif name.startswith("timm:"):
         from histosearch.encoders.timm_models import timm_encoder
 
