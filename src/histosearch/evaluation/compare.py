@@ -30,7 +30,7 @@ class EncoderResult:
 
 def next_run_folder(out: Path, label: str) -> Path:
     """A new numbered folder `out/NNN-label` (runs into the same `--out` never overwrite)."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:60]
+    slug = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in label)[:80]
     taken = [int(p.name[:3]) for p in out.glob("[0-9][0-9][0-9]-*") if p.name[:3].isdigit()]
     return out / f"{max(taken, default=0) + 1:03d}-{slug}"
 
@@ -74,7 +74,7 @@ def save_comparison_plot(
     import numpy as np
 
     width = 0.8 / len(results)
-    figure, axis = plt.subplots(figsize=(2.2 + 2.2 * len(columns), 4.2))
+    figure, axis = plt.subplots(figsize=(2.2 + 2.2 * len(columns), 4.6))
     for index, result in enumerate(results):
         values = [float(result.metrics[c]) for c in columns]
         x = np.arange(len(columns)) + (index - (len(results) - 1) / 2) * width
@@ -84,7 +84,9 @@ def save_comparison_plot(
     axis.set_ylim(0, 1.08)
     axis.set_ylabel("score")
     axis.set_title(f"Encoders on {Path(source).name}")
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(
+        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(results), 4)
+    )
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
