@@ -120,6 +120,20 @@ def test_safetensors_folder_and_hub_cache_layout(tmp_path: Path, monkeypatch):
         create_encoder("ctranspath", snapshot / "model.safetensors")
 
 
+def test_a_checkpoint_on_another_position_grid_is_resampled(tmp_path: Path):
+    """kaiko's ViT-L was published at 518 px; run at 224 px its positions are resampled once,
+    as timm's dynamic image size does on every forward."""
+    model = CATALOG["kaiko-vits16"]
+    reference = _random_timm("vit_small_patch16_224", img_size=448, dynamic_img_size=True)
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    encoder = create_encoder("kaiko-vits16", tmp_path / "model.safetensors")
+    tiles = lc_tiles(2)
+    with torch.no_grad():
+        x = reference_input(tiles, 224, model.mean, model.std)
+        expected = reference.forward_features(x)[:, 0].numpy()  # dynamic resampling at 224
+    np.testing.assert_allclose(encoder(tiles), expected, atol=1e-5)
+
+
 def test_original_ctranspath_checkpoint_equals_a_direct_forward(tmp_path: Path):
     model = CATALOG["ctranspath"]
     reference = _random_timm("swin_tiny_patch4_window7_224", embed_layer=ConvStem)

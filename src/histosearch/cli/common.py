@@ -62,5 +62,6 @@ def report_failures(failures: list[tuple[T, str]], total: int) -> None:
 
 
 ENCODER_HELP = (
-    "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, timm:<model>."
+    "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, a foundation "
+    "model (uni, virchow2, ...: `histosearch encoders`), timm:<model>."
 )

@@ -143,7 +143,7 @@ MODELS: tuple[FoundationModel, ...] = (
         "float16",
         "Apache-2.0",
         True,
-        "632M",
+        "631.2M",
     ),
     FoundationModel(
         "virchow2",
@@ -168,7 +168,7 @@ MODELS: tuple[FoundationModel, ...] = (
         "float16",
         NON_COMMERCIAL,
         True,
-        "632M",
+        "631.2M",
     ),
     FoundationModel(
         "h-optimus-0",
@@ -198,7 +198,7 @@ MODELS: tuple[FoundationModel, ...] = (
         "cls",
         1536,
         "float16",
-        "Bioptimus non-commercial",
+        "Bioptimus academic research only",
         True,
         "1.1B",
     ),
@@ -299,10 +299,10 @@ MODELS: tuple[FoundationModel, ...] = (
         FoundationModel(
             f"kaiko-{short}",
             f"kaiko.ai {title} (towards large pathology FMs)",
-            f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms",
+            f"1aurent/{repo or arch}.kaiko_ai_towards_large_pathology_fms",
             "timm",
             arch,
-            _vit(img_size=img_size, dynamic_img_size=True),
+            _vit(img_size=224, dynamic_img_size=True),
             224,
             *HALF,
             "cls",
@@ -312,16 +312,18 @@ MODELS: tuple[FoundationModel, ...] = (
             False,
             params,
         )
-        for short, title, arch, img_size, dim, params in (
-            ("vits16", "ViT-S/16", "vit_small_patch16_224", 224, 384, "22M"),
-            ("vits8", "ViT-S/8", "vit_small_patch8_224", 224, 384, "22M"),
-            ("vitb16", "ViT-B/16", "vit_base_patch16_224", 224, 768, "86M"),
-            ("vitb8", "ViT-B/8", "vit_base_patch8_224", 224, 768, "86M"),
+        # the ViT-L repository was renamed from ...reg4_dinov2 (518 px position grid, resampled
+        # to the 224 px one when loading, as timm's dynamic size would at run time)
+        for short, title, arch, repo, dim, params in (
+            ("vits16", "ViT-S/16", "vit_small_patch16_224", None, 384, "22M"),
+            ("vits8", "ViT-S/8", "vit_small_patch8_224", None, 384, "22M"),
+            ("vitb16", "ViT-B/16", "vit_base_patch16_224", None, 768, "86M"),
+            ("vitb8", "ViT-B/8", "vit_base_patch8_224", None, 768, "86M"),
             (
                 "vitl14",
                 "ViT-L/14 + 4 registers",
                 "vit_large_patch14_reg4_dinov2",
-                518,
+                "vit_large_patch14_reg4_224",
                 1024,
                 "304M",
             ),

@@ -255,7 +255,8 @@ def match_checkpoint(
         if hits > best[0]:
             best = (hits, prefix, inner)
     _, prefix, inner = best
-    missing = sorted(k for k in expected if k not in inner)
+    # batch-norm step counters are bookkeeping some exports drop
+    missing = sorted(k for k in expected if k not in inner and "num_batches_tracked" not in k)
     unexpected = sorted(k for k in inner if k not in expected and not UNUSED.search(k))
     if missing or unexpected:
         detail = []
@@ -269,6 +270,7 @@ def match_checkpoint(
             f"{prefix!r}: {'; '.join(detail)}. {fetch_instructions(model)}",
         )
     inner = {k: v for k, v in inner.items() if k in expected}
+    inner |= {k: v for k, v in expected.items() if k not in inner}  # the step counters
     pos = inner.get("pos_embed")
     if pos is not None and pos.shape != expected["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
