@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -142,21 +143,20 @@ def eval_command(
         )
         return
     protocol = _PatchProtocol(
-        ks,
-        exclude,
-        exclude_column,
-        metric,
-        pairs,
-        near,
-        far,
-        slide_column,
-        (reduction, n_features),
-        queries_per_class,
-        seed,
+        ks=ks,
+        exclude=exclude,
+        exclude_column=exclude_column,
+        metric=metric,
+        pairs=pairs,
+        near_far=None if near is None else (near, far),
+        slide_column=slide_column,
+        reduction=(reduction, n_features),
+        queries_per_class=queries_per_class,
+        seed=seed,
     )
     results = []
     for name, encoder_weights in choices:
-        folder = run if len(choices) == 1 else run / Path(name).name
+        folder = run if len(choices) == 1 else run / name.strip("/").replace("/", "-")
         if manifest is None:
             features, fingerprint, dim = stored, "archive", stored.shape[1]
         else:
@@ -233,27 +233,20 @@ def _embed_manifest(
     return features, encoder.fingerprint, encoder.dim
 
 
+@dataclass(frozen=True)
 class _PatchProtocol:
     """The patch protocol with one run's settings, applied to each encoder's features."""
 
-    def __init__(
-        self,
-        ks,
-        exclude,
-        exclude_column,
-        metric,
-        pairs,
-        near,
-        far,
-        slide_column,
-        reduction,
-        queries_per_class,
-        seed,
-    ) -> None:
-        self.ks, self.exclude, self.exclude_column = ks, exclude, exclude_column
-        self.metric, self.pairs, self.slide_column = metric, pairs, slide_column
-        self.near_far = None if near is None else (near, far)
-        self.reduction, self.queries_per_class, self.seed = reduction, queries_per_class, seed
+    ks: list[int]
+    exclude: str
+    exclude_column: str | None
+    metric: str
+    pairs: int
+    near_far: tuple[float, float] | None
+    slide_column: str | None
+    reduction: tuple[str, int]
+    queries_per_class: int
+    seed: int
 
     def run(self, data, features, name: str, fingerprint: str, dim: int, folder: Path, run: Path):
         """Evaluate one encoder's features; its report goes to `folder`."""
