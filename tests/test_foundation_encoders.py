@@ -286,3 +286,8 @@ def test_archive_built_searched_and_evaluated_with_lunit_from_the_hub_cache(
     fingerprint = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()[:16]
     assert metrics["settings"]["weights fingerprint"] == fingerprint
     assert 0 < metrics["patch"]["metrics"]["mMV@5"] <= 1
+    # the archive's own features evaluate the same way (no encoder run)
+    stored = runner.invoke(app, ["eval", "--archive", str(archive), "--out", str(out)])
+    assert stored.exit_code == 0, stored.output
+    again = json.loads((out / "002-lunit-vits16" / "metrics.json").read_text())
+    assert again["settings"]["weights fingerprint"] == "archive"

@@ -197,7 +197,7 @@ def bench_extract_command(
         ):
             bar.add_task(f"{name}", total=None)
             result = bench_extraction(slide, mag, encoder, batch_size, tiles)
-        table.add_row(
+        row = (
             result.encoder,
             source,
             str(result.tiles),
@@ -205,6 +205,8 @@ def bench_extract_command(
             f"{result.pipeline_per_s:.1f}",
             f"{result.ratio:.2f}",
         )
+        table.add_row(*row)
+        error_console.print(" | ".join(row), highlight=False)  # each as it is measured
     console.print(table)
 
 
