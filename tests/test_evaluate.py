@@ -166,23 +166,89 @@ def test_eval_command_writes_the_report(tmp_path: Path):
     result = runner.invoke(app, [*command, "--slide-column", "group", "--pairs", "300"])
     assert result.exit_code == 0, result.output
     assert "reused" not in result.output
-    payload = json.loads((out / "metrics.json").read_text())
+    first = out / "001-color-histogram"
+    payload = json.loads((first / "metrics.json").read_text())
     assert payload["settings"]["exclude"] == "group"
+    assert payload["settings"]["weights fingerprint"] == "builtin"
     metrics = payload["patch"]["metrics"]
     assert 0.5 < metrics["mMV@5"] <= 1 and 0 < metrics["eta_tot"] <= 1
     assert metrics["ADDR (label pairs)"] > 1
     assert 0.5 < metrics["linear probe balanced accuracy"] <= 1
     assert set(payload["slide"]["slides = group"]) == {"full (512-d)", "cov 128-d"}
     assert {"pca.png", "umap.png", "confusion.png", "gallery.png"} <= {
-        p.name for p in out.iterdir()
+        p.name for p in first.iterdir()
     }
-    assert "## Patch retrieval" in (out / "report.md").read_text()
-    # a second eval into the same folder reuses the embeddings: same numbers, no embedding
-    again = runner.invoke(app, [*command, "--slide-column", "group", "--pairs", "300"])
+    assert "## Patch retrieval" in (first / "report.md").read_text()
+    # a second eval into the same folder reuses the embeddings and keeps the first report
+    before = (first / "report.md").read_text()
+    again = runner.invoke(app, [*command, "--pairs", "200"])
     assert again.exit_code == 0 and "embeddings reused" in again.output
-    assert json.loads((out / "metrics.json").read_text())["patch"]["metrics"] == metrics
-    other = runner.invoke(app, [*command[:3], "efficientnet-lite0-imagenet", *command[4:]])
-    assert other.exit_code == 0 and "reused" not in other.output  # another encoder embeds
+    second = json.loads((out / "002-color-histogram" / "metrics.json").read_text())
+    assert second["patch"]["metrics"]["mMV@5"] == metrics["mMV@5"]
+    assert second["settings"]["pairs"] == 200
+    assert (first / "report.md").read_text() == before
+    assert json.loads((first / "metrics.json").read_text())["settings"]["pairs"] == 300
+
+
+def test_an_image_rewritten_in_place_is_embedded_again(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["path,label"]
+    for index, cls in enumerate(("lung_aca", "lung_n", "lung_scc") * 3):
+        source = sorted((LC / "images" / cls).glob("*.jpeg"))[index]
+        (images / f"{index}.jpeg").write_bytes(source.read_bytes())
+        rows.append(f"images/{index}.jpeg,{cls}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    command = ["eval", str(tmp_path / "m.csv"), "--encoder", "color-histogram", "--out", str(out)]
+    command += ["--k", "1", "--exclude", "none", "--pairs", "50"]
+    assert runner.invoke(app, command).exit_code == 0
+    # same name, other pixels (a re-exported set): the cache must not answer
+    (images / "0.jpeg").write_bytes((images / "1.jpeg").read_bytes())
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "reused" not in result.output
+    from histosearch.evaluation.cache import cached_embeddings, embedding_key
+
+    paths = [tmp_path / "images" / f"{i}.jpeg" for i in range(9)]
+    features = cached_embeddings(out, embedding_key("color-histogram", "builtin"), paths)
+    assert features is not None and np.allclose(features[0], features[1])  # now the same image
+    assert "embeddings reused" in runner.invoke(app, command).output
+
+
+def test_eval_compares_encoders_in_one_table(tmp_path: Path):
+    manifest = write_manifest(tmp_path / "m.csv", LC, "group", 3)
+    out = tmp_path / "cmp"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(manifest),
+            "--encoder",
+            "color-histogram",
+            "--encoder",
+            "efficientnet-lite0-imagenet",
+            "--out",
+            str(out),
+            "--pairs",
+            "200",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    run = out / "001-color-histogram+efficientnet-lite0-imagenet"
+    comparison = json.loads((run / "comparison.json").read_text())
+    names = [row["encoder"] for row in comparison["encoders"]]
+    assert names == ["color-histogram", "efficientnet-lite0-imagenet"]
+    assert comparison["metrics"] == ["mMV@5", "mAP@5", "eta_tot", "linear probe balanced accuracy"]
+    for row in comparison["encoders"]:
+        single = json.loads((run / row["report"] / "metrics.json").read_text())
+        assert row["metrics"]["mMV@5"] == single["patch"]["metrics"]["mMV@5"]
+    assert comparison["encoders"][1]["dim"] == 1280
+    assert len(comparison["encoders"][1]["fingerprint"]) == 16
+    table = (run / "report.md").read_text()
+    assert "| color-histogram | builtin | 512 |" in table and "comparison.png" in table
+    assert (run / "comparison.png").stat().st_size > 10_000
+    assert "Encoders compared" in result.output
 
 
 @pytest.mark.parametrize(
@@ -203,6 +269,10 @@ def test_eval_command_writes_the_report(tmp_path: Path):
         (
             lambda tmp: _write(tmp, f"path,label\n{_image(0)},a\n{_image(1)},b\n"),
             "cannot give top-5",
+        ),
+        (
+            lambda tmp: _write(tmp, f"path,label\n{_image(0)},a\n{_image(1)},\n{_image(2)},\n"),
+            "line 3",
         ),
     ],
 )
@@ -259,9 +329,21 @@ def test_slide_manifest_at_two_magnifications(tmp_path: Path):
     )
     assert result.exit_code == 1  # broken.svs is reported, the others evaluated
     assert "broken.svs: corrupt or unsupported" in result.output
-    slides = json.loads((out / "metrics.json").read_text())["slide"]
+    slides = json.loads((out / "001-color-histogram" / "metrics.json").read_text())["slide"]
     assert set(slides) == {"2.5x", "5x"}
     for variants in slides.values():
         # the two copies of CMU-1 find each other; the lone head-neck slide cannot be right
         assert variants["full (512-d)"]["Acc@1"] == pytest.approx(2 / 3)
         assert variants["full (512-d)"]["slides"] == 3
+
+
+def test_slides_without_any_resolution_stop_with_one_message(tmp_path: Path):
+    tcga = DATA / "fixtures" / "wsi-fixtures" / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
+    manifest = _write(tmp_path, "path,label\n" + "".join(f"{tcga},{c}\n" for c in "aabb"))
+    command = ["eval", str(manifest), "--k", "1", "--encoder", "color-histogram"]
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "none of the 4 files records its resolution" in str(result.exception)
+    assert "--mpp or --objective-power" in str(result.exception)
+    result = runner.invoke(app, [*command, "--mpp", "0.5", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output

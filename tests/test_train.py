@@ -249,11 +249,12 @@ def test_checkpoint_works_in_index_search_eval_and_verify(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     assert "saved in" in result.output
-    metrics = json.loads((out / "metrics.json").read_text())["patch"]["metrics"]
+    run = out / "001-checkpoint.pt"  # eval writes each run in its own numbered folder
+    metrics = json.loads((run / "metrics.json").read_text())["patch"]["metrics"]
     near_agreement, far_agreement = metrics["label agreement (near/far pairs)"]
     # on IDC, tiles within 400 um share their label more often than tiles 3 mm apart
     assert 0 < far_agreement < near_agreement <= 1
-    assert (out / "spatial-agreement.png").is_file()
+    assert (run / "spatial-agreement.png").is_file()
     threshold = load_checkpoint(Path(checkpoint))["threshold"]
     assert threshold is not None
     rows = list(csv.DictReader(manifest.open()))

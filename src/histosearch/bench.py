@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -15,6 +16,9 @@ from histosearch.fileio import atomic_path
 from histosearch.slide import OpenSlideSlide, Slide, open_slide
 from histosearch.tiling import read_tiles, tile_slide
 from histosearch.tissue import TissueDetector, is_tissue
+
+if TYPE_CHECKING:
+    from histosearch.encoders.registry import Encoder
 
 
 @dataclass(frozen=True)
@@ -221,18 +225,17 @@ class ExtractionBenchmark:
 def bench_extraction(
     slide: Slide,
     magnification: float,
-    encoder_name: str,
+    encoder: Encoder,
     batch_size: int = 32,
     max_tiles: int = 256,
 ) -> ExtractionBenchmark:
     """Compare the encoder's forward throughput on tiles already in memory with reading and
     embedding the same number of tissue tiles through `embed_dataset` (reader process + model)."""
     from histosearch.embed import TileDataset, embed_dataset
-    from histosearch.encoders import create_encoder
 
-    encoder = create_encoder(encoder_name)
     grid = tile_slide(slide, magnification, encoder.input_size)
     coords = grid.tissue_coords[:max_tiles]
+    batch_size = min(batch_size, len(coords))
     batch = np.stack(list(read_tiles(slide, grid, coords[:batch_size])))
     encoder(batch)  # warm-up
     batches = -(-len(coords) // batch_size)
@@ -241,7 +244,7 @@ def bench_extraction(
         lambda: embed_dataset(TileDataset(slide, grid, coords), encoder, batch_size)
     )
     return ExtractionBenchmark(
-        encoder_name,
+        encoder.name,
         len(coords),
         batches * batch_size / model_seconds,
         len(coords) / pipeline_seconds,

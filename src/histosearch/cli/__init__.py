@@ -16,6 +16,7 @@ from histosearch.cli.bench import (
     bench_tissue_command,
 )
 from histosearch.cli.common import error_console
+from histosearch.cli.encoders import encoders_command
 from histosearch.cli.evaluation import eval_command
 from histosearch.cli.serve import bench_serve_command, feedback, serve
 from histosearch.cli.slides import tile
@@ -30,6 +31,7 @@ app = typer.Typer(
 for command in (tile, index, search, check, reindex):
     app.command()(command)
 app.command("eval")(eval_command)
+app.command("encoders")(encoders_command)
 for command in (train, verify, explain, demo):
     app.command()(command)
 app.command()(serve)

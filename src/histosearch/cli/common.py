@@ -210,5 +210,6 @@ Exclude = StrEnum("Exclude", {v: v for v in ("slide", "patient", "group")})  # r
 
 
 ENCODER_HELP = (
-    "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, timm:<model>."
+    "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, a foundation "
+    "model (uni, virchow2, ...: `histosearch encoders`), timm:<model>."
 )

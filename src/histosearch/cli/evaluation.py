@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,6 @@ from histosearch.cli.common import (
     progress,
     report_failures,
 )
-from histosearch.embed import default_device
 from histosearch.errors import HistosearchError
 
 
@@ -29,9 +29,20 @@ def eval_command(
     archive_dir: Annotated[
         Path | None, typer.Option("--archive", help="Evaluate an archive's labelled slides.")
     ] = None,
-    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("eval-output"),
+    encoder_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--encoder",
+            help=ENCODER_HELP + " Repeat to compare encoders; NAME=WEIGHTS gives each its own.",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local checkpoint (file or folder).")
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output folder: each run writes a new numbered subfolder."),
+    ] = Path("eval-output"),
     exclude: Annotated[
         str,
         typer.Option("--exclude", help="Column whose matches are never neighbours, or none."),
@@ -58,8 +69,12 @@ def eval_command(
         list[float] | None,
         typer.Option("--mag", help="Slide manifests: magnifications to compare (default 5)."),
     ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="Slides without resolution: microns/pixel.")
+    ] = None,
     objective_power: Annotated[
-        float | None, typer.Option("--objective-power", help="For slides that lack it.")
+        float | None,
+        typer.Option("--objective-power", help="Slides without resolution: objective power."),
     ] = None,
     tile_size: Annotated[
         int, typer.Option("--tile-size", help="Images up to this size are patches, embedded whole.")
@@ -75,23 +90,15 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
 ) -> None:
-    """Measure an encoder on a labelled set with the four papers' protocols and metrics."""
-    from histosearch.embed import ImageDataset, embed_dataset, is_patch_file
-    from histosearch.encoders import create_encoder
-    from histosearch.evaluation.cache import (
-        EMBEDDINGS,
-        cached_embeddings,
-        embedding_key,
-        save_embeddings,
-    )
+    """Measure encoders on a labelled set with the four papers' protocols and metrics; with
+    several --encoder, one comparison table and chart as well."""
+    from histosearch.embed import default_device, is_patch_file
+    from histosearch.evaluation.compare import next_run_folder, write_comparison
     from histosearch.evaluation.labelled import (
         archive_labelled_set,
         check_evaluable,
-        group_features,
         read_labelled_manifest,
     )
-    from histosearch.evaluation.protocols import evaluate_patches, evaluate_slides
-    from histosearch.evaluation.report import save_figures, write_report
 
     ks = sorted(set(ks or [1, 3, 5]))
     if (manifest is None) == (archive_dir is None):
@@ -100,102 +107,246 @@ def eval_command(
         raise typer.BadParameter("choose cosine or l2", param_hint="--metric")
     if (near is None) != (far is None):
         raise typer.BadParameter("give both --near and --far", param_hint="--near/--far")
+    choices = _encoder_choices(encoder_names or [DEFAULT_ENCODER], weights)
     if manifest is not None:
         data = read_labelled_manifest(manifest, skip_missing)
         for path in data.missing:
             error_console.print(f"[yellow]skipped missing[/yellow] {path}", highlight=False)
     else:
-        data, features, encoder_name = archive_labelled_set(archive_dir)
+        data, stored, archive_encoder = archive_labelled_set(archive_dir)
+        choices = [(archive_encoder, None)]
     if exclude == "auto":
         exclude = next((c for c in ("group", "patient", "slide") if data.column(c)), "none")
     exclude_column = None if exclude == "none" else exclude
     check_evaluable(data, ks, exclude_column)
-    if manifest is not None:
-        encoder = create_encoder(encoder_name, weights).to(default_device())
-        if not is_patch_file(data.paths[0], tile_size):
-            _eval_slide_manifest(
-                data,
-                encoder,
-                out,
-                ks,
-                exclude_column,
-                mags or [5.0],
-                tile_size,
-                objective_power,
-                (reduction, n_features),
-            )
-            return
-        key = embedding_key(encoder_name, weights)
-        features = cached_embeddings(out, key, data.paths)
-        if features is None:
-            with progress() as bar:
-                task = bar.add_task(f"embedding with {encoder_name}", total=len(data.paths))
-                features = embed_dataset(
-                    ImageDataset(data.paths, encoder.input_size),
-                    encoder,
-                    batch_size,
-                    workers,
-                    lambda n: bar.advance(task, n),
-                )
-            save_embeddings(out, key, data.paths, features)
-        else:
-            console.print(f"embeddings reused from {out / EMBEDDINGS}")
-    patch = evaluate_patches(
-        features,
-        data,
-        ks,
-        exclude_column,
-        metric,
-        pairs,
-        None if near is None else (near, far),
-        seed,
-    )
-    slides = None
-    if slide_column is not None:
-        slide_features, slide_labels, names = group_features(features, data, slide_column)
-        patients = data.column("patient")
-        keys = None
-        if exclude_column == "patient" and patients is not None and slide_column != "patient":
-            by_slide = dict(zip(data.column(slide_column), patients, strict=True))
-            keys = [by_slide[name] for name in names]
-        slides = {
-            f"slides = {slide_column}": evaluate_slides(
-                slide_features, slide_labels, ks, [(reduction, n_features)], keys
-            )
-        }
-    settings = {
-        "source": data.source,
-        "encoder": encoder_name,
-        "items": len(data.labels),
-        "classes": sorted(set(data.labels)),
-        "exclude": exclude,
-        "metric": metric,
-        "k": ks,
-        "pairs": pairs,
-        "near_far": None if near is None else [near, far],
-        "slide_column": slide_column,
-        "reduction": f"{reduction} {n_features}",
-        "seed": seed,
-        "missing_skipped": len(data.missing),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    with progress() as bar:
-        bar.add_task("figures", total=None)
-        figures = save_figures(
-            out, features, data, patch, max(ks), queries_per_class, seed, encoder_name
+    if save_threshold and len(choices) > 1:
+        raise typer.BadParameter("--save-threshold takes one encoder", param_hint="--encoder")
+    slides = manifest is not None and not is_patch_file(data.paths[0], tile_size)
+    if slides and len(choices) > 1:
+        raise typer.BadParameter(
+            "compare encoders on a manifest of patches", param_hint="--encoder"
         )
-    write_report(out, settings, patch, slides, figures)
-    _print_metrics(encoder_name, patch.metrics, slides)
+    run = next_run_folder(out, "+".join(Path(name).name for name, _ in choices))
+    if slides:
+        from histosearch.encoders import create_encoder
+
+        _check_resolution(data, mpp, objective_power)
+        encoder = create_encoder(*choices[0]).to(default_device())
+        _eval_slide_manifest(
+            data,
+            encoder,
+            run,
+            ks,
+            exclude_column,
+            mags or [5.0],
+            tile_size,
+            (mpp, objective_power),
+            (reduction, n_features),
+        )
+        return
+    protocol = _PatchProtocol(
+        ks=ks,
+        exclude=exclude,
+        exclude_column=exclude_column,
+        metric=metric,
+        pairs=pairs,
+        near_far=None if near is None else (near, far),
+        slide_column=slide_column,
+        reduction=(reduction, n_features),
+        queries_per_class=queries_per_class,
+        seed=seed,
+    )
+    results = []
+    for name, encoder_weights in choices:
+        folder = run if len(choices) == 1 else run / name.strip("/").replace("/", "-")
+        if manifest is None:
+            features, fingerprint, dim = stored, "archive", stored.shape[1]
+        else:
+            features, fingerprint, dim = _embed_manifest(
+                data, name, encoder_weights, out, batch_size, workers
+            )
+        results.append(protocol.run(data, features, name, fingerprint, dim, folder, run))
     if save_threshold:
         from histosearch.train.checkpoint import save_threshold as store
 
-        if not (encoder_name.endswith(".pt") and Path(encoder_name).is_file()):
+        name = choices[0][0]
+        if not (name.endswith(".pt") and Path(name).is_file()):
             raise typer.BadParameter("only a trained checkpoint.pt stores a threshold")
-        store(Path(encoder_name), float(patch.metrics["verification threshold"]))
-        console.print(
-            f"threshold {patch.metrics['verification threshold']:.4f} saved in {encoder_name}"
+        threshold = float(results[0].metrics["verification threshold"])
+        store(Path(name), threshold)
+        console.print(f"threshold {threshold:.4f} saved in {name}")
+    if len(results) > 1:
+        settings = {
+            "source": data.source,
+            "items": len(data.labels),
+            "classes": sorted(set(data.labels)),
+            "exclude": exclude,
+            "metric": metric,
+            "seed": seed,
+        }
+        files = write_comparison(run, settings, results, max(ks))
+        _print_comparison(results, max(ks))
+        console.print(f"comparison: {', '.join(str(run / f) for f in files)}")
+
+
+def _encoder_choices(names: list[str], weights: Path | None) -> list[tuple[str, Path | None]]:
+    """(encoder, weights) pairs from --encoder NAME[=WEIGHTS] and --weights (one encoder)."""
+    choices = []
+    for name in names:
+        encoder, _, path = name.partition("=")
+        choices.append((encoder, Path(path) if path else None))
+    if weights is not None:
+        if len(choices) > 1:
+            raise typer.BadParameter(
+                "with several encoders give each its weights as --encoder NAME=WEIGHTS",
+                param_hint="--weights",
+            )
+        choices = [(choices[0][0], weights)]
+    if len({name for name, _ in choices}) < len(choices):
+        raise typer.BadParameter("an encoder is named twice", param_hint="--encoder")
+    return choices
+
+
+def _embed_manifest(
+    data, name: str, weights: Path | None, out: Path, batch_size: int, workers: int
+) -> tuple[object, str, int]:
+    """(features, weights fingerprint, dim) of a patch set, from the cache in `out` when the
+    encoder, its weights and every image are unchanged."""
+    from histosearch.embed import ImageDataset, default_device, embed_dataset
+    from histosearch.encoders import create_encoder
+    from histosearch.evaluation.cache import cached_embeddings, embedding_key, save_embeddings
+
+    encoder = create_encoder(name, weights).to(default_device())
+    key = embedding_key(name, encoder.fingerprint)
+    features = cached_embeddings(out, key, data.paths)
+    if features is not None:
+        console.print(f"{name}: embeddings reused from {out}")
+        return features, encoder.fingerprint, encoder.dim
+    with progress() as bar:
+        task = bar.add_task(f"embedding with {name}", total=len(data.paths))
+        features = embed_dataset(
+            ImageDataset(data.paths, encoder.input_size),
+            encoder,
+            batch_size,
+            workers,
+            lambda n: bar.advance(task, n),
         )
-    console.print(f"report: {out}/report.md, {out}/metrics.json, figures: {', '.join(figures)}")
+    save_embeddings(out, key, data.paths, features)
+    return features, encoder.fingerprint, encoder.dim
+
+
+@dataclass(frozen=True)
+class _PatchProtocol:
+    """The patch protocol with one run's settings, applied to each encoder's features."""
+
+    ks: list[int]
+    exclude: str
+    exclude_column: str | None
+    metric: str
+    pairs: int
+    near_far: tuple[float, float] | None
+    slide_column: str | None
+    reduction: tuple[str, int]
+    queries_per_class: int
+    seed: int
+
+    def run(self, data, features, name: str, fingerprint: str, dim: int, folder: Path, run: Path):
+        """Evaluate one encoder's features; its report goes to `folder`."""
+        from histosearch.evaluation.compare import EncoderResult
+        from histosearch.evaluation.labelled import group_features
+        from histosearch.evaluation.protocols import evaluate_patches, evaluate_slides
+        from histosearch.evaluation.report import save_figures, write_report
+
+        ks = self.ks
+        patch = evaluate_patches(
+            features,
+            data,
+            ks,
+            self.exclude_column,
+            self.metric,
+            self.pairs,
+            self.near_far,
+            self.seed,
+        )
+        slides = None
+        if self.slide_column is not None:
+            column = self.slide_column
+            slide_features, slide_labels, names = group_features(features, data, column)
+            patients = data.column("patient")
+            keys = None
+            if self.exclude_column == "patient" and patients is not None and column != "patient":
+                by_slide = dict(zip(data.column(column), patients, strict=True))
+                keys = [by_slide[n] for n in names]
+            slides = {
+                f"slides = {column}": evaluate_slides(
+                    slide_features, slide_labels, ks, [self.reduction], keys
+                )
+            }
+        settings = {
+            "source": data.source,
+            "encoder": name,
+            "weights fingerprint": fingerprint,
+            "items": len(data.labels),
+            "classes": sorted(set(data.labels)),
+            "exclude": self.exclude,
+            "metric": self.metric,
+            "k": ks,
+            "pairs": self.pairs,
+            "near_far": None if self.near_far is None else list(self.near_far),
+            "slide_column": self.slide_column,
+            "reduction": f"{self.reduction[0]} {self.reduction[1]}",
+            "seed": self.seed,
+            "missing_skipped": len(data.missing),
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        with progress() as bar:
+            bar.add_task(f"figures for {name}", total=None)
+            figures = save_figures(
+                folder, features, data, patch, max(ks), self.queries_per_class, self.seed, name
+            )
+        write_report(folder, settings, patch, slides, figures)
+        _print_metrics(name, patch.metrics, slides)
+        console.print(f"report: {folder}/report.md, {folder}/metrics.json")
+        return EncoderResult(
+            name, fingerprint, dim, patch.metrics, str(folder.relative_to(run)) or "."
+        )
+
+
+def _check_resolution(data, mpp: float | None, objective_power: float | None) -> None:
+    """Refuse, in one message, a slide manifest none of whose files records a resolution."""
+    from histosearch.slide import open_slide
+
+    if mpp is not None or objective_power is not None:
+        return
+    for path in data.paths:
+        try:
+            with open_slide(path) as slide:
+                if slide.mpp is not None or slide.objective_power is not None:
+                    return
+        except HistosearchError:
+            continue  # an unreadable file is reported with the others later
+    raise HistosearchError(
+        data.source,
+        f"none of the {len(data.paths)} files records its resolution (microns per pixel or "
+        "objective power): give --mpp or --objective-power",
+    )
+
+
+def _print_comparison(results, k: int) -> None:
+    from histosearch.evaluation.compare import compared_metrics
+
+    columns = compared_metrics(k)
+    table = Table(title="Encoders compared")
+    for column in ("encoder", "weights", "dim", *columns):
+        table.add_column(column, justify="left" if column == "encoder" else "right")
+    for r in results:
+        table.add_row(
+            r.encoder,
+            r.fingerprint,
+            str(r.dim),
+            *[f"{float(r.metrics[c]):.4f}" for c in columns],
+        )
+    console.print(table)
 
 
 def _eval_slide_manifest(
@@ -206,7 +357,7 @@ def _eval_slide_manifest(
     exclude_column: str | None,
     mags: list[float],
     tile_size: int,
-    objective_power: float | None,
+    resolution: tuple[float | None, float | None],
     reduction: tuple[str, int],
 ) -> None:
     """The slide protocol on a manifest of whole slides, at each magnification."""
@@ -223,7 +374,12 @@ def _eval_slide_manifest(
             for index, path in enumerate(data.paths):
                 try:
                     tiles, _, _ = embed_path(
-                        path, encoder, mag, tile_size, objective_power=objective_power
+                        path,
+                        encoder,
+                        mag,
+                        tile_size,
+                        mpp=resolution[0],
+                        objective_power=resolution[1],
                     )
                 except HistosearchError as error:
                     failures.append((path, str(error)))

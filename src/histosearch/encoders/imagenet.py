@@ -6,6 +6,7 @@ from pathlib import Path
 
 import timm
 
+from histosearch.encoders.fingerprint import weights_fingerprint
 from histosearch.encoders.registry import Encoder, EncoderError, register
 from histosearch.encoders.timm_models import encoder_from_timm, load_into, load_state_dict
 
@@ -34,6 +35,7 @@ def efficientnet_lite0(weights: Path | None) -> Encoder:
     model.reset_classifier(0)
     encoder = encoder_from_timm("efficientnet-lite0-imagenet", model)
     encoder.mean = encoder.std = (0.5, 0.5, 0.5)  # the TF-Lite models' (x - 127) / 128
+    encoder.fingerprint = weights_fingerprint([path])
     return encoder
 
 
@@ -42,8 +44,12 @@ def resnet50(weights: Path | None) -> Encoder:
     """2048-d last pooling of ImageNet ResNet-50 (torchvision weights), as in the papers."""
     model = timm.create_model("resnet50", pretrained=False, num_classes=0)
     if weights is not None:
+        if weights.is_dir():
+            raise EncoderError(weights, "resnet50-imagenet: pass the checkpoint file")
         load_into(model, load_state_dict(weights), weights)
-        return encoder_from_timm("resnet50-imagenet", model)
+        encoder = encoder_from_timm("resnet50-imagenet", model)
+        encoder.fingerprint = weights_fingerprint([weights])
+        return encoder
     cached = _hub_cache_file(RESNET50_HUB_REPO)
     if cached is None:
         raise EncoderError(
@@ -55,7 +61,9 @@ def resnet50(weights: Path | None) -> Encoder:
             "(torchvision's resnet50-0676ba61.pth works)",
         )
     load_into(model, load_state_dict(cached), cached)
-    return encoder_from_timm("resnet50-imagenet", model)
+    encoder = encoder_from_timm("resnet50-imagenet", model)
+    encoder.fingerprint = weights_fingerprint([cached])
+    return encoder
 
 
 RESNET50_HUB_REPO = "timm/resnet50.tv_in1k"

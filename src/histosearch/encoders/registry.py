@@ -32,8 +32,10 @@ class Encoder:
     tile_transform: Callable[[np.ndarray], np.ndarray] | None = None
     # Cosine at or above which two images count as the same category (pair verification).
     threshold: float | None = None
-    # What identifies the weights (an archive refuses queries embedded with other weights).
+    # Identity of the weights (sha256 prefix of the checkpoint; "builtin" without weights).
     fingerprint: str = "builtin"
+    # Autocast dtype on a GPU, as the model card recommends ("float32": none).
+    precision: str = "float32"
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels_last."""
@@ -52,6 +54,9 @@ class Encoder:
         if self.tile_transform is not None:
             tiles = np.stack([self.tile_transform(np.asarray(tile)) for tile in tiles])
         batch = torch.as_tensor(tiles).to(self.device)
+        if self.device.startswith("cuda") and self.precision != "float32":
+            with torch.autocast("cuda", dtype=getattr(torch, self.precision)):
+                return self.model(self.preprocess(batch)).float().cpu().numpy()
         return self.model(self.preprocess(batch)).float().cpu().numpy()
 
     def to(self, device: str) -> Encoder:
@@ -99,8 +104,14 @@ def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     return decorator
 
 
+def _register_builtins() -> None:
+    """Import the modules whose encoders register themselves (once)."""
+    from histosearch.encoders import foundation, handcrafted, imagenet  # noqa: F401
+
+
 def available_encoders() -> list[str]:
     """Registered encoder names (any `timm:<model>` with a checkpoint works as well)."""
+    _register_builtins()
     _load_plugins()
     return sorted(_REGISTRY)
 
@@ -121,11 +132,13 @@ def _builder(name: str, path: Path | None) -> Callable[[], Encoder] | None:
 def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     """The encoder called `name`, in eval mode, frozen, on the CPU.
 
-    `name` is a registered encoder or `timm:<model name>`; `weights` is a local checkpoint.
+    `name` is a registered encoder or `timm:<model name>`; `weights` is a local checkpoint
+    file, or a folder holding one (as `huggingface-cli download --local-dir` leaves it).
     """
+    _register_builtins()
     path = None if weights is None else Path(weights)
-    if path is not None and not path.is_file():
-        raise EncoderError(path, "weights file not found")
+    if path is not None and not path.exists():
+        raise EncoderError(path, f"{name}: weights file not found")
     build = _builder(name, path)
     if build is None:  # perhaps a plugin's: import them and look again
         _load_plugins()

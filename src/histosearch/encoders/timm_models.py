@@ -61,11 +61,21 @@ def encoder_from_timm(name: str, model: torch.nn.Module) -> Encoder:
 
 def timm_encoder(arch: str, weights: Path | None) -> Encoder:
     """`timm:<arch>` from a local checkpoint, e.g. a pathology foundation model."""
+    from histosearch.encoders.catalog import HUB_FILES, checkpoint_in_folder
+    from histosearch.encoders.fingerprint import weights_fingerprint
+
     if weights is None:
         raise EncoderError(None, f"timm:{arch} needs a local checkpoint: pass --weights PATH")
+    if weights.is_dir():
+        found = checkpoint_in_folder(weights, HUB_FILES)
+        if found is None or found.name.endswith(".json"):
+            raise EncoderError(weights, f"no {' or '.join(HUB_FILES)} in this folder")
+        weights = found
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0)
     except Exception as error:
         raise EncoderError(None, f"timm cannot build {arch!r}: {error}") from error
     load_into(model, load_state_dict(weights), weights)
-    return encoder_from_timm(f"timm:{arch}", model)
+    encoder = encoder_from_timm(f"timm:{arch}", model)
+    encoder.fingerprint = weights_fingerprint([weights])
+    return encoder

@@ -51,6 +51,12 @@ def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSe
             f"{len(missing)} of {len(rows)} listed files are missing (--skip-missing evaluates "
             f"the rest):\n  {listed}",
         )
+    unlabelled = [line for line, r in enumerate(rows, start=2) if not (r.get("label") or "")]
+    if unlabelled:
+        lines = ", ".join(map(str, unlabelled[:10])) + (" ..." if len(unlabelled) > 10 else "")
+        raise LabelledSetError(
+            path, f"{len(unlabelled)} rows have no label: line {lines} (line 1 is the header)"
+        )
     absent = set(missing)
     rows = [r for r in rows if r["path"] not in absent]
     xy = None

@@ -71,8 +71,9 @@ def rank_neighbours(
         order = np.argsort(-block, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(block, order, axis=1)
         valid = np.isfinite(top)
-        indices[start:stop] = np.where(valid, order, -1)
-        sims[start:stop] = np.where(valid, top, np.nan)
+        # a set of k or fewer items leaves the last columns padded
+        indices[start:stop, : order.shape[1]] = np.where(valid, order, -1)
+        sims[start:stop, : order.shape[1]] = np.where(valid, top, np.nan)
     return indices, sims
 
 

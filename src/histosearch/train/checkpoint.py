@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from histosearch.encoders.fingerprint import weights_fingerprint
 from histosearch.encoders.registry import Encoder, register_file_loader
 from histosearch.fileio import atomic_path
 from histosearch.train.trainer import (
@@ -33,6 +34,7 @@ def encoder_from_checkpoint(path: Path) -> Encoder:
         std=tuple(settings.std),
         tile_transform=None if stain is None else stain.transform,
         threshold=checkpoint.get("threshold"),
+        fingerprint=weights_fingerprint([path]),
     )
 
 
