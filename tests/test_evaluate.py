@@ -339,7 +339,13 @@ def test_slide_manifest_at_two_magnifications(tmp_path: Path):
 
 def test_slides_without_any_resolution_stop_with_one_message(tmp_path: Path):
     tcga = DATA / "fixtures" / "wsi-fixtures" / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
-    manifest = _write(tmp_path, "path,label\n" + "".join(f"{tcga},{c}\n" for c in "aabb"))
+    links = []  # four files (a manifest's duplicate rows are collapsed), one slide
+    for i in range(4):
+        links.append(tmp_path / f"slide-{i}.svs")
+        links[-1].symlink_to(tcga)
+    manifest = _write(
+        tmp_path, "path,label\n" + "".join(f"{p},{c}\n" for p, c in zip(links, "aabb", strict=True))
+    )
     command = ["eval", str(manifest), "--k", "1", "--encoder", "color-histogram"]
     result = runner.invoke(app, [*command, "--out", str(tmp_path / "o")])
     assert result.exit_code == 1

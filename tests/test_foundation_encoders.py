@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from histosearch import Archive
 from histosearch.cli import app
 from histosearch.encoders import EncoderError, create_encoder
 from histosearch.encoders.catalog import CATALOG, MODELS
@@ -277,13 +278,23 @@ def test_archive_built_searched_and_evaluated_with_lunit_from_the_hub_cache(
     )
     assert found.exit_code == 0, found.output
     assert Path(query).name in found.output  # the indexed patch finds itself
+    # the archive records the weights' fingerprint, and refuses a query embedded with others
+    fingerprint = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()[:16]
+    with Archive.open(archive) as opened:
+        assert opened.settings["weights"] == fingerprint
+    other = tmp_path / "other.safetensors"
+    save_file(_random_timm("vit_small_patch16_224", img_size=224).state_dict(), other)
+    refused = runner.invoke(
+        app, ["search", query, "--archive", str(archive), "--weights", str(other)]
+    )
+    assert refused.exit_code != 0
+    assert f"(archive: {fingerprint})" in str(refused.exception)
     out = tmp_path / "eval"
     command = ["eval", str(manifest), "--encoder", "lunit-vits16", "--out", str(out)]
     result = runner.invoke(app, [*command, "--pairs", "200"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "001-lunit-vits16" / "metrics.json").read_text())
     assert metrics["settings"]["encoder"] == "lunit-vits16"
-    fingerprint = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()[:16]
     assert metrics["settings"]["weights fingerprint"] == fingerprint
     assert 0 < metrics["patch"]["metrics"]["mMV@5"] <= 1
     # the archive's own features evaluate the same way (no encoder run)
