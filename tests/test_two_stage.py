@@ -71,8 +71,8 @@ def test_ivf_agrees_with_flat_on_the_nearest_patch(store):
     # compared by similarity: patches whose reduced vectors tie may come back in any order
     flat_sims = flat.search(queries, 2)[0][:, 1]  # [:, 0] is the query itself
     ivf_sims = ivf.search(queries, 2)[0][:, 1]
-    # measured: 0.xx of the queries find the same nearest patch probing 2 of 8 lists
-    assert np.isclose(ivf_sims, flat_sims, atol=1e-6).mean() >= 0.85
+    # measured: 185 of 192 queries find the same nearest patch probing 2 of 8 lists
+    assert np.isclose(ivf_sims, flat_sims, atol=1e-6).mean() >= 0.9
     ivf.nprobe = 8  # every list: exact
     assert ivf.nprobe == 8
     assert np.allclose(ivf.search(queries, 2)[0][:, 1], flat_sims, atol=1e-6)
@@ -140,7 +140,8 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
             single = slide_similarities(query, reference, [0, len(reference)])[0]
             assert sim == pytest.approx(single, abs=1e-6)
         assert np.all(np.diff(exact_sims) <= 0) and not skip & set(exact.tolist())
-    # measured: 48/48 top-1 and 45/48 top-5 (a shortlist of 12 of 48 slides)
+    # measured (a shortlist of 12 of 48 slides, 16 neighbours per query patch): top-1 47/48,
+    # top-5 43/48 with the Flat index and 42/48 with IVF
     assert same_top1 / queries >= 0.95
     assert same_top5 / queries >= 0.85
 
