@@ -103,6 +103,17 @@ def test_excluded_rows_never_come_back(store):
     assert np.all(rows >= offsets[3])
 
 
+def test_rows_beyond_the_catalogued_slides_are_ignored(store):
+    vectors, offsets, _ = store
+    index = PatchIndex.build(vectors)  # holds every row, the catalog only the first 40 slides
+    committed = np.asarray(offsets[:41])
+    query = vectors[offsets[45] : offsets[46]].astype(np.float32)
+    shortlist = shortlist_slides(index, committed, query, 64)
+    assert len(shortlist) and shortlist.max() < 40
+    slides, _ = rank_slides(vectors, committed, query, 5, index=index)
+    assert np.array_equal(slides, rank_slides(vectors, committed, query, 5, exact=True)[0])
+
+
 def test_mosaic_stands_for_every_patch(store):
     vectors, _, _ = store
     rows, weights = query_mosaic(vectors[:200], 16)

@@ -76,7 +76,8 @@ def slide_votes(
     offsets = np.asarray(offsets)
     rows, weights = query_mosaic(query, mosaic_size)
     sims, hits = index.search(query[rows], neighbours, _allowed_rows(offsets, skip))
-    valid = hits >= 0
+    # rows past the last catalogued slide (an add not yet committed) are not searched
+    valid = (hits >= 0) & (hits < offsets[-1])
     patch = np.broadcast_to(np.arange(len(rows))[:, None], hits.shape)[valid]
     slide = np.searchsorted(offsets, hits[valid], side="right") - 1
     sims = sims[valid]
