@@ -108,7 +108,7 @@ def test_rows_beyond_the_catalogued_slides_are_ignored(store):
     index = PatchIndex.build(vectors)  # holds every row, the catalog only the first 40 slides
     committed = np.asarray(offsets[:41])
     query = vectors[offsets[45] : offsets[46]].astype(np.float32)
-    shortlist = shortlist_slides(index, committed, query, 64)
+    shortlist = shortlist_slides(index, vectors, committed, query, 64)
     assert len(shortlist) and shortlist.max() < 40
     slides, _ = rank_slides(vectors, committed, query, 5, index=index)
     assert np.array_equal(slides, rank_slides(vectors, committed, query, 5, exact=True)[0])
@@ -139,7 +139,7 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
         fast, fast_sims = rank_slides(
             vectors, offsets, query, 5, skip, index, n_candidates=12, neighbours=16
         )
-        shortlist = shortlist_slides(index, offsets, query, 12, skip, neighbours=16)
+        shortlist = shortlist_slides(index, vectors, offsets, query, 12, skip, neighbours=16)
         assert len(shortlist) == 12 and not skip & set(shortlist.tolist())
         assert set(fast.tolist()) <= set(shortlist.tolist())
         queries += 1
@@ -168,7 +168,7 @@ def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store
     # so every slide is scanned
     index = PatchIndex.build(vectors)
     pair = query[:2]
-    assert len(shortlist_slides(index, offsets, pair, 64, neighbours=1)) <= 2
+    assert len(shortlist_slides(index, vectors, offsets, pair, 64, neighbours=1)) <= 2
     fallback = rank_slides(vectors, offsets, pair, 5, index=index, neighbours=1)[0]
     assert np.array_equal(fallback, rank_slides(vectors, offsets, pair, 5, exact=True)[0])
     assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])
