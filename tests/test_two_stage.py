@@ -69,8 +69,8 @@ def test_ivf_agrees_with_flat_on_the_nearest_patch(store):
     # compared by similarity: patches whose reduced vectors tie may come back in any order
     flat_sims = flat.search(queries, 2)[0][:, 1]  # [:, 0] is the query itself
     ivf_sims = ivf.search(queries, 2)[0][:, 1]
-    # measured: 0.xx of the queries find the same nearest patch probing 2 of 8 lists
-    assert np.isclose(ivf_sims, flat_sims, atol=1e-6).mean() >= 0.85
+    # measured: 185 of 192 queries find the same nearest patch probing 2 of 8 lists
+    assert np.isclose(ivf_sims, flat_sims, atol=1e-6).mean() >= 0.9
     ivf.nprobe = 8  # every list: exact
     assert ivf.nprobe == 8
     assert np.allclose(ivf.search(queries, 2)[0][:, 1], flat_sims, atol=1e-6)
@@ -101,6 +101,17 @@ def test_excluded_rows_never_come_back(store):
     assert np.all(rows >= offsets[3])
 
 
+def test_rows_beyond_the_catalogued_slides_are_ignored(store):
+    vectors, offsets, _ = store
+    index = PatchIndex.build(vectors)  # holds every row, the catalog only the first 40 slides
+    committed = np.asarray(offsets[:41])
+    query = vectors[offsets[45] : offsets[46]].astype(np.float32)
+    shortlist = shortlist_slides(index, vectors, committed, query, 64)
+    assert len(shortlist) and shortlist.max() < 40
+    slides, _ = rank_slides(vectors, committed, query, 5, index=index)
+    assert np.array_equal(slides, rank_slides(vectors, committed, query, 5, exact=True)[0])
+
+
 def test_mosaic_stands_for_every_patch(store):
     vectors, _, _ = store
     rows, weights = query_mosaic(vectors[:200], 16)
@@ -126,7 +137,7 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
         fast, fast_sims = rank_slides(
             vectors, offsets, query, 5, skip, index, n_candidates=12, neighbours=16
         )
-        shortlist = shortlist_slides(index, offsets, query, 12, skip, neighbours=16)
+        shortlist = shortlist_slides(index, vectors, offsets, query, 12, skip, neighbours=16)
         # (a shortlist shorter than k makes rank_slides scan every slide)
         assert len(shortlist) <= 12 and not skip & set(shortlist.tolist())
         if len(shortlist) >= 5:
@@ -140,7 +151,8 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
             single = slide_similarities(query, reference, [0, len(reference)])[0]
             assert sim == pytest.approx(single, abs=1e-6)
         assert np.all(np.diff(exact_sims) <= 0) and not skip & set(exact.tolist())
-    # measured: 48/48 top-1 and 45/48 top-5 (a shortlist of 12 of 48 slides)
+    # measured (a shortlist of 12 of 48 slides, 16 neighbours per query patch): top-1 47/48,
+    # top-5 43/48 with the Flat index and 42/48 with IVF
     assert same_top1 / queries >= 0.95
     assert same_top5 / queries >= 0.85
 
@@ -156,7 +168,7 @@ def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store
     # so every slide is scanned
     index = PatchIndex.build(vectors)
     pair = query[:2]
-    assert len(shortlist_slides(index, offsets, pair, 64, neighbours=1)) <= 2
+    assert len(shortlist_slides(index, vectors, offsets, pair, 64, neighbours=1)) <= 2
     fallback = rank_slides(vectors, offsets, pair, 5, index=index, neighbours=1)[0]
     assert np.array_equal(fallback, rank_slides(vectors, offsets, pair, 5, exact=True)[0])
     assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])

@@ -216,6 +216,7 @@ def bench_scale(
     offsets = np.append(offsets, offsets[-1] + len(last))
     index.add(store[offsets[-2] :])
     add_one_s = time.perf_counter() - start
+    np.save(workdir / "offsets.npy", offsets)  # the store's slides, to look into a run later
 
     on_stage("slide queries")
     fresh = SlideMaker(centres, source, dataset, seed + 1)

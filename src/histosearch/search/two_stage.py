@@ -3,9 +3,11 @@
 Stage 1: each query patch (or, for a large query slide, each patch of its mosaic, weighted by
 the patches it stands for) looks up its nearest archive patches in the `PatchIndex`, and every
 slide among them receives that patch's best similarity into it. Summed over the query, a
-slide's votes approximate sum_i max_j S_ij, the query-side half of the WSI measure.
-Stage 2: the exact measure (`slide_similarities`) on the shortlisted slides only, reading just
-their row ranges of the store. Slides are indices into `offsets` (slide k owns rows
+slide's votes approximate sum_i max_j S_ij, the query-side half of the WSI measure only, so
+the slides the votes reach are then re-scored by the whole measure taken between the mosaic
+and a sketch of each slide (SKETCH_ROWS evenly spaced rows): cheap, and symmetric like the
+measure. Stage 2: the exact measure (`slide_similarities`) on the best-sketched slides only,
+reading just their row ranges of the store. Slides are indices into `offsets` (slide k owns rows
 offsets[k]:offsets[k+1] of the store and of the index).
 """
 
@@ -22,7 +24,11 @@ from histosearch.search.similarity import l2_normalize, slide_similarities
 # Query slides with more patches than this are summarised by a mosaic of this many patches.
 MOSAIC_SIZE = 64
 # Nearest archive patches looked up per query (mosaic) patch.
-NEIGHBOURS = 512
+NEIGHBOURS = 2048
+# Rows of each reached slide that the sketch measure reads, and how many reached slides (by
+# votes) are sketched at most.
+SKETCH_ROWS = 64
+MAX_SKETCHED = 1024
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
 # float32 copy of only one run is held at a time.
 SCAN_ROWS = 1 << 20
@@ -77,7 +83,8 @@ def slide_votes(
     offsets = np.asarray(offsets)
     rows, weights = query_mosaic(query, mosaic_size)
     sims, hits = index.search(query[rows], neighbours, allowed_rows(offsets, skip))
-    valid = hits >= 0
+    # rows past the last catalogued slide (an add not yet committed) are not searched
+    valid = (hits >= 0) & (hits < offsets[-1])
     patch = np.broadcast_to(np.arange(len(rows))[:, None], hits.shape)[valid]
     slide = np.searchsorted(offsets, hits[valid], side="right") - 1
     sims = sims[valid]
@@ -91,8 +98,38 @@ def slide_votes(
     )
 
 
+def sketch_similarities(
+    store: np.ndarray,
+    offsets: np.ndarray,
+    query: np.ndarray,
+    slides: np.ndarray,
+    mosaic_size: int = MOSAIC_SIZE,
+) -> np.ndarray:
+    """The WSI measure between the query's mosaic (weighted) and SKETCH_ROWS evenly spaced
+    rows of each of `slides`: one read and one product for all of them."""
+    rows, weights = query_mosaic(query, mosaic_size)
+    mosaic, weights = l2_normalize(query[rows]), weights / weights.sum()
+    sizes = offsets[slides + 1] - offsets[slides]
+    taken = np.minimum(sizes, SKETCH_ROWS)
+    picks = np.concatenate(
+        [
+            offsets[s] + np.linspace(0, n - 1, t).astype(np.int64)
+            for s, n, t in zip(slides, sizes, taken, strict=True)
+        ]
+    )
+    order = np.argsort(picks)  # read the store in row order
+    sketch = np.empty((len(picks), store.shape[1]), np.float32)
+    sketch[order] = l2_normalize(store[picks[order]])
+    cosines = mosaic @ sketch.T  # (mosaic, all sketch rows)
+    starts = np.concatenate([[0], np.cumsum(taken)[:-1]])
+    best_for_query = np.maximum.reduceat(cosines, starts, axis=1)  # (mosaic, slides)
+    best_for_sketch = cosines.max(axis=0)
+    return 0.5 * (weights @ best_for_query + np.add.reduceat(best_for_sketch, starts) / taken)
+
+
 def shortlist_slides(
     index: PatchIndex,
+    store: np.ndarray,
     offsets: np.ndarray,
     query: np.ndarray,
     n_candidates: int,
@@ -100,12 +137,17 @@ def shortlist_slides(
     neighbours: int = NEIGHBOURS,
     mosaic_size: int = MOSAIC_SIZE,
 ) -> np.ndarray:
-    """Stage 1: up to `n_candidates` slides (indices) with the most votes, most votes first;
-    slides in `skip` and slides without votes are never listed."""
+    """Stage 1: up to `n_candidates` slides (indices), best first: the slides the votes reach
+    (at most MAX_SKETCHED, most votes first), ranked by their sketch similarity when there are
+    more than `n_candidates`; slides in `skip` and slides without votes are never listed."""
+    offsets = np.asarray(offsets)
     votes = slide_votes(index, offsets, query, skip, neighbours, mosaic_size)
     reached = np.flatnonzero(votes > 0)
-    best = reached[np.argsort(-votes[reached], kind="stable")]
-    return best[:n_candidates]
+    reached = reached[np.argsort(-votes[reached], kind="stable")][:MAX_SKETCHED]
+    if len(reached) <= n_candidates:
+        return reached
+    scores = sketch_similarities(store, offsets, query, reached, mosaic_size)
+    return reached[np.argsort(-scores, kind="stable")][:n_candidates]
 
 
 def _exact_scan(
@@ -153,7 +195,9 @@ def rank_slides(
     slides = None
     if not exact and index is not None:
         wanted = n_candidates or default_candidates(k)
-        shortlist = shortlist_slides(index, offsets, query, wanted, skip, neighbours, mosaic_size)
+        shortlist = shortlist_slides(
+            index, store, offsets, query, wanted, skip, neighbours, mosaic_size
+        )
         # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
         if len(shortlist) >= min(k, n_slides - len(skip)):
             slides = np.sort(shortlist)
