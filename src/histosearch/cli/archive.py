@@ -370,12 +370,10 @@ def _print_result(result: SearchResult) -> None:
     columns = ["rank", "slide", "label", "patient", "group", "patch" if patches else "patches"]
     # Metadata no result has (patients of patch groups, say) is left out.
     columns = [c for c in columns if any(row[c] is not None for row in rows)]
-    for column in [*columns, "similarity", "percentile"]:
+    for column in [*columns, "similarity", "%ile"]:
         table.add_column(
             column,
-            justify="right"
-            if column in ("rank", "patches", "similarity", "percentile")
-            else "left",
+            justify="right" if column in ("rank", "patches", "similarity", "%ile") else "left",
             overflow="fold",
         )
     for row in rows:
@@ -384,7 +382,7 @@ def _print_result(result: SearchResult) -> None:
         table.add_row(*cells, f"{row['similarity']:.1%}", share)
     console.print(table)
     console.print(
-        "percentile: where the similarity falls among the archive's own nearest-neighbour "
+        "%ile: the percentile where the similarity falls among the archive's own nearest-neighbour "
         "similarities (50th = as alike as a typical archived neighbour)",
         style="dim",
         highlight=False,
