@@ -229,6 +229,7 @@ def test_checkpoint_works_in_index_search_eval_and_verify(tmp_path: Path):
     checkpoint = str(train(settings, tmp_path / "run", workers=0))
     manifest = _idc_subset(tmp_path, 4)
     out = tmp_path / "eval"
+    fingerprint = create_encoder(checkpoint).fingerprint
     result = runner.invoke(
         app,
         [
@@ -257,6 +258,8 @@ def test_checkpoint_works_in_index_search_eval_and_verify(tmp_path: Path):
     assert (run / "spatial-agreement.png").is_file()
     threshold = load_checkpoint(Path(checkpoint))["threshold"]
     assert threshold is not None
+    # the threshold written into the file does not change the encoder's identity
+    assert create_encoder(checkpoint).fingerprint == fingerprint != "builtin"
     rows = list(csv.DictReader(manifest.open()))
     verdict = runner.invoke(
         app, ["verify", rows[0]["path"], rows[1]["path"], "--encoder", checkpoint]

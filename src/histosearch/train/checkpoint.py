@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 
-from histosearch.encoders.fingerprint import weights_fingerprint
 from histosearch.encoders.registry import Encoder, register_file_loader
 from histosearch.fileio import atomic_path
 from histosearch.train.trainer import (
@@ -34,8 +35,18 @@ def encoder_from_checkpoint(path: Path) -> Encoder:
         std=tuple(settings.std),
         tile_transform=None if stain is None else stain.transform,
         threshold=checkpoint.get("threshold"),
-        fingerprint=weights_fingerprint([path]),
+        fingerprint=_fingerprint(checkpoint),
     )
+
+
+def _fingerprint(checkpoint: dict) -> str:
+    """What the checkpoint's embeddings depend on (weights and settings), not the file: the
+    verification threshold that `eval --save-threshold` writes into it changes nothing."""
+    digest = hashlib.sha256(json.dumps(checkpoint["settings"], sort_keys=True).encode())
+    for key, tensor in sorted(checkpoint["model"].items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 register_file_loader(".pt", encoder_from_checkpoint)
