@@ -283,9 +283,12 @@ def test_archive_built_searched_and_evaluated_with_lunit_from_the_hub_cache(
     with Archive.open(archive) as opened:
         assert opened.settings["weights"] == fingerprint
     other = tmp_path / "other.safetensors"
-    save_file(_random_timm("vit_small_patch16_224", img_size=224).state_dict(), other)
+    retrained = {k: v.clone() for k, v in reference.state_dict().items()}
+    retrained["cls_token"] += 1  # other weights of the same model
+    save_file(retrained, other)
+    outside = LC / (LC / "manifest.csv").read_text().splitlines()[-1].split(",")[0]  # embedded
     refused = runner.invoke(
-        app, ["search", query, "--archive", str(archive), "--weights", str(other)]
+        app, ["search", str(outside), "--archive", str(archive), "--weights", str(other)]
     )
     assert refused.exit_code != 0
     assert f"(archive: {fingerprint})" in str(refused.exception)
