@@ -7,18 +7,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
+from bad_files import grey16_tiff, header_bomb_tiff, huge_png
 from data_paths import CMU, KIDNEY, LC, TARGET, WSI
-from PIL import Image
 
 from histosearch.cli import main
 
@@ -87,32 +84,6 @@ def _garbage_tiff(tmp: Path) -> Path:
     return tmp / "garbage.tif"
 
 
-def _header_bomb(tmp: Path) -> Path:
-    """A 500-byte tiled TIFF whose header claims 200,000 x 200,000 px."""
-    path = tmp / "bomb.tif"
-    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256))
-    with tifffile.TiffFile(path, mode="r+b") as tiff:
-        for tag in ("ImageWidth", "ImageLength"):
-            tiff.pages[0].tags[tag].overwrite(200_000)
-    return path
-
-
-def _grey16(tmp: Path) -> Path:
-    path = tmp / "grey16.tif"
-    grey = np.asarray(Image.open(TARGET).convert("L"), np.uint16) * 257
-    tifffile.imwrite(path, grey, tile=(256, 256))
-    return path
-
-
-def _png_bomb(tmp: Path) -> Path:
-    """The real target PNG with its header edited to claim 100,000 x 100,000 px."""
-    data = bytearray(TARGET.read_bytes())
-    data[16:24] = struct.pack(">II", 100_000, 100_000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    (tmp / "bomb.png").write_bytes(bytes(data))
-    return tmp / "bomb.png"
-
-
 def _unreadable(tmp: Path) -> Path:
     path = tmp / "locked.svs"
     shutil.copy(CMU, path)
@@ -144,9 +115,9 @@ SLIDES = [
     Bad("missing file", lambda t: t / "never-written.svs", "no such file"),
     Bad("text named .svs", _text_as_svs, "not a format OpenSlide reads"),
     Bad("TIFF magic then garbage", _garbage_tiff, "corrupt TIFF: the file has 5,004 bytes"),
-    Bad("header bomb TIFF", _header_bomb, "claims 200000x200000 px in 611,524 tiles"),
-    Bad("header bomb PNG", _png_bomb, "refused before decoding, too large"),
-    Bad("tiled 16-bit grayscale TIFF", _grey16, "not a brightfield RGB image"),
+    Bad("header bomb TIFF", header_bomb_tiff, "claims 200000x200000 px in 611,524 tiles"),
+    Bad("header bomb PNG", huge_png, "refused before decoding, too large"),
+    Bad("tiled 16-bit grayscale TIFF", grey16_tiff, "not a brightfield RGB image"),
     Bad(
         "multiplex fluorescence QPTIFF",
         lambda t: WSI / "pathml" / "small_vectra.qptiff",

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import tifffile
+from bad_files import grey16_tiff, header_bomb_tiff, huge_png
 from data_paths import CMU, KIDNEY, TARGET, TCGA, WSI
 from PIL import Image
 
@@ -148,34 +146,6 @@ def _link_loop(tmp_path: Path) -> Path:
     return path
 
 
-def _header_bomb(tmp_path: Path) -> Path:
-    """A 500-byte tiled TIFF whose header claims 200,000 x 200,000 px."""
-    path = tmp_path / "bomb.tif"
-    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256))
-    with tifffile.TiffFile(path, mode="r+b") as tiff:
-        for tag in ("ImageWidth", "ImageLength"):
-            tiff.pages[0].tags[tag].overwrite(200_000)
-    return path
-
-
-def _grey16(tmp_path: Path) -> Path:
-    """A tiled 16-bit grayscale TIFF made from real pixels (OpenSlide would open it)."""
-    path = tmp_path / "grey16.tif"
-    grey = np.asarray(Image.open(TARGET).convert("L"), np.uint16) * 257
-    tifffile.imwrite(path, grey, tile=(256, 256))
-    return path
-
-
-def _huge_png(tmp_path: Path) -> Path:
-    """A real PNG whose header is edited to claim 100,000 x 100,000 px."""
-    data = bytearray(TARGET.read_bytes())
-    data[16:24] = struct.pack(">II", 100_000, 100_000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path = tmp_path / "huge.png"
-    path.write_bytes(bytes(data))
-    return path
-
-
 @pytest.mark.parametrize(
     ("make_path", "reason"),
     [
@@ -190,9 +160,9 @@ def _huge_png(tmp_path: Path) -> Path:
         (_truncated_tail, "truncated: .* image directory 2 is at byte"),
         (_directory, "is a directory, not a slide file"),
         (_link_loop, "symbolic link loop"),
-        (_header_bomb, "claims 200000x200000 px in 611,524 tiles but lists 1"),
-        (_grey16, r"not a brightfield RGB image \(MINISBLACK, 1 sample\(s\) of 16 bits"),
-        (_huge_png, "refused before decoding, too large"),
+        (header_bomb_tiff, "claims 200000x200000 px in 611,524 tiles but lists 1"),
+        (grey16_tiff, r"not a brightfield RGB image \(MINISBLACK, 1 sample\(s\) of 16 bits"),
+        (huge_png, "refused before decoding, too large"),
     ],
 )
 def test_bad_files_give_one_clear_error(tmp_path: Path, make_path, reason: str):
