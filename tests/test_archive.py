@@ -187,6 +187,8 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
         view = archive.view()
         index = archive.patch_index(view)
         assert index.ntotal == sum(r.n_patches for r in archive.slides()) == len(view.vectors)
+        # the percentiles are measured again on the grown archive
+        assert archive.calibration()["rows"] == len(view.vectors)
         assert [r.row_start for r in archive.slides()] == [0, archive.slides()[0].n_patches]
     assert (archive_dir / "index-0.faiss").stat().st_mtime_ns != first
     # growing appends: the reduction fit on the first slide stays as it was

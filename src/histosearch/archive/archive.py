@@ -493,9 +493,9 @@ class Archive:
                 )
             view = self.view()
             if len(view.records):
-                self._update_index(view)
-                if pending or not self._path("calibration", ".npz").is_file():
-                    self._calibrate(view)
+                index = self._update_index(view)
+                if self.calibration()["rows"] != len(view.vectors):  # grown since measured
+                    self._calibrate(view, index)
 
     def _fit_reducer(self, features: np.ndarray, generation: int) -> Reducer:
         kind = self.settings["reduction"]
@@ -535,8 +535,7 @@ class Archive:
             self.settings = self.catalog.settings()
             self._reducer = (new, reducer)
             view = self.view()
-            self._update_index(view)
-            self._calibrate(view)
+            self._calibrate(view, self._update_index(view))
             for stale in (
                 self._path("reducer", ".npz", old),
                 self._path("index", ".faiss", old),
@@ -587,9 +586,9 @@ class Archive:
         """Slides embedded but not yet in the search store (an unfinished add)."""
         return [r for r in self.slides() if r.row_start is None]
 
-    def _update_index(self, view: SearchView) -> None:
+    def _update_index(self, view: SearchView) -> PatchIndex:
         """Append the store rows the patch index lacks (or build it, its FAISS type chosen by
-        the archive's size), then save it."""
+        the archive's size), save it, and return it."""
         from histosearch.search.patch_index import PatchIndex
 
         path = self._path("index", ".faiss", view.generation)
@@ -601,8 +600,9 @@ class Archive:
         elif index.ntotal < len(view.vectors):
             index.add(view.vectors[index.ntotal :])
         else:
-            return
+            return index
         index.save(path)
+        return index
 
     @staticmethod
     def _load_index(path: Path) -> PatchIndex:
@@ -635,27 +635,27 @@ class Archive:
         index.add(view.vectors[index.ntotal :])
         return index
 
-    def _calibrate(self, view: SearchView) -> None:
+    def _calibrate(self, view: SearchView, index: PatchIndex) -> None:
         """Measure the archive's own nearest-neighbour similarities (slides and patches),
         against which search results are given as percentiles."""
         from histosearch.search.calibration import measure_calibration
 
         patch_nn, slide_nn = measure_calibration(
-            view, self.patch_index(view), CALIBRATION_SLIDES, CALIBRATION_PATCHES
+            view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES
         )
         target = self._path("calibration", ".npz", view.generation)
         with atomic_path(target) as tmp, tmp.open("wb") as file:
-            np.savez(file, patches=patch_nn, slides=slide_nn)
+            np.savez(file, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
 
     def calibration(self) -> dict[str, np.ndarray]:
-        """Sorted nearest-neighbour similarities of the archive's patches and slides (empty
-        arrays when not measured yet)."""
+        """Sorted nearest-neighbour similarities of the archive's patches and slides, and the
+        store rows they were measured on (empty arrays and -1 when not measured yet)."""
         path = self._path("calibration", ".npz")
         try:
             with np.load(path) as data:
-                return {"patches": data["patches"], "slides": data["slides"]}
+                return {k: data[k] for k in ("patches", "slides", "rows")}
         except Exception:  # a missing or damaged calibration only loses the percentiles
-            return {"patches": np.empty(0), "slides": np.empty(0)}
+            return {"patches": np.empty(0), "slides": np.empty(0), "rows": np.array(-1)}
 
     # -- checking --------------------------------------------------------------------------
 
