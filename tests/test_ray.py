@@ -26,7 +26,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow  # about a minute: two encoders start in Ray workers
 def test_a_ray_built_archive_equals_the_one_process_archive(local_ray, tmp_path: Path):
     manifest = write_manifest(tmp_path / "lc.csv", LC, "group", 1)
     broken = WSI / "histolab" / "broken.svs"
