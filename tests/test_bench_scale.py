@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from data_paths import DATA
 
-from histosearch.bench_scale import (
+from histosearch.bench.scale import (
     MAX_SLIDE,
     MIN_SLIDE,
     SCALE_KEYS,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from data_paths import LC
 
-from histosearch.server.bench import running_server
+from histosearch.bench.serve import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from histosearch.bench.serve import running_server
 from histosearch.cli import app as cli_app
 from histosearch.server.app import create_app
-from histosearch.server.bench import running_server
 from histosearch.server.tiles import DeepZoom, SlideCache
 from histosearch.slide import open_slide
 

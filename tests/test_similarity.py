@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histosearch.bench import synthetic_archive
+from histosearch.bench.search import synthetic_archive
 from histosearch.search.similarity import (
     best_matches,
     pairwise_similarity_matrix,

