@@ -6,7 +6,7 @@ import pytest
 from data_paths import LABELLED_TILES
 from PIL import Image
 
-from histosearch.bench.search import tissue_accuracy
+from histosearch.bench.tissue import tissue_accuracy
 from histosearch.tissue import (
     HistogramTissueDetector,
     OtsuTissueDetector,

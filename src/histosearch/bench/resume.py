@@ -1,5 +1,5 @@
-"""Benchmarks of the archive and its API: kill -9 during `index` and resume, start-up time
-of the command line, and a warm `Searcher`'s query latency."""
+"""`histosearch bench resume`: kill -9 during `histosearch index` at random moments and resume;
+is every resumed archive equal to an uninterrupted one?"""
 
 from __future__ import annotations
 
@@ -15,10 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from histosearch.archive.archive import Archive
+from histosearch.archive.archive import Archive, ArchiveError
+from histosearch.bench.common import CMU_SLIDE, TCGA_SLIDE, WSI_FIXTURES
 from histosearch.search.searcher import Searcher
 
 CLI = [sys.executable, "-m", "histosearch.cli"]
+
+
+def resume_index_args(manifest: Path, data: Path) -> list[str]:
+    """What `bench resume` indexes: the patches of `manifest` (grouped by their source tile)
+    and the two fixture slides of `data`, at 20x."""
+    fixtures = data / WSI_FIXTURES
+    return [
+        str(manifest),
+        str(fixtures / CMU_SLIDE),
+        str(fixtures / TCGA_SLIDE),
+        "--group-by",
+        "group",
+        "--objective-power",
+        "20",
+    ]
 
 
 @dataclass
@@ -92,17 +108,13 @@ class ResumeBenchmark:
 
 
 def _count_rows(archive_dir: Path) -> tuple[int, int]:
-    import sqlite3
-
-    catalog = archive_dir / "catalog.sqlite"
-    if not catalog.is_file():
-        return 0, 0
+    """Catalog rows of a (killed) archive, and of those how many are in the search store;
+    none when the kill left no readable archive."""
     try:
-        db = sqlite3.connect(catalog)
-        total, stored = db.execute("SELECT COUNT(*), COUNT(row_start) FROM slides").fetchone()
-        db.close()
-        return total, stored
-    except sqlite3.Error:
+        with Archive.open(archive_dir) as archive:
+            total = len(archive.slides())
+            return total, total - archive.catalog.pending()
+    except ArchiveError:
         return 0, 0
 
 
@@ -160,55 +172,3 @@ def bench_resume(
             on_trial(outcome)
         shutil.rmtree(target, ignore_errors=True)
     return result
-
-
-@dataclass(frozen=True)
-class ApiBenchmark:
-    """Start-up of the command line and a warm Searcher's latency, in seconds."""
-
-    help_seconds: dict[str, float]
-    open_seconds: float
-    patch_query_p50: float
-    patch_query_p95: float
-    slide_query_p50: float
-    slide_query_p95: float
-    queries: int
-
-
-def _timed_run(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - start
-
-
-def bench_api(archive_dir: Path, commands: list[list[str]], queries: int = 50) -> ApiBenchmark:
-    """`histosearch ... --help` wall times (best of 3, fresh processes), then a Searcher on
-    `archive_dir` answering `queries` patch queries (an image file, embedded) and slide
-    queries (an archived slide); the first query, which loads the encoder, is left out."""
-    entry = [str(Path(sys.executable).with_name("histosearch"))]
-    help_seconds = {
-        " ".join(["histosearch", *command, "--help"]): min(
-            _timed_run([*entry, *command, "--help"]) for _ in range(3)
-        )
-        for command in commands
-    }
-    start = time.perf_counter()
-    archive = Archive.open(archive_dir)
-    searcher = Searcher(archive)
-    open_seconds = time.perf_counter() - start
-    records = archive.slides()
-    patches = [p for r in records for p in (searcher.paths(r) or [])][:queries]
-    if not patches:
-        raise ValueError(f"{archive_dir}: the API benchmark needs an archive with patch images")
-    times: dict[str, list[float]] = {"patches": [], "slides": []}
-    for i in range(queries):
-        for mode, query in (
-            ("patches", patches[i % len(patches)]),
-            ("slides", records[i % len(records)].id),
-        ):
-            start = time.perf_counter()
-            searcher.search(query, k=5, mode=mode, exclude=())
-            times[mode].append(time.perf_counter() - start)
-    archive.close()
-    p = {mode: np.percentile(spent[1:], [50, 95]) for mode, spent in times.items()}
-    return ApiBenchmark(help_seconds, open_seconds, *p["patches"], *p["slides"], queries)

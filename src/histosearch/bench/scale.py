@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from histosearch.archive.reduce import PCAReducer
+from histosearch.bench.common import peak_rss_gb
 from histosearch.fileio import atomic_path
 from histosearch.search.patch_index import PatchIndex
 from histosearch.search.two_stage import rank_slides
@@ -73,10 +73,6 @@ class ScaleResult:
 
     def figures(self) -> dict[str, float | int]:
         return {key: asdict(self)[key] for key in SCALE_KEYS}
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _sources(data: Path) -> list[tuple[str, list[Path]]]:
@@ -260,7 +256,7 @@ def bench_scale(
         patch_query_p50_s=float(np.percentile(patch_times, 50)),
         top5_agreement=top5 / exact_queries,
         top1_agreement=top1 / exact_queries,
-        peak_rss_gb=_peak_rss_gb(),
+        peak_rss_gb=peak_rss_gb(),
         index=_describe(index),
         queries=queries,
         exact_queries=exact_queries,

@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import httpx
 import numpy as np
 
+from histosearch.bench.common import MissingExtraError
 from histosearch.errors import HistosearchError
+
+try:
+    import httpx
+except ImportError:  # the `bench` extra (and `dev`) installs it
+    raise MissingExtraError("httpx", "serve") from None
 
 
 def free_port() -> int:
@@ -149,6 +154,15 @@ def tile_addresses(url: str, slide_id: int) -> list[str]:
             for c in range(cols)
         ]
     return paths
+
+
+def default_patch(data: Path) -> Path:
+    """The patch image `bench serve` queries with by default: the first of LC25000's dev set."""
+    from histosearch.inputs import read_manifest_rows
+
+    lc = data / "lc25000-lung-dev"
+    rows, _, _ = read_manifest_rows(lc / "manifest.csv")
+    return lc / rows[0]["path"]
 
 
 def bench_serve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from histosearch.cli.archive import check, demo, index, reindex, search
 from histosearch.cli.bench import (
@@ -56,5 +57,8 @@ def main() -> None:
     try:
         app()
     except HistosearchError as error:
-        error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        # the reason is plain text: brackets in it (a path, `histosearch[bench]`) are no markup
+        error_console.print(
+            f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         raise SystemExit(1) from None

