@@ -1,4 +1,5 @@
-"""Encoders: `create_encoder("efficientnet-lite0-imagenet")`, `@register("name")` for more.
+"""Encoders: `create_encoder("efficientnet-lite0-imagenet")`, `@register_encoder("name")` for
+more (in a module named in the `histosearch.encoders` entry points), `list_encoders()`.
 
 The names resolve lazily, so `histosearch.encoders.catalog` (no torch) imports fast."""
 
@@ -12,10 +13,30 @@ if TYPE_CHECKING:
         EncoderError,
         available_encoders,
         create_encoder,
+        get_encoder_factory,
+        is_encoder,
+        list_encoders,
+        list_prefixes,
         register,
+        register_encoder,
+        register_file_loader,
+        register_prefix,
     )
 
-__all__ = ["Encoder", "EncoderError", "available_encoders", "create_encoder", "register"]
+__all__ = [
+    "Encoder",
+    "EncoderError",
+    "available_encoders",
+    "create_encoder",
+    "get_encoder_factory",
+    "is_encoder",
+    "list_encoders",
+    "list_prefixes",
+    "register",
+    "register_encoder",
+    "register_file_loader",
+    "register_prefix",
+]
 
 
 def __getattr__(name: str) -> object:

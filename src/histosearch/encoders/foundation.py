@@ -23,7 +23,7 @@ from histosearch.encoders.catalog import (
     locate_weights,
 )
 from histosearch.encoders.fingerprint import weights_fingerprint
-from histosearch.encoders.registry import Encoder, EncoderError, register
+from histosearch.encoders.registry import Encoder, EncoderError, register_encoder
 from histosearch.encoders.timm_models import load_state_dict
 
 # Keys a checkpoint may carry that the embedding never uses.
@@ -343,7 +343,7 @@ def random_encoder(name: str, seed: int = 0) -> Encoder:
 
 
 def _register(model: FoundationModel) -> None:
-    register(model.name)(lambda weights: load_foundation(model, weights))
+    register_encoder(model.name)(lambda weights: load_foundation(model, weights))
 
 
 for _model in CATALOG.values():

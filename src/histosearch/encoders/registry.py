@@ -1,16 +1,27 @@
-"""The encoder registry: a name gives a torch module, its preprocessing and its output size."""
+"""The encoder registry: a name gives a torch module, its preprocessing and its output size.
+
+A leaf, as timm's `_registry`: the modules that define encoders import it and register
+themselves (`@register_encoder(name)`, `@register_prefix("timm")`, `register_file_loader`);
+it imports none of them, and finds them through the `histosearch.encoders` entry points.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from histosearch.errors import HistosearchError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 
 class EncoderError(HistosearchError):
@@ -66,33 +77,47 @@ class Encoder:
 
 
 EncoderFactory = Callable[[Path | None], Encoder]
+# `timm:<model>` style names: the resolver gets what follows the prefix and the weights path.
+PrefixResolver = Callable[[str, Path | None], Encoder]
 FileLoader = Callable[[Path], Encoder]
+
 _REGISTRY: dict[str, EncoderFactory] = {}
+_PREFIXES: dict[str, PrefixResolver] = {}
 # Encoders stored as files (a `histosearch train` checkpoint.pt), by suffix.
 _FILE_LOADERS: dict[str, FileLoader] = {}
-# Packages that register encoders or file loaders name a module in this entry-point group;
-# it is imported on first need, so the registry depends on none of them (training included).
+
+# Every module that registers encoders, prefixes or file loaders, this package's own included,
+# names itself in this entry-point group; the registry imports none of them, it loads the
+# entry points on first need, one at a time until a name resolves (this package's first, the
+# one named as the encoder or its prefix before all), so that `create_encoder("uni")` never
+# imports training and `timm:<model>` imports only the timm module.
 PLUGIN_GROUP = "histosearch.encoders"
-_plugins_loaded = False
+_OWN_MODULES = __name__.rpartition(".")[0] + "."
+_pending: list[EntryPoint] | None = None
+_loading = threading.RLock()
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if not _plugins_loaded:
+def _unloaded() -> list[EntryPoint]:
+    global _pending
+    if _pending is None:
         from importlib.metadata import entry_points
 
-        _plugins_loaded = True
-        for entry in entry_points(group=PLUGIN_GROUP):
-            entry.load()
+        found = {(e.name, e.value): e for e in entry_points(group=PLUGIN_GROUP)}.values()
+        _pending = sorted(found, key=lambda e: (not e.value.startswith(_OWN_MODULES), e.name))
+    return _pending
 
 
-def register_file_loader(suffix: str, loader: FileLoader) -> FileLoader:
-    """Load encoders given as files ending in `suffix` (e.g. ".pt") with `loader(path)`."""
-    _FILE_LOADERS[suffix] = loader
-    return loader
+def _load_plugins(until: Callable[[], bool] | None = None, first: tuple[str, ...] = ()) -> None:
+    """Import the plugin modules (entry points named in `first` before the rest), stopping as
+    soon as `until()` holds; without `until`, all of them."""
+    with _loading:
+        pending = _unloaded()
+        pending.sort(key=lambda e: e.name not in first)  # stable: the order is otherwise kept
+        while pending and not (until is not None and until()):
+            pending.pop(0).load()
 
 
-def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
+def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     """Register an encoder factory `f(weights_path_or_None) -> Encoder` under `name`."""
 
     def decorator(factory: EncoderFactory) -> EncoderFactory:
@@ -104,29 +129,81 @@ def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     return decorator
 
 
-def _register_builtins() -> None:
-    """Import the modules whose encoders register themselves (once)."""
-    from histosearch.encoders import foundation, handcrafted, imagenet  # noqa: F401
+register = register_encoder  # the name it had first
 
 
-def available_encoders() -> list[str]:
-    """Registered encoder names (any `timm:<model>` with a checkpoint works as well)."""
-    _register_builtins()
+def register_prefix(prefix: str) -> Callable[[PrefixResolver], PrefixResolver]:
+    """Resolve every name `<prefix>:<rest>` with `resolver(rest, weights_path_or_None)`."""
+
+    def decorator(resolver: PrefixResolver) -> PrefixResolver:
+        if prefix in _PREFIXES:
+            raise ValueError(f"encoder prefix {prefix!r} is registered twice")
+        _PREFIXES[prefix] = resolver
+        return resolver
+
+    return decorator
+
+
+def register_file_loader(suffix: str, loader: FileLoader) -> FileLoader:
+    """Load encoders given as files ending in `suffix` (e.g. ".pt") with `loader(path)`."""
+    _FILE_LOADERS[suffix] = loader
+    return loader
+
+
+def list_encoders(pattern: str = "*") -> list[str]:
+    """Registered encoder names matching the shell-style `pattern`, sorted (any
+    `timm:<model>` with a checkpoint works as well)."""
     _load_plugins()
-    return sorted(_REGISTRY)
+    return sorted(fnmatch.filter(_REGISTRY, pattern))
 
 
-def _builder(name: str, path: Path | None) -> Callable[[], Encoder] | None:
-    """How to build the encoder `name`, if it is known yet."""
-    if Path(name).suffix in _FILE_LOADERS and Path(name).is_file():
-        return lambda: _FILE_LOADERS[Path(name).suffix](Path(name))
-    if name.startswith("timm:"):
-        from histosearch.encoders.timm_models import timm_encoder
+available_encoders = list_encoders  # the name it had first
 
-        return lambda: timm_encoder(name.removeprefix("timm:"), path)
-    if name in _REGISTRY:
-        return lambda: _REGISTRY[name](path)
-    return None
+
+def list_prefixes() -> list[str]:
+    """The registered name prefixes (`timm` for `timm:<model>`)."""
+    _load_plugins()
+    return sorted(_PREFIXES)
+
+
+def _lookup(name: str) -> EncoderFactory | None:
+    """The factory of `name` among what is registered so far."""
+    path = Path(name)
+    if path.suffix in _FILE_LOADERS and path.is_file():
+        loader = _FILE_LOADERS[path.suffix]
+        return lambda weights: loader(path)
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in _PREFIXES:
+        resolver = _PREFIXES[prefix]
+        return lambda weights: resolver(rest, weights)
+    return _REGISTRY.get(name)
+
+
+def _resolve(name: str) -> EncoderFactory | None:
+    """The factory of `name`, importing plugin modules until one registers it."""
+    factory = _lookup(name)
+    if factory is None:
+        _load_plugins(until=lambda: _lookup(name) is not None, first=(name, name.split(":")[0]))
+        factory = _lookup(name)
+    return factory
+
+
+def is_encoder(name: str) -> bool:
+    """Whether `create_encoder(name, ...)` knows `name`: a registered encoder, a registered
+    prefix's name (`timm:<model>`) or an existing file of a registered suffix."""
+    return _resolve(name) is not None
+
+
+def get_encoder_factory(name: str) -> EncoderFactory:
+    """The factory `f(weights_path_or_None) -> Encoder` behind `name` (as `is_encoder`)."""
+    factory = _resolve(name)
+    if factory is None:
+        raise EncoderError(
+            None,
+            f"unknown encoder {name!r}; choose from {', '.join(list_encoders())} "
+            "timm:<model> with --weights, or a checkpoint.pt from histosearch train",
+        )
+    return factory
 
 
 def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
@@ -135,21 +212,10 @@ def create_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     `name` is a registered encoder or `timm:<model name>`; `weights` is a local checkpoint
     file, or a folder holding one (as `huggingface-cli download --local-dir` leaves it).
     """
-    _register_builtins()
     path = None if weights is None else Path(weights)
     if path is not None and not path.exists():
         raise EncoderError(path, f"{name}: weights file not found")
-    build = _builder(name, path)
-    if build is None:  # perhaps a plugin's: import them and look again
-        _load_plugins()
-        build = _builder(name, path)
-    if build is None:
-        raise EncoderError(
-            None,
-            f"unknown encoder {name!r}; choose from {', '.join(available_encoders())} "
-            "timm:<model> with --weights, or a checkpoint.pt from histosearch train",
-        )
-    encoder = build()
+    encoder = get_encoder_factory(name)(path)
     encoder.model.eval().requires_grad_(False)
     encoder.model.to(memory_format=torch.channels_last)
     return encoder

@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 import torch
 
-from histosearch.encoders.registry import Encoder, EncoderError
+from histosearch.encoders.registry import Encoder, EncoderError, register_prefix
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -59,6 +59,7 @@ def encoder_from_timm(name: str, model: torch.nn.Module) -> Encoder:
     )
 
 
+@register_prefix("timm")
 def timm_encoder(arch: str, weights: Path | None) -> Encoder:
     """`timm:<arch>` from a local checkpoint, e.g. a pathology foundation model."""
     from histosearch.encoders.catalog import HUB_FILES, checkpoint_in_folder
