@@ -10,7 +10,7 @@ import pytest
 from data_paths import CMU, LC, TCGA, write_manifest
 
 import histosearch
-from histosearch import Archive, ArchiveSettings, Searcher, SearchError
+from histosearch import Archive, ArchiveSettings, EmbedOptions, Searcher, SearchError
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def archive_dir(tmp_path_factory) -> Path:
         report = archive.add(
             [manifest, CMU, TCGA],
             group_by="group",
-            objective_power=20.0,
+            options=EmbedOptions(objective_power=20.0),
             on_progress=lambda stage, done, total: stages.add(stage),
         )
         assert report.added == 11 and not report.failures and stages == {"slides", "patches"}

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from histosearch.archive.archive import Archive, ArchiveError, ArchiveSettings
 from histosearch.cli import app
 from histosearch.search.ranking import Query, excluded_slides
+from histosearch.search.upkeep import load_calibration, load_patch_index
 
 runner = CliRunner()
 
@@ -185,10 +186,10 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
     with Archive(archive_dir) as archive:
         assert [r.name for r in archive.slides()] == [CMU.name, TCGA.name]
         view = archive.view()
-        index = archive.patch_index(view)
+        index = load_patch_index(archive, view)
         assert index.ntotal == sum(r.n_patches for r in archive.slides()) == len(view.vectors)
         # the percentiles are measured again on the grown archive
-        assert archive.calibration()["rows"] == len(view.vectors)
+        assert load_calibration(archive)["rows"] == len(view.vectors)
         assert [r.row_start for r in archive.slides()] == [0, archive.slides()[0].n_patches]
     assert (archive_dir / "index-0.faiss").stat().st_mtime_ns != first
     # growing appends: the reduction fit on the first slide stays as it was
@@ -290,7 +291,7 @@ def test_interrupted_index_resumes_without_duplicates(tmp_path: Path):
         assert len(records) == 300 and len({r.path for r in records}) == 300
         for record in records:
             assert archive.read(record).features.shape == (1, 1280)
-        assert archive.patch_index(archive.view()).ntotal == 300
+        assert load_patch_index(archive, archive.view()).ntotal == 300
     assert not list(archive_dir.rglob("*.tmp"))
 
 
@@ -316,7 +317,7 @@ def test_l2_patch_index(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     with Archive(archive_dir) as archive:
-        index = archive.patch_index(archive.view())
+        index = load_patch_index(archive, archive.view())
         assert index.metric == "l2" and index.index.metric_type == faiss.METRIC_L2
         patch = archive.read(archive.slides()[0]).paths[0]
     result = runner.invoke(

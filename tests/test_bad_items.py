@@ -56,15 +56,16 @@ def test_without_a_failures_dict_the_first_bad_item_raises_naming_it(
 
 
 def test_a_patch_run_with_one_truncated_jpeg_stores_the_others(tmp_path: Path, encoder):
+    from histosearch.archive.adding import PATCH_RUN
     from histosearch.archive.archive import Archive, ArchiveSettings
-    from histosearch.archive.indexer import PATCH_RUN
+    from histosearch.embed.options import EmbedOptions
 
     paths = _with_truncated(tmp_path, PATCH_RUN, 40)
     manifest = tmp_path / "run.csv"
     manifest.write_text("path,label\n" + "".join(f"{p},lung_aca\n" for p in paths))
     settings = ArchiveSettings(encoder="color-histogram", reduction="none")
     with Archive.create(tmp_path / "archive", settings, encoder) as archive:
-        report = archive.add([manifest], encoder=encoder, workers=1)
+        report = archive.add([manifest], encoder=encoder, options=EmbedOptions(num_workers=1))
         assert report.added == PATCH_RUN - 1
         assert len(report.failures) == 1 and report.failures[0][0] == paths[40].name
         assert f"{paths[40]}: cannot read image: truncated" in report.failures[0][1]

@@ -10,9 +10,10 @@ from data_paths import CMU, LC, WSI, write_manifest
 from typer.testing import CliRunner
 
 from histosearch import Archive, ArchiveSettings, Searcher
-from histosearch.archive.distributed import EmbedSettings, RayError, embed_items_on_ray
 from histosearch.cli import app
+from histosearch.embed.distributed import RayError, embed_items_on_ray
 from histosearch.inputs import collect_items
+from histosearch.tiling import Tiling
 
 ray = pytest.importorskip("ray")
 # Full features: a PCA fit on a handful of patches leaves near-ties that commit order breaks.
@@ -68,7 +69,7 @@ def test_unreachable_address_fails_fast_with_one_message(tmp_path: Path):
             collect_items([CMU]),
             "color-histogram",
             None,
-            EmbedSettings({"tile_size": "224", "magnification": "5", "tissue": "otsu"}),
+            Tiling(magnification=5.0, tile_size=224, tissue="otsu"),
             address="127.0.0.1:9",
             on_result=lambda *_: None,
             on_failure=lambda *_: None,

@@ -14,6 +14,7 @@ from histosearch.cli import app
 from histosearch.search.patch_index import PatchIndex, choose_factory
 from histosearch.search.similarity import slide_similarities
 from histosearch.search.two_stage import query_mosaic, rank_slides, shortlist_slides
+from histosearch.search.upkeep import load_patch_index
 
 runner = CliRunner()
 
@@ -39,7 +40,7 @@ def test_flat_index_matches_the_archive_index_and_survives_save_and_load(store, 
     index = PatchIndex.build(vectors)
     assert choose_factory(len(vectors), vectors.shape[1]) == "Flat"
     assert index.ntotal == len(vectors) and index.nprobe is None
-    reference = archive.patch_index(archive.view())  # what the archive saved while growing
+    reference = load_patch_index(archive, archive.view())  # what the archive saved while growing
     queries = vectors[::7]
     sims, rows = index.search(queries, 5)
     ref_sims, ref_rows = reference.search(queries, 5)

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from histosearch.archive.archive import catalog_key
 from histosearch.errors import HistosearchError
 from histosearch.slide import IMAGE_SUFFIXES
 
@@ -33,6 +32,12 @@ SLIDE_SUFFIXES = (
     )
     | IMAGE_SUFFIXES
 )
+
+
+def catalog_key(path: str | Path) -> str:
+    """How an archive's catalog names a source: the resolved path of a file, else the text as
+    given (a manifest group such as `manifest.csv::group=g1`)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 class ManifestError(HistosearchError):

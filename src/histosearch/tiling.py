@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,27 @@ MAX_DETECTION_SIDE = 8192
 
 
 EDGES = ("drop", "keep")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a slide is cut into the tiles that are embedded (an archive's own settings)."""
+
+    magnification: float = 5.0
+    tile_size: int = 224
+    tissue: str = "otsu"
+    # the partial last row and column of tiles: dropped (the papers' grid) or kept, padded
+    edges: str = "drop"
+
+    @classmethod
+    def of(cls, settings: Mapping[str, str]) -> Tiling:
+        """The tiling recorded in an archive's settings."""
+        return cls(
+            float(settings["magnification"]),
+            int(settings["tile_size"]),
+            settings["tissue"],
+            settings.get("edges", "drop"),
+        )
 
 
 @dataclass(frozen=True)

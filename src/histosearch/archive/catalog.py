@@ -1,5 +1,6 @@
-"""The archive's catalog: one SQLite file holding the settings it was built with and one row
-per slide (or patch group), with where its features are and its rows in the search store.
+"""The archive's catalog: one SQLite file holding the settings it was built with, one row per
+slide (or patch group) with where its features are and its rows in the search store, and the
+relevance marks given to search results. Every SQL statement on the file is written here.
 
 A slide row is committed in one transaction once its feature file is written and, after the
 first batch has fitted the reduction, once its searchable vectors are in the store: rows whose
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,38 @@ CREATE TABLE IF NOT EXISTS slides (
     tile_l0 REAL,
     row_start INTEGER
 );
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    created TEXT NOT NULL,
+    query_id TEXT,
+    query_slide INTEGER,
+    query_name TEXT NOT NULL,
+    region TEXT,
+    mode TEXT NOT NULL,
+    result_slide INTEGER NOT NULL,
+    result_row INTEGER,
+    similarity REAL,
+    relevant INTEGER NOT NULL
+);
 """
+# PRAGMA user_version of a catalog with every table above (1: settings and slides only).
+SCHEMA_VERSION = 2
 COLUMNS = "id, name, path, label, patient, grp, mpp, n_patches, feature_file, tile_l0, row_start"
+# What a new slide row is given (id and row_start aside).
+SLIDE_FIELDS = ("name", "path", "label", "patient", "grp", "mpp", "n_patches", "feature_file")
+MARK_COLUMNS = (
+    "id",
+    "created",
+    "query_id",
+    "query_slide",
+    "query_name",
+    "region",
+    "mode",
+    "result_slide",
+    "result_row",
+    "similarity",
+    "relevant",
+)
 
 
 class ArchiveError(HistosearchError):
@@ -99,6 +130,8 @@ class Catalog:
             if column not in columns:  # an archive from before the search store
                 with self._db:
                     self._db.execute(f"ALTER TABLE slides ADD COLUMN {column} {kind}")
+        if self._run("PRAGMA user_version")[0][0] != SCHEMA_VERSION:
+            self._write([(f"PRAGMA user_version = {SCHEMA_VERSION}", ())])
 
     def _damaged(self, error: Exception) -> ArchiveError:
         return ArchiveError(
@@ -112,7 +145,7 @@ class Catalog:
         except sqlite3.DatabaseError as error:
             raise self._damaged(error) from None
 
-    def write(self, statements: list[tuple[str, Iterable[object]]]) -> list[int]:
+    def _write(self, statements: list[tuple[str, Iterable[object]]]) -> list[int]:
         """Run statements in one transaction; returns each statement's last row id."""
         ids = []
         try:
@@ -129,9 +162,43 @@ class Catalog:
         return dict(self._run("SELECT key, value FROM settings"))
 
     def set(self, values: dict[str, str]) -> None:
-        self.write(
+        self._write(
             [("INSERT OR REPLACE INTO settings VALUES (?, ?)", item) for item in values.items()]
         )
+
+    def add_slides(
+        self, rows: Sequence[Mapping[str, object]], ignore_known: bool = False
+    ) -> list[int]:
+        """Insert slide rows (`SLIDE_FIELDS`, optional `tile_l0` and `row_start`) in one
+        transaction; their ids. With `ignore_known`, a row whose path is there already is
+        skipped."""
+        statements = []
+        for row in rows:
+            names = [*SLIDE_FIELDS, *(k for k in ("tile_l0", "row_start") if k in row)]
+            verb = "INSERT OR IGNORE" if ignore_known else "INSERT"
+            marks = ", ".join("?" * len(names))
+            sql = f"{verb} INTO slides ({', '.join(names)}) VALUES ({marks})"
+            statements.append((sql, [row[n] for n in names]))
+        return self._write(statements)
+
+    def set_row_starts(
+        self, starts: Mapping[int, int | None], generation: int | None = None
+    ) -> None:
+        """Record slides' first rows in the search store (by id) and, with `generation`, the
+        store generation they belong to, in one transaction."""
+        statements: list[tuple[str, Iterable[object]]] = [
+            ("UPDATE slides SET row_start = ? WHERE id = ?", (start, slide_id))
+            for slide_id, start in starts.items()
+        ]
+        if generation is not None:
+            statements.append(
+                ("INSERT OR REPLACE INTO settings VALUES ('generation', ?)", (str(generation),))
+            )
+        self._write(statements)
+
+    def remove_slides(self, ids: Iterable[int]) -> None:
+        """Delete slide rows by id, in one transaction."""
+        self._write([("DELETE FROM slides WHERE id = ?", (int(i),)) for i in ids])
 
     def slides(self, stored_only: bool = False) -> list[SlideRecord]:
         """Catalog rows by id (only those in the search store, by store row, if asked)."""
@@ -161,6 +228,17 @@ class Catalog:
                 f"SELECT {COLUMNS} FROM slides WHERE name = ? ORDER BY id", (name,)
             )
         ]
+
+    def add_mark(self, values: Mapping[str, object]) -> int:
+        """Store one relevance mark (`MARK_COLUMNS` but `id`); returns its id."""
+        names = [c for c in MARK_COLUMNS if c != "id"]
+        sql = f"INSERT INTO feedback ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        return self._write([(sql, [values.get(n) for n in names])])[0]
+
+    def marks(self) -> list[dict[str, object]]:
+        """Every relevance mark, oldest first."""
+        rows = self._run(f"SELECT {', '.join(MARK_COLUMNS)} FROM feedback ORDER BY id")
+        return [dict(zip(MARK_COLUMNS, row, strict=True)) for row in rows]
 
     def integrity(self) -> str:
         """SQLite's own verdict on the file: 'ok' or what is wrong."""

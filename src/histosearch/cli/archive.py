@@ -30,8 +30,10 @@ from histosearch.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from histosearch.archive.adding import IndexReport
     from histosearch.archive.archive import Archive
-    from histosearch.archive.indexer import IndexReport
+    from histosearch.archive.settings import ArchiveSettings
+    from histosearch.embed.options import EmbedOptions
     from histosearch.search.result import SearchResult
     from histosearch.search.searcher import Searcher
 
@@ -75,23 +77,23 @@ def index(
     ] = None,
 ) -> None:
     """Embed slides and patches into an archive (incremental; an interrupted run resumes)."""
+    from histosearch.archive.settings import ArchiveSettings
+    from histosearch.embed.options import EmbedOptions
+
+    try:
+        settings = ArchiveSettings(
+            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric, edges
+        )
+        options = EmbedOptions(mpp, objective_power, batch_size, workers)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     report = build_archive(
         inputs,
         archive_dir,
-        mag=mag,
-        encoder_name=encoder_name,
+        settings,
+        options,
         weights=weights,
-        tile_size=tile_size,
-        tissue=tissue,
-        reduction=reduction,
-        n_features=n_features,
-        index_metric=index_metric,
-        edges=edges,
         group_by=group_by,
-        mpp=mpp,
-        objective_power=objective_power,
-        batch_size=batch_size,
-        workers=workers,
         ray=ray_address or ray,
     )
     report_failures(report.failures, report.total)
@@ -100,42 +102,24 @@ def index(
 def build_archive(
     inputs: list[Path],
     archive_dir: Path,
+    settings: ArchiveSettings,
+    options: EmbedOptions,
     *,
-    mag: float = 5.0,
-    encoder_name: str = DEFAULT_ENCODER,
     weights: Path | None = None,
-    tile_size: int = 224,
-    tissue: str = "otsu",
-    reduction: str = "pca",
-    n_features: int = 128,
-    index_metric: str = "cosine",
-    edges: str = "drop",
     group_by: str | None = None,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    batch_size: int = 32,
-    workers: int = 1,
     ray: bool | str = False,
 ) -> IndexReport:
     """`index` without the exit: create or open the archive, add the inputs, print a summary."""
-    from histosearch.archive.archive import Archive, ArchiveSettings
-    from histosearch.embed import default_device
+    from histosearch.archive.archive import Archive
+    from histosearch.embed.batches import default_device
     from histosearch.encoders import create_encoder
     from histosearch.inputs import collect_items
-    from histosearch.tissue import make_detector
 
-    try:
-        make_detector(tissue)
-        settings = ArchiveSettings(
-            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric, edges
-        )
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
     unreadable: list[tuple[str, str]] = []
     items = collect_items(inputs, group_by, unreadable)
     if not items:  # nothing to index: say why before the model loads or an archive begins
         report_failures(unreadable, len(inputs))
-    encoder = create_encoder(encoder_name, weights).to(default_device())
+    encoder = create_encoder(settings.encoder, weights).to(default_device())
     with Archive.create(archive_dir, settings, encoder) as archive, progress() as bar:
         tasks = {"slides": bar.add_task("slides", total=None)}
         tasks["patches"] = bar.add_task("patches", total=None)
@@ -148,10 +132,7 @@ def build_archive(
             group_by=group_by,
             encoder=encoder,
             weights=weights,
-            mpp=mpp,
-            objective_power=objective_power,
-            batch_size=batch_size,
-            workers=workers,
+            options=options,
             on_progress=on_progress,
             ray=ray,
         )
@@ -297,6 +278,8 @@ def demo(
 ) -> None:
     """Build an archive offline from real data and search it: patch groups, patches, slides."""
     from histosearch.archive.archive import Archive
+    from histosearch.archive.settings import ArchiveSettings
+    from histosearch.embed.options import EmbedOptions
     from histosearch.search.searcher import Searcher
 
     lc = data / "lc25000-lung-dev"
@@ -311,8 +294,9 @@ def demo(
     build_archive(
         [manifest, wsi / "cmu-1-small-region.svs", wsi / "tcga-cr-7395-01a-01-ts1.svs"],
         archive_dir,
+        ArchiveSettings(),
+        EmbedOptions(objective_power=20.0),
         group_by="group",
-        objective_power=20.0,
     )
     with Archive.open(archive_dir) as archive:
         searcher = Searcher(archive)

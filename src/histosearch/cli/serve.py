@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from histosearch.cli.common import SHARED_DATA, console, error_console
+from histosearch.cli.common import console, error_console
 
 
 def is_local_host(host: str) -> bool:
@@ -75,56 +75,8 @@ def feedback(
 ) -> None:
     """Export the relevance marks given in the viewer as a CSV (ground truth for evaluation)."""
     from histosearch import Archive
-    from histosearch.server.feedback import FeedbackStore, export_csv
+    from histosearch.archive.feedback import export_csv
 
     with Archive.open(archive_dir) as archive:
-        names = {r.id: (r.name, r.label) for r in archive.slides()}
-    store = FeedbackStore(archive_dir)
-    try:
-        count = export_csv(store, csv_path, names)
-    finally:
-        store.close()
+        count = export_csv(archive.catalog, csv_path)
     console.print(f"{count} marks written to {csv_path}", highlight=False)
-
-
-def bench_serve_command(
-    archive_dir: Annotated[
-        Path, typer.Option("--archive", help="The archive to serve (default: the demo's).")
-    ] = Path("demo-output/archive"),
-    patch: Annotated[
-        Path | None,
-        typer.Option("--patch", help="Patch image to query with (default: an LC25000 patch)."),
-    ] = None,
-    slide: Annotated[
-        int | None,
-        typer.Option("--slide", help="Catalog id of the slide query and tiles (default: first)."),
-    ] = None,
-    queries: Annotated[int, typer.Option("--queries", min=1, help="Queries per figure.")] = 40,
-    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
-) -> None:
-    """p50/p95 latency of patch and slide queries (1 and 8 clients) and deep-zoom tiles/s."""
-    import os
-
-    from rich.table import Table
-
-    from histosearch.inputs import read_manifest_rows
-    from histosearch.server.bench import bench_serve
-
-    if patch is None:
-        lc = data / "lc25000-lung-dev"
-        rows, _, _ = read_manifest_rows(lc / "manifest.csv")
-        patch = lc / rows[0]["path"]
-    results = bench_serve(archive_dir, patch, slide, queries)
-    table = Table(title=f"histosearch serve on {archive_dir} ({os.cpu_count()} CPU cores)")
-    for column in ("request", "clients", "requests", "p50 ms", "p95 ms", "per second"):
-        table.add_column(column, justify="left" if column == "request" else "right")
-    for row in results:
-        table.add_row(
-            row.name,
-            str(row.clients),
-            str(row.requests),
-            f"{row.p50_ms:.1f}",
-            f"{row.p95_ms:.1f}",
-            f"{row.per_s:.1f}",
-        )
-    console.print(table)

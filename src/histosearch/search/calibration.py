@@ -16,7 +16,7 @@ import torch
 from histosearch.search.similarity import similarity_matrix
 
 if TYPE_CHECKING:
-    from histosearch.archive.archive import SearchView
+    from histosearch.archive.view import SearchView
     from histosearch.search.patch_index import PatchIndex
 
 # Neighbours looked at per sampled patch to find its best one in another slide.

@@ -13,7 +13,7 @@ from histosearch.archive.catalog import SlideRecord
 from histosearch.search import two_stage
 
 if TYPE_CHECKING:
-    from histosearch.archive.archive import SearchView
+    from histosearch.archive.view import SearchView
     from histosearch.search.patch_index import PatchIndex
 
 EXCLUDE_CHOICES = ("slide", "patient", "group")

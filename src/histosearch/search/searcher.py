@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histosearch.archive.archive import Archive, SearchView
+from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import SlideRecord
+from histosearch.archive.view import SearchView
+from histosearch.embed.options import EmbedOptions
 from histosearch.errors import HistosearchError
 from histosearch.search.calibration import percentile
 from histosearch.search.ranking import (
@@ -32,6 +34,7 @@ from histosearch.search.result import (
     TileMatch,
 )
 from histosearch.search.similarity import best_matches
+from histosearch.search.upkeep import load_calibration, load_patch_index
 
 if TYPE_CHECKING:
     from histosearch.encoders import Encoder
@@ -59,7 +62,7 @@ class _Loaded:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.view: SearchView = archive.view()
-        self.calibration = archive.calibration()
+        self.calibration = load_calibration(archive)
         self.position = {r.id: i for i, r in enumerate(self.view.records)}
         self.key = (self.view.generation, int(self.view.offsets[-1]))
         self._index: PatchIndex | None = None
@@ -69,7 +72,7 @@ class _Loaded:
     def index(self) -> PatchIndex:
         with self._lock:
             if self._index is None:
-                self._index = self.archive.patch_index(self.view)
+                self._index = load_patch_index(self.archive, self.view)
             return self._index
 
 
@@ -114,7 +117,7 @@ class Searcher:
         """The archive's encoder, created on first use."""
         with self._lock:
             if self._encoder is None:
-                from histosearch.embed import default_device
+                from histosearch.embed.batches import default_device
                 from histosearch.encoders import create_encoder
 
                 encoder = create_encoder(self.archive.settings["encoder"], self._weights)
@@ -197,11 +200,10 @@ class Searcher:
             coords = np.asarray(loaded.view.coords[rows.start : rows.stop])
             name, tile_l0, label = record.name, record.tile_l0, record.label
         elif os.path.lexists(query):  # a file, or something open_slide names (a folder...)
-            from histosearch.archive.indexer import embed_file
+            from histosearch.embed.items import embed_file
 
-            embedded = embed_file(
-                query, self.encoder, self.archive.settings, mpp=mpp, objective_power=objective_power
-            )
+            options = EmbedOptions(mpp=mpp, objective_power=objective_power)
+            embedded = embed_file(query, self.encoder, self.archive.tiling, options)
             vectors = self.archive.reduce(embedded.features)
             coords, name, tile_l0, label = embedded.coords, Path(query).name, embedded.tile_l0, None
         else:

@@ -31,10 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import ArchiveError, SlideRecord
+from histosearch.archive.feedback import Mark, add_mark
 from histosearch.errors import HistosearchError
 from histosearch.search.result import SearchResult, SlideMatch
 from histosearch.search.searcher import Searcher
-from histosearch.server.feedback import FeedbackStore, Mark
 from histosearch.server.models import (
     ERRORS,
     FeedbackIn,
@@ -97,7 +97,6 @@ class ServerState:
     archive: Archive
     searcher: Searcher
     slides: SlideCache
-    feedback: FeedbackStore
     token: str | None
     max_upload_bytes: int
 
@@ -335,7 +334,7 @@ def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
     state.record(mark.result_slide)
     if mark.query_slide is not None:
         state.record(mark.query_slide)
-    return FeedbackOut(id=state.feedback.add(Mark(**mark.model_dump())))
+    return FeedbackOut(id=add_mark(state.archive.catalog, Mark(**mark.model_dump())))
 
 
 def _response(state: ServerState, result: SearchResult) -> dict[str, Any]:
@@ -452,7 +451,6 @@ def create_app(
         archive=archive,
         searcher=Searcher(archive),
         slides=SlideCache(),
-        feedback=FeedbackStore(archive_dir),
         token=token or None,
         max_upload_bytes=max_upload_mb * 2**20,
     )
@@ -461,7 +459,6 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.slides.close()
-        state.feedback.close()
         archive.close()
 
     app = FastAPI(

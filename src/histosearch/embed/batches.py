@@ -13,9 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histosearch.encoders import Encoder
-from histosearch.errors import HistosearchError, NoTissueError, SlideReadError
+from histosearch.errors import HistosearchError, SlideReadError
 from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide, read_image
-from histosearch.tiling import TileGrid, tile_slide
+from histosearch.tiling import TileGrid
 
 
 class TileDataset(Dataset):
@@ -151,34 +151,3 @@ def embed_dataset(
 def default_device() -> str:
     """CUDA when there is a GPU, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def embed_path(
-    path: str | Path,
-    encoder: Encoder,
-    magnification: float,
-    tile_size: int = 224,
-    tissue: str = "otsu",
-    *,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-    edges: str = "drop",
-) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """(features, level-0 coords, mpp) of a slide's tissue tiles at `magnification`; an image
-    no larger than a tile is one patch, embedded whole, at coordinate (0, 0). `edges` "keep"
-    tiles the partial last row and column too (see `tile_slide`)."""
-    with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
-        if max(slide.dimensions) <= tile_size:
-            features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
-            return features, np.zeros((1, 2), np.int64), slide.mpp
-        grid = tile_slide(slide, magnification, tile_size, tissue, edges)
-        if grid.n_tissue == 0:
-            raise NoTissueError(
-                path, f"no tissue in the {len(grid)} tiles of {tile_size} px at {magnification:g}x"
-            )
-        dataset = TileDataset(slide, grid, grid.tissue_coords)
-        features = embed_dataset(dataset, encoder, batch_size, num_workers, on_batch)
-        return features, grid.tissue_coords, slide.mpp

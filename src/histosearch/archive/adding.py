@@ -1,23 +1,22 @@
-"""Embedding what `Archive.add` is given: slides and patch groups, incremental, resumable,
-batch-tolerant."""
+"""`Archive.add`: the slides and patch groups it is given embedded and stored, incremental,
+resumable, batch-tolerant (one bad input costs only itself)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histosearch.embed import ImageDataset, embed_dataset, embed_path, is_patch_file
+from histosearch.archive.folder import ArchiveFolder
+from histosearch.archive.upkeep import sync
+from histosearch.embed.batches import ImageDataset, default_device, embed_dataset
+from histosearch.embed.items import EmbeddedFile, embed_item, is_patch_item
+from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
-from histosearch.inputs import Item
-from histosearch.slide import open_slide
-
-if TYPE_CHECKING:
-    from histosearch.archive.archive import Archive
+from histosearch.inputs import Item, collect_items
 
 # Patches (single or in groups) are embedded together in runs of about this many images, so
 # that they share one data loader; each entry is stored as soon as its run is done.
@@ -39,86 +38,9 @@ class IndexReport:
         return self.added + self.skipped + len(self.failures)
 
 
-@dataclass(frozen=True)
-class EmbeddedFile:
-    """A file's tile embeddings, their level-0 positions, its resolution and the side of one
-    tile at level 0 (None for an image embedded whole)."""
-
-    features: np.ndarray
-    coords: np.ndarray
-    mpp: float | None
-    tile_l0: float | None
-
-
-def embed_file(
-    path: str | Path,
-    encoder: Encoder,
-    settings: dict[str, str],
-    *,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-) -> EmbeddedFile:
-    """Embed a slide or image file exactly as an archive with `settings` embeds its slides."""
-    magnification, tile_size = float(settings["magnification"]), int(settings["tile_size"])
-    features, coords, found_mpp = embed_path(
-        path,
-        encoder,
-        magnification,
-        tile_size,
-        settings["tissue"],
-        mpp=mpp,
-        objective_power=objective_power,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_batch=on_batch,
-        edges=settings.get("edges", "drop"),
-    )
-    with open_slide(path, mpp=mpp, objective_power=objective_power) as slide:
-        whole = max(slide.dimensions) <= tile_size
-        tile_l0 = None if whole else tile_size * slide.downsample_for(magnification)
-    return EmbeddedFile(features, coords, found_mpp, tile_l0)
-
-
-def is_patch_item(item: Item, tile_size: int) -> bool:
-    """A patch group, or an image no larger than a tile: embedded whole, image by image."""
-    return item.is_group or is_patch_file(item.paths[0], tile_size)
-
-
-def embed_item(
-    item: Item,
-    encoder: Encoder,
-    settings: dict[str, str],
-    *,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-) -> EmbeddedFile:
-    """One item embedded as an archive with `settings` stores it: a patch group's images
-    whole, a slide by its tissue tiles."""
-    if is_patch_item(item, int(settings["tile_size"])):
-        dataset = ImageDataset(item.paths, encoder.input_size)
-        features = embed_dataset(dataset, encoder, batch_size, num_workers, on_batch)
-        return EmbeddedFile(features, np.zeros((len(features), 2), np.int64), None, None)
-    return embed_file(
-        item.paths[0],
-        encoder,
-        settings,
-        mpp=mpp,
-        objective_power=objective_power,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_batch=on_batch,
-    )
-
-
-def store_item(archive: Archive, item: Item, embedded: EmbeddedFile) -> None:
+def store_item(archive: ArchiveFolder, item: Item, embedded: EmbeddedFile) -> None:
     """Store one embedded item in the archive (the caller holds its writer lock)."""
-    patches = is_patch_item(item, int(archive.settings["tile_size"]))
+    patches = is_patch_item(item, archive.tiling.tile_size)
     archive.store_slide(
         item.key,
         embedded.features,
@@ -144,14 +66,11 @@ def _runs(items: list[Item]) -> list[list[Item]]:
 
 
 def index_items(
-    archive: Archive,
+    archive: ArchiveFolder,
     items: list[Item],
     encoder: Encoder,
+    options: EmbedOptions = DEFAULT_OPTIONS,
     *,
-    mpp: float | None = None,
-    objective_power: float | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
     on_progress: Callable[[str, int, int | None], None] | None = None,
     ray: bool | str = False,
     weights: str | Path | None = None,
@@ -164,7 +83,7 @@ def index_items(
     stored = {record.path for record in archive.slides()}
     todo = [item for item in items if item.key not in stored]
     report.skipped = len(items) - len(todo)
-    tile_size = int(archive.settings["tile_size"])
+    tiling = archive.tiling
     done_patches = 0
 
     def progress(stage: str, done: int, total: int | None) -> None:
@@ -183,20 +102,21 @@ def index_items(
         progress("slides", report.added + len(report.failures), len(todo))
 
     if ray:
-        from histosearch.archive.distributed import EmbedSettings, embed_items_on_ray
+        from histosearch.embed.distributed import embed_items_on_ray
 
         embed_items_on_ray(
             todo,
             archive.settings["encoder"],
             weights,
-            EmbedSettings(dict(archive.settings), mpp, objective_power, batch_size),
+            tiling,
+            options,
             address=None if ray is True else ray,
             on_result=add,
             on_failure=lambda item, message: report.failures.append((item.name, message)),
         )
         return report
 
-    is_patch = [is_patch_item(item, tile_size) for item in todo]
+    is_patch = [is_patch_item(item, tiling.tile_size) for item in todo]
     patches = [item for item, flag in zip(todo, is_patch, strict=True) if flag]
     slides = [item for item, flag in zip(todo, is_patch, strict=True) if not flag]
     for run in _runs(patches):
@@ -205,8 +125,8 @@ def index_items(
         features = embed_dataset(
             ImageDataset(paths, encoder.input_size),
             encoder,
-            batch_size,
-            num_workers,
+            options.batch_size,
+            options.num_workers,
             on_batch,
             failures=bad,
         )
@@ -228,16 +148,7 @@ def index_items(
 
     for item in slides:
         try:
-            embedded = embed_item(
-                item,
-                encoder,
-                archive.settings,
-                mpp=mpp,
-                objective_power=objective_power,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                on_batch=on_batch,
-            )
+            embedded = embed_item(item, encoder, tiling, options, on_batch)
             add(item, embedded)
         except HistosearchError as error:
             report.failures.append((item.name, str(error)))
@@ -245,4 +156,42 @@ def index_items(
             report.failures.append(
                 (item.name, f"{item.paths[0]}: unexpected {type(error).__name__}: {error}")
             )
+    return report
+
+
+def add(
+    archive: ArchiveFolder,
+    inputs: Sequence[str | Path | Item],
+    *,
+    group_by: str | None = None,
+    encoder: Encoder | None = None,
+    weights: str | Path | None = None,
+    options: EmbedOptions = DEFAULT_OPTIONS,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+    ray: bool | str = False,
+) -> IndexReport:
+    """`Archive.add`: embed and store what the archive does not hold yet, then sync."""
+    # an input that gives nothing (a refused manifest, a folder of no slides) is reported
+    # with the failures and the others go on; items collected already are taken as given
+    unreadable: list[tuple[str, str]] = []
+    items = [i for i in inputs if isinstance(i, Item)] + collect_items(
+        [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
+    )
+    if encoder is None:
+        from histosearch.encoders import create_encoder
+
+        encoder = create_encoder(archive.settings["encoder"], weights).to(default_device())
+    archive.check_encoder(encoder)
+    with archive.writing():
+        report = index_items(
+            archive,
+            items,
+            encoder,
+            options,
+            on_progress=on_progress,
+            ray=ray,
+            weights=weights,
+        )
+        report.failures[:0] = unreadable
+        sync(archive)
     return report

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from histosearch.archive.indexer import EmbeddedFile, embed_item
+from histosearch.embed.items import EmbeddedFile, embed_item
+from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
+from histosearch.tiling import Tiling
 
 # How long a Ray address may take to accept a connection before it counts as unreachable.
 CONNECT_TIMEOUT_S = 5.0
@@ -29,39 +31,20 @@ class RayError(HistosearchError):
     """Ray is missing, or the cluster cannot be reached."""
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
-    """How items are embedded: the archive's settings and the resolution given for slides
-    that lack it."""
-
-    archive: dict[str, str]
-    mpp: float | None = None
-    objective_power: float | None = None
-    batch_size: int = 32
-
-
 class EmbeddingWorker:
     """One encoder, on the worker's GPU when Ray gave it one; embeds one item per call."""
 
     def __init__(self, encoder_name: str, weights: str | None) -> None:
-        from histosearch.embed import default_device
+        from histosearch.embed.batches import default_device
         from histosearch.encoders import create_encoder
 
         self.encoder = create_encoder(encoder_name, weights).to(default_device())
 
-    def embed(self, item: Item, settings: EmbedSettings) -> EmbeddedFile | str:
+    def embed(self, item: Item, tiling: Tiling, options: EmbedOptions) -> EmbeddedFile | str:
         """The item's embeddings (float16, as the archive stores them), or a one-line failure
         naming its file."""
         try:
-            embedded = embed_item(
-                item,
-                self.encoder,
-                settings.archive,
-                mpp=settings.mpp,
-                objective_power=settings.objective_power,
-                batch_size=settings.batch_size,
-                num_workers=0,
-            )
+            embedded = embed_item(item, self.encoder, tiling, replace(options, num_workers=0))
             return replace(embedded, features=embedded.features.astype(np.float16))
         except HistosearchError as error:
             return str(error)
@@ -109,7 +92,8 @@ def embed_items_on_ray(
     items: Iterable[Item],
     encoder_name: str,
     weights: str | Path | None,
-    settings: EmbedSettings,
+    tiling: Tiling,
+    options: EmbedOptions = DEFAULT_OPTIONS,
     *,
     address: str | None = None,
     num_workers: int | None = None,
@@ -144,7 +128,7 @@ def embed_items_on_ray(
         def submit(worker: object) -> None:
             if todo:
                 item = todo.pop()
-                running[worker.embed.remote(item, settings)] = (worker, item)
+                running[worker.embed.remote(item, tiling, options)] = (worker, item)
 
         for _ in range(count):
             submit(start())

@@ -1,0 +1,109 @@
+"""The search layer's files derived from an archive's store: the patch index
+(`index-G.faiss`) and the calibration (`calibration-G.npz`). The archive's writers keep them up
+to date through `SEARCH_FILES` (the `histosearch.archive` entry point); searches load them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from histosearch.archive.catalog import ArchiveError
+from histosearch.archive.folder import ArchiveFolder
+from histosearch.archive.view import SearchView
+from histosearch.fileio import atomic_path
+from histosearch.search.calibration import measure_calibration
+from histosearch.search.patch_index import PatchIndex
+
+# Percentiles are measured on at most this many slides and patches of the archive.
+CALIBRATION_SLIDES = 200
+CALIBRATION_PATCHES = 2000
+
+
+def _read_index(path: Path) -> PatchIndex:
+    try:
+        return PatchIndex.load(path)
+    except RuntimeError as error:
+        raise ArchiveError(
+            path,
+            f"unreadable patch index ({str(error).splitlines()[0][:80]}); "
+            "run histosearch check --repair",
+        ) from None
+
+
+def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
+    """The patch index over exactly the view's rows (rows committed since it was saved are
+    added in memory; the next writer saves them)."""
+    path = archive.path("index", ".faiss", view.generation)
+    if not path.is_file():
+        raise ArchiveError(path, "the patch index is missing; run histosearch check --repair")
+    index = _read_index(path)
+    if index.ntotal > len(view.vectors):
+        raise ArchiveError(
+            path,
+            f"the patch index holds {index.ntotal} rows, the catalog {len(view.vectors)}; "
+            "run histosearch check --repair",
+        )
+    if index.metric != archive.index_metric:
+        raise ArchiveError(path, "the patch index has the wrong metric; run check --repair")
+    index.add(view.vectors[index.ntotal :])
+    return index
+
+
+def load_calibration(archive: ArchiveFolder) -> dict[str, np.ndarray]:
+    """Sorted nearest-neighbour similarities of the archive's patches and slides, and the
+    store rows they were measured on (empty arrays and -1 when not measured yet)."""
+    path = archive.path("calibration", ".npz")
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in ("patches", "slides", "rows")}
+    except Exception:  # a missing or damaged calibration only loses the percentiles
+        return {"patches": np.empty(0), "slides": np.empty(0), "rows": np.array(-1)}
+
+
+class SearchFiles:
+    """Keeps the patch index and the calibration of an archive up to date with its store."""
+
+    def update(self, archive: ArchiveFolder, view: SearchView) -> None:
+        """Append the store rows the patch index lacks (or build it, its FAISS type chosen by
+        the archive's size) and save it; measure the calibration again when the store grew."""
+        path = archive.path("index", ".faiss", view.generation)
+        index = _read_index(path) if path.is_file() else None
+        if index is not None and index.ntotal > len(view.vectors):
+            index = None  # built over rows that were never committed: rebuild
+        if index is None:
+            index = PatchIndex.build(view.vectors, archive.index_metric)
+            index.save(path)
+        elif index.ntotal < len(view.vectors):
+            index.add(view.vectors[index.ntotal :])
+            index.save(path)
+        if load_calibration(archive)["rows"] != len(view.vectors):  # grown since measured
+            self._calibrate(archive, view, index)
+
+    @staticmethod
+    def _calibrate(archive: ArchiveFolder, view: SearchView, index: PatchIndex) -> None:
+        """Measure the archive's own nearest-neighbour similarities (slides and patches),
+        against which search results are given as percentiles."""
+        patch_nn, slide_nn = measure_calibration(
+            view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES
+        )
+        target = archive.path("calibration", ".npz", view.generation)
+        with atomic_path(target) as tmp, tmp.open("wb") as file:
+            np.savez(file, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
+
+    def problems(self, archive: ArchiveFolder, view: SearchView) -> list[tuple[Path, str]]:
+        """The patch index missing, unreadable or not matching the store."""
+        try:
+            load_patch_index(archive, view)
+        except ArchiveError as error:
+            return [(Path(error.path or archive.root), error.reason)]
+        return []
+
+    def files(self, archive: ArchiveFolder, generation: int) -> list[Path]:
+        return [
+            archive.path("index", ".faiss", generation),
+            archive.path("calibration", ".npz", generation),
+        ]
+
+
+SEARCH_FILES = SearchFiles()
