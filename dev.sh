@@ -29,8 +29,9 @@ case "$job" in
     exec "$venv/bin/histosearch" demo "$@"
     ;;
   test)
-    "$venv/bin/ruff" check src tests
-    "$venv/bin/ruff" format --check src tests
+    "$venv/bin/ruff" check src tests docs
+    "$venv/bin/ruff" format --check src tests docs
+    "$venv/bin/lint-imports" --no-cache > /dev/null || "$venv/bin/lint-imports" --no-cache
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   serve)
