@@ -361,9 +361,13 @@ def _eval_slide_manifest(
     reduction: tuple[str, int],
 ) -> None:
     """The slide protocol on a manifest of whole slides, at each magnification."""
-    from histosearch.embed import embed_path
+    from histosearch.embed.items import embed_file
+    from histosearch.embed.options import EmbedOptions
     from histosearch.evaluation.protocols import evaluate_slides
     from histosearch.evaluation.report import write_report
+    from histosearch.tiling import Tiling
+
+    options = EmbedOptions(mpp=resolution[0], objective_power=resolution[1])
 
     keys_column = data.column(exclude_column) if exclude_column else None
     results, failures = {}, []
@@ -373,14 +377,7 @@ def _eval_slide_manifest(
             task = bar.add_task(f"slides at {mag:g}x", total=len(data.paths))
             for index, path in enumerate(data.paths):
                 try:
-                    tiles, _, _ = embed_path(
-                        path,
-                        encoder,
-                        mag,
-                        tile_size,
-                        mpp=resolution[0],
-                        objective_power=resolution[1],
-                    )
+                    tiles = embed_file(path, encoder, Tiling(mag, tile_size), options).features
                 except HistosearchError as error:
                     failures.append((path, str(error)))
                 else:
