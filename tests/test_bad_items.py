@@ -112,3 +112,28 @@ def test_holdout_fraction_zero_holds_out_nothing(tmp_path: Path):
     settings.holdout_fraction = 1.0
     with pytest.raises(TrainingError, match=r"must be in \[0, 1\)"):
         _holdout(rows, settings, manifest, out)
+
+
+def test_a_group_name_longer_than_a_file_name_allows_is_stored_like_any(tmp_path: Path, encoder):
+    from histosearch.archive.archive import Archive, ArchiveSettings
+
+    long_name = "g" * 300
+    manifest = tmp_path / "groups.csv"
+    rows = [(IMAGES[0], long_name), (IMAGES[1], long_name), (IMAGES[2], "after")]
+    manifest.write_text("path,label,group\n" + "".join(f"{p},lung_aca,{g}\n" for p, g in rows))
+    settings = ArchiveSettings(encoder="color-histogram", reduction="none")
+    with Archive.create(tmp_path / "archive", settings, encoder) as archive:
+        report = archive.add([manifest], group_by="group", encoder=encoder)
+        assert report.added == 2 and not report.failures
+        stored = {r.name: r for r in archive.slides()}
+        assert set(stored) == {long_name, "after"} and stored[long_name].n_patches == 2
+        assert len(Path(stored[long_name].feature_file).name.encode()) <= 255
+
+
+def test_percentiles_read_as_ordinals():
+    from histosearch.cli.common import ordinal
+
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 50, 100, 101, 112)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "50th",
+        "100th", "101st", "112th",
+    ]  # fmt: skip

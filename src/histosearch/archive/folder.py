@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from histosearch.encoders import Encoder
 
 LOCK = ".writer.lock"
+FILE_STEM_BYTES = 120
 
 
 class ArchiveFolder:
@@ -270,7 +271,9 @@ class ArchiveFolder:
         if not self._lock_depth:
             raise RuntimeError("store_slide needs the writer lock (Archive.writing)")
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-        feature_file = f"features/{Path(name).stem}-{digest}.h5"
+        # the digest keeps names apart: the stem is cut to stay within a file name's 255 bytes
+        stem = Path(name).stem.encode()[:FILE_STEM_BYTES].decode(errors="ignore")
+        feature_file = f"features/{stem}-{digest}.h5"
         target = self.root / feature_file
         # enough to rebuild the catalog from the feature files (check --repair)
         metadata = {

@@ -24,6 +24,7 @@ from histosearch.cli.common import (
     check_shared_data,
     console,
     error_console,
+    ordinal,
     progress,
     report_failures,
     write_lc25000_subset,
@@ -348,7 +349,7 @@ def _print_result(result: SearchResult) -> None:
         )
     for row in rows:
         cells = ["-" if row[c] is None else str(row[c]) for c in columns]
-        share = "-" if row["percentile"] is None else f"{row['percentile']:.0f}th"
+        share = "-" if row["percentile"] is None else ordinal(round(row["percentile"]))
         table.add_row(*cells, f"{row['similarity']:.1%}", share)
     console.print(table)
     console.print(

@@ -239,3 +239,9 @@ def write_lc25000_subset(
             if row["group"] in chosen:
                 writer.writerow([(lc / row["path"]).resolve(), row["label"], row["group"]])
     return rows, groups
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, ... 21st, 22nd."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
