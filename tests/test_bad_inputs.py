@@ -411,8 +411,3 @@ def test_train_leaves_out_a_truncated_image_and_says_so(tmp_path: Path, capsys):
     assert code == 1 and "Traceback" not in output, output
     assert "1 images left out" in output and f"{bad}: cannot read image: truncated" in output
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
-
-
-def test_the_corpus_has_at_least_30_kinds():
-    kinds = len(SLIDES) + len(MANIFESTS) + 2  # + missing/truncated files listed, bad queries
-    assert kinds >= 30
