@@ -7,14 +7,8 @@ them (the searcher is thread-safe), plus a cache of open slides for the deep-zoo
 from __future__ import annotations
 
 import json
-import logging
-import secrets
-import threading
-import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,19 +16,18 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histosearch.archive.archive import Archive
-from histosearch.archive.catalog import ArchiveError, SlideRecord
+from histosearch.archive.catalog import SlideRecord
 from histosearch.archive.feedback import Mark, add_mark
 from histosearch.errors import HistosearchError
-from histosearch.search.result import SearchResult, SlideMatch
+from histosearch.search.result import SearchResult
 from histosearch.search.searcher import Searcher
+from histosearch.server.errors import install_error_handlers
 from histosearch.server.models import (
     ERRORS,
     FeedbackIn,
@@ -48,6 +41,7 @@ from histosearch.server.models import (
     SlidePage,
     SlideQuery,
 )
+from histosearch.server.state import Record, ServerState, State, check_token
 from histosearch.server.tiles import (
     CachedSlide,
     SlideCache,
@@ -55,10 +49,9 @@ from histosearch.server.tiles import (
     encode_jpeg,
     thumbnail_jpeg,
 )
-from histosearch.server.uploads import UploadRejected, receive_upload
+from histosearch.server.uploads import receive_upload
 from histosearch.slide import magnification_from_mpp
 
-log = logging.getLogger("histosearch.server")
 STATIC = Path(__file__).parent / "static"
 OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadragon"
 # The API docs' Swagger UI from npm too: the server may have no internet, and neither may
@@ -66,101 +59,8 @@ OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadr
 SWAGGER = "/static/node_modules/swagger-ui-dist"
 THUMBNAIL_SIZE = 256
 MAX_JSON_BYTES = 1 << 20
-KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
-KEPT_THUMBNAILS = 2048
 
 
-class Recent:
-    """A thread-safe mapping that keeps only its `capacity` most recently stored items."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-
-@dataclass
-class ServerState:
-    """What every request shares."""
-
-    archive: Archive
-    searcher: Searcher
-    slides: SlideCache
-    token: str | None
-    max_upload_bytes: int
-
-    def __post_init__(self) -> None:
-        self.results = Recent(KEPT_QUERIES)  # query id -> {slide id: SlideMatch}
-        self.thumbnails = Recent(KEPT_THUMBNAILS)  # slide id -> JPEG bytes
-        self._viewable: dict[int, bool] = {}
-
-    def record(self, slide_id: int) -> SlideRecord:
-        """The catalog row of `slide_id` (slides indexed while serving included), else 404."""
-        try:
-            return self.archive.get(slide_id)
-        except ArchiveError:
-            raise HTTPException(404, f"no slide with id {slide_id} in the archive") from None
-
-    def viewable(self, record: SlideRecord) -> bool:
-        """Whether the record is a slide file (deep zoom), not a group of patches."""
-        if record.id not in self._viewable:
-            self._viewable[record.id] = Path(record.path).is_file()
-        return self._viewable[record.id]
-
-    def keep(self, result: SearchResult) -> str:
-        """Remember a search result for its heat maps; returns its query id."""
-        query_id = uuid.uuid4().hex
-        matches = {match.record.id: match for match in result.slides}
-        self.results.put(query_id, matches)
-        return query_id
-
-    def match(self, query_id: str, slide_id: int) -> SlideMatch:
-        matches = self.results.get(query_id)
-        if matches is None:
-            raise HTTPException(404, f"no recent query {query_id} (only the last 64 are kept)")
-        match = matches.get(slide_id)
-        if match is None:
-            raise HTTPException(404, f"slide {slide_id} is not a slide result of query {query_id}")
-        return match
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-State = Annotated[ServerState, Depends(get_state)]
-bearer = HTTPBearer(auto_error=False, description="Needed when the server was given --token.")
-
-
-def check_token(
-    state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
-    """Every /api and /slides request carries the server's token, when it has one."""
-    if state.token is None:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), state.token.encode()):
-        raise HTTPException(
-            401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
-def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> SlideRecord:
-    return state.record(slide_id)
-
-
-Record = Annotated[SlideRecord, Depends(slide_record)]
 api = APIRouter(prefix="/api", dependencies=[Depends(check_token)], responses=ERRORS)
 slides_router = APIRouter(prefix="/slides", dependencies=[Depends(check_token)], responses=ERRORS)
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "A JPEG image"}}
@@ -401,46 +301,6 @@ def _jpeg(data: bytes, max_age: int = 0) -> Response:
     return Response(data, media_type="image/jpeg", headers=headers)
 
 
-def _validation_detail(error: RequestValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        loc = tuple(item.get("loc", ()))
-        if loc and loc[0] in ("body", "query", "path", "header"):
-            loc = loc[1:]  # where the value came from, not which value
-        where = ".".join(str(p) for p in loc)
-        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
-    return "; ".join(parts) or "invalid request"
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(error)}, status_code=422)
-
-    @app.exception_handler(UploadRejected)
-    async def rejected(_: Request, error: UploadRejected) -> JSONResponse:
-        return JSONResponse({"detail": error.reason}, status_code=error.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        detail = error.detail if isinstance(error.detail, str) else str(error.detail)
-        return JSONResponse(
-            {"detail": detail}, status_code=error.status_code, headers=error.headers
-        )
-
-    @app.exception_handler(HistosearchError)
-    async def bad_input(_: Request, error: HistosearchError) -> JSONResponse:
-        return JSONResponse({"detail": error.reason}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"detail": f"internal error ({type(error).__name__}); the server log has the details"},
-            status_code=500,
-        )
-
-
 def create_app(
     archive_dir: str | Path, token: str | None = None, max_upload_mb: int = 512
 ) -> FastAPI:
@@ -470,7 +330,7 @@ def create_app(
         version="0.1.0",
     )
     app.state.server = state
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(api)
     app.include_router(slides_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
