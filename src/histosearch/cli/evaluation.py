@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -19,7 +18,10 @@ from histosearch.cli.common import (
     progress,
     report_failures,
 )
-from histosearch.errors import HistosearchError
+
+if TYPE_CHECKING:
+    from histosearch.evaluation.compare import EncoderResult
+    from histosearch.evaluation.runner import EncoderReport
 
 
 def eval_command(
@@ -92,247 +94,118 @@ def eval_command(
 ) -> None:
     """Measure encoders on a labelled set with the four papers' protocols and metrics; with
     several --encoder, one comparison table and chart as well."""
-    from histosearch.embed import default_device, is_patch_file
-    from histosearch.evaluation.compare import next_run_folder, write_comparison
-    from histosearch.evaluation.labelled import (
-        archive_labelled_set,
-        check_evaluable,
-        read_labelled_manifest,
-    )
+    from histosearch.evaluation.runner import Evaluation, PatchRun
+    from histosearch.evaluation.settings import EvalSettings, EvalSettingsError, encoder_choices
 
-    ks = sorted(set(ks or [1, 3, 5]))
-    if (manifest is None) == (archive_dir is None):
-        raise typer.BadParameter("give a manifest or --archive, not both")
-    if metric not in ("cosine", "l2"):
-        raise typer.BadParameter("choose cosine or l2", param_hint="--metric")
-    if (near is None) != (far is None):
-        raise typer.BadParameter("give both --near and --far", param_hint="--near/--far")
-    choices = _encoder_choices(encoder_names or [DEFAULT_ENCODER], weights)
-    if manifest is not None:
-        data = read_labelled_manifest(manifest, skip_missing)
-        for path in data.missing:
+    try:
+        settings = EvalSettings(
+            manifest=manifest,
+            archive=archive_dir,
+            encoders=tuple(encoder_choices(encoder_names or [DEFAULT_ENCODER], weights)),
+            out=out,
+            exclude=exclude,
+            metric=metric,
+            **({"ks": tuple(ks)} if ks else {}),
+            slide_column=slide_column,
+            reduction=reduction,
+            n_features=n_features,
+            pairs=pairs,
+            near=near,
+            far=far,
+            skip_missing=skip_missing,
+            **({"mags": tuple(mags)} if mags else {}),
+            mpp=mpp,
+            objective_power=objective_power,
+            tile_size=tile_size,
+            save_threshold=save_threshold,
+            queries_per_class=queries_per_class,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+        )
+        evaluation = Evaluation.load(settings)
+        for path in evaluation.data.missing:
             error_console.print(f"[yellow]skipped missing[/yellow] {path}", highlight=False)
-    else:
-        data, stored, archive_encoder = archive_labelled_set(archive_dir)
-        choices = [(archive_encoder, None)]
-    if exclude == "auto":
-        exclude = next((c for c in ("group", "patient", "slide") if data.column(c)), "none")
-    exclude_column = None if exclude == "none" else exclude
-    check_evaluable(data, ks, exclude_column)
-    if save_threshold and len(choices) > 1:
-        raise typer.BadParameter("--save-threshold takes one encoder", param_hint="--encoder")
-    slides = manifest is not None and not is_patch_file(data.paths[0], tile_size)
-    if slides and len(choices) > 1:
-        raise typer.BadParameter(
-            "compare encoders on a manifest of patches", param_hint="--encoder"
-        )
-    run = next_run_folder(out, "+".join(Path(name).name for name, _ in choices))
-    if slides:
-        from histosearch.encoders import create_encoder
-
-        _check_resolution(data, mpp, objective_power)
-        encoder = create_encoder(*choices[0]).to(default_device())
-        _eval_slide_manifest(
-            data,
-            encoder,
-            run,
-            ks,
-            exclude_column,
-            mags or [5.0],
-            tile_size,
-            (mpp, objective_power),
-            (reduction, n_features),
-        )
+        with _Bars() as bars:
+            result = evaluation.run(bars, lambda report: _print_encoder(report, out))
+    except EvalSettingsError as error:
+        raise typer.BadParameter(error.reason, param_hint=_OPTIONS.get(error.setting)) from None
+    if not isinstance(result, PatchRun):
+        _print_metrics(result.encoder, {}, result.slides)
+        console.print(f"report: {', '.join(map(str, result.files))}")
+        report_failures(result.failures, result.attempts)
         return
-    protocol = _PatchProtocol(
-        ks=ks,
-        exclude=exclude,
-        exclude_column=exclude_column,
-        metric=metric,
-        pairs=pairs,
-        near_far=None if near is None else (near, far),
-        slide_column=slide_column,
-        reduction=(reduction, n_features),
-        queries_per_class=queries_per_class,
-        seed=seed,
-    )
-    results = []
-    for name, encoder_weights in choices:
-        folder = run if len(choices) == 1 else run / name.strip("/").replace("/", "-")
-        if manifest is None:
-            features, fingerprint, dim = stored, "archive", stored.shape[1]
-        else:
-            features, fingerprint, dim = _embed_manifest(
-                data, name, encoder_weights, out, batch_size, workers
-            )
-        results.append(protocol.run(data, features, name, fingerprint, dim, folder, run))
-    if save_threshold:
-        from histosearch.train.checkpoint import save_threshold as store
-
-        name = choices[0][0]
-        if not (name.endswith(".pt") and Path(name).is_file()):
-            raise typer.BadParameter("only a trained checkpoint.pt stores a threshold")
-        threshold = float(results[0].metrics["verification threshold"])
-        store(Path(name), threshold)
-        console.print(f"threshold {threshold:.4f} saved in {name}")
-    if len(results) > 1:
-        settings = {
-            "source": data.source,
-            "items": len(data.labels),
-            "classes": sorted(set(data.labels)),
-            "exclude": exclude,
-            "metric": metric,
-            "seed": seed,
-        }
-        files = write_comparison(run, settings, results, max(ks))
-        _print_comparison(results, max(ks))
-        console.print(f"comparison: {', '.join(str(run / f) for f in files)}")
+    if result.threshold is not None:
+        console.print(f"threshold {result.threshold:.4f} saved in {result.threshold_checkpoint}")
+    if result.comparison:
+        _print_comparison([report.result for report in result.encoders], max(settings.ks))
+        console.print(f"comparison: {', '.join(map(str, result.comparison))}")
 
 
-def _encoder_choices(names: list[str], weights: Path | None) -> list[tuple[str, Path | None]]:
-    """(encoder, weights) pairs from --encoder NAME[=WEIGHTS] and --weights (one encoder)."""
-    choices = []
-    for name in names:
-        encoder, _, path = name.partition("=")
-        choices.append((encoder, Path(path) if path else None))
-    if weights is not None:
-        if len(choices) > 1:
-            raise typer.BadParameter(
-                "with several encoders give each its weights as --encoder NAME=WEIGHTS",
-                param_hint="--weights",
-            )
-        choices = [(choices[0][0], weights)]
-    if len({name for name, _ in choices}) < len(choices):
-        raise typer.BadParameter("an encoder is named twice", param_hint="--encoder")
-    return choices
+# The option of each setting, named in the message that refuses it.
+_OPTIONS = {
+    "weights": "--weights",
+    "encoders": "--encoder",
+    "exclude": "--exclude",
+    "metric": "--metric",
+    "ks": "--k",
+    "slide_column": "--slide-column",
+    "reduction": "--reduction",
+    "n_features": "--n-features",
+    "pairs": "--pairs",
+    "near_far": "--near/--far",
+    "mags": "--mag",
+    "mpp": "--mpp",
+    "objective_power": "--objective-power",
+    "tile_size": "--tile-size",
+    "queries_per_class": "--gallery-queries",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+}
 
 
-def _embed_manifest(
-    data, name: str, weights: Path | None, out: Path, batch_size: int, workers: int
-) -> tuple[object, str, int]:
-    """(features, weights fingerprint, dim) of a patch set, from the cache in `out` when the
-    encoder, its weights and every image are unchanged."""
-    from histosearch.embed import ImageDataset, default_device, embed_dataset
-    from histosearch.encoders import create_encoder
-    from histosearch.evaluation.cache import cached_embeddings, embedding_key, save_embeddings
+class _Bars:
+    """The runner's `on_progress(stage, done, total)` as the project's progress bars: one
+    bar a stage, gone when the stage is done (or the run ends)."""
 
-    encoder = create_encoder(name, weights).to(default_device())
-    key = embedding_key(name, encoder.fingerprint)
-    features = cached_embeddings(out, key, data.paths)
-    if features is not None:
+    def __init__(self) -> None:
+        self._stage: str | None = None
+        self._bar = None
+        self._task = 0
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage != self._stage:
+            self._close()
+            self._bar = progress()
+            self._bar.__enter__()
+            self._task = self._bar.add_task(stage, total=total)
+            self._stage = stage
+        self._bar.update(self._task, completed=done, total=total)
+        if total is not None and done >= total:
+            self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+        self._bar, self._stage = None, None
+
+
+def _print_encoder(report: EncoderReport, out: Path) -> None:
+    """One encoder's tables and report, as soon as they are written."""
+    name = report.result.encoder
+    if report.reused_embeddings:
         console.print(f"{name}: embeddings reused from {out}")
-        return features, encoder.fingerprint, encoder.dim
-    with progress() as bar:
-        task = bar.add_task(f"embedding with {name}", total=len(data.paths))
-        features = embed_dataset(
-            ImageDataset(data.paths, encoder.input_size),
-            encoder,
-            batch_size,
-            workers,
-            lambda n: bar.advance(task, n),
-        )
-    save_embeddings(out, key, data.paths, features)
-    return features, encoder.fingerprint, encoder.dim
+    _print_metrics(name, report.patch.metrics, report.slides)
+    console.print(f"report: {', '.join(map(str, report.files))}")
 
 
-@dataclass(frozen=True)
-class _PatchProtocol:
-    """The patch protocol with one run's settings, applied to each encoder's features."""
-
-    ks: list[int]
-    exclude: str
-    exclude_column: str | None
-    metric: str
-    pairs: int
-    near_far: tuple[float, float] | None
-    slide_column: str | None
-    reduction: tuple[str, int]
-    queries_per_class: int
-    seed: int
-
-    def run(self, data, features, name: str, fingerprint: str, dim: int, folder: Path, run: Path):
-        """Evaluate one encoder's features; its report goes to `folder`."""
-        from histosearch.evaluation.compare import EncoderResult
-        from histosearch.evaluation.labelled import group_features
-        from histosearch.evaluation.protocols import evaluate_patches, evaluate_slides
-        from histosearch.evaluation.report import save_figures, write_report
-
-        ks = self.ks
-        patch = evaluate_patches(
-            features,
-            data,
-            ks,
-            self.exclude_column,
-            self.metric,
-            self.pairs,
-            self.near_far,
-            self.seed,
-        )
-        slides = None
-        if self.slide_column is not None:
-            column = self.slide_column
-            slide_features, slide_labels, names = group_features(features, data, column)
-            patients = data.column("patient")
-            keys = None
-            if self.exclude_column == "patient" and patients is not None and column != "patient":
-                by_slide = dict(zip(data.column(column), patients, strict=True))
-                keys = [by_slide[n] for n in names]
-            slides = {
-                f"slides = {column}": evaluate_slides(
-                    slide_features, slide_labels, ks, [self.reduction], keys
-                )
-            }
-        settings = {
-            "source": data.source,
-            "encoder": name,
-            "weights fingerprint": fingerprint,
-            "items": len(data.labels),
-            "classes": sorted(set(data.labels)),
-            "exclude": self.exclude,
-            "metric": self.metric,
-            "k": ks,
-            "pairs": self.pairs,
-            "near_far": None if self.near_far is None else list(self.near_far),
-            "slide_column": self.slide_column,
-            "reduction": f"{self.reduction[0]} {self.reduction[1]}",
-            "seed": self.seed,
-            "missing_skipped": len(data.missing),
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        with progress() as bar:
-            bar.add_task(f"figures for {name}", total=None)
-            figures = save_figures(
-                folder, features, data, patch, max(ks), self.queries_per_class, self.seed, name
-            )
-        write_report(folder, settings, patch, slides, figures)
-        _print_metrics(name, patch.metrics, slides)
-        console.print(f"report: {folder}/report.md, {folder}/metrics.json")
-        return EncoderResult(
-            name, fingerprint, dim, patch.metrics, str(folder.relative_to(run)) or "."
-        )
-
-
-def _check_resolution(data, mpp: float | None, objective_power: float | None) -> None:
-    """Refuse, in one message, a slide manifest none of whose files records a resolution."""
-    from histosearch.slide import open_slide
-
-    if mpp is not None or objective_power is not None:
-        return
-    for path in data.paths:
-        try:
-            with open_slide(path) as slide:
-                if slide.mpp is not None or slide.objective_power is not None:
-                    return
-        except HistosearchError:
-            continue  # an unreadable file is reported with the others later
-    raise HistosearchError(
-        data.source,
-        f"none of the {len(data.paths)} files records its resolution (microns per pixel or "
-        "objective power): give --mpp or --objective-power",
-    )
-
-
-def _print_comparison(results, k: int) -> None:
+def _print_comparison(results: list[EncoderResult], k: int) -> None:
     from histosearch.evaluation.compare import compared_metrics
 
     columns = compared_metrics(k)
@@ -349,63 +222,8 @@ def _print_comparison(results, k: int) -> None:
     console.print(table)
 
 
-def _eval_slide_manifest(
-    data,
-    encoder,
-    out: Path,
-    ks: list[int],
-    exclude_column: str | None,
-    mags: list[float],
-    tile_size: int,
-    resolution: tuple[float | None, float | None],
-    reduction: tuple[str, int],
-) -> None:
-    """The slide protocol on a manifest of whole slides, at each magnification."""
-    from histosearch.embed.items import embed_file
-    from histosearch.embed.options import EmbedOptions
-    from histosearch.evaluation.protocols import evaluate_slides
-    from histosearch.evaluation.report import write_report
-    from histosearch.tiling import Tiling
-
-    options = EmbedOptions(mpp=resolution[0], objective_power=resolution[1])
-
-    keys_column = data.column(exclude_column) if exclude_column else None
-    results, failures = {}, []
-    for mag in mags:
-        features, labels, keys = [], [], []
-        with progress() as bar:
-            task = bar.add_task(f"slides at {mag:g}x", total=len(data.paths))
-            for index, path in enumerate(data.paths):
-                try:
-                    tiles = embed_file(path, encoder, Tiling(mag, tile_size), options).features
-                except HistosearchError as error:
-                    failures.append((path, str(error)))
-                else:
-                    features.append(tiles)
-                    labels.append(data.labels[index])
-                    keys.append(keys_column[index] if keys_column else str(index))
-                bar.advance(task)
-        if len(features) > max(ks):
-            results[f"{mag:g}x"] = evaluate_slides(features, labels, ks, [reduction], keys)
-    settings = {
-        "source": data.source,
-        "encoder": encoder.name,
-        "slides": len(data.paths),
-        "classes": sorted(set(data.labels)),
-        "exclude": exclude_column,
-        "k": ks,
-        "magnifications": mags,
-        "reduction": f"{reduction[0]} {reduction[1]}",
-        "failed": [message for _, message in failures],
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out, settings, None, results, [])
-    _print_metrics(encoder.name, {}, results)
-    console.print(f"report: {out}/report.md, {out}/metrics.json")
-    report_failures(failures, len(data.paths) * len(mags))
-
-
 def _print_metrics(encoder_name: str, metrics: dict, slides: dict | None) -> None:
+    """The patch metrics and each slide protocol's variants, as tables."""
     if metrics:
         table = Table(title=f"{encoder_name}: patch retrieval")
         table.add_column("metric")

@@ -10,9 +10,10 @@ import numpy as np
 
 from histosearch.errors import HistosearchError
 from histosearch.evaluation.metrics import majority_vote
+from histosearch.evaluation.settings import METADATA_COLUMNS
 from histosearch.inputs import read_manifest_rows
 
-MANIFEST_COLUMNS = ("path", "label", "group", "patient", "slide", "x", "y")
+MANIFEST_COLUMNS = ("path", "label", *METADATA_COLUMNS, "x", "y")
 
 
 class LabelledSetError(HistosearchError):
@@ -66,7 +67,7 @@ def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSe
         source=str(path),
         paths=[path.parent / r["path"] for r in rows],
         labels=[r["label"] for r in rows],
-        columns={c: [r[c] for r in rows] for c in ("group", "patient", "slide") if c in header},
+        columns={c: [r[c] for r in rows] for c in METADATA_COLUMNS if c in header},
         xy=xy,
         missing=missing,
     )
