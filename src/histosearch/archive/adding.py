@@ -1,22 +1,21 @@
-"""`Archive.add`: the slides and patch groups it is given embedded and stored, incremental,
+"""Embedding and storing what `Archive.add` is given: slides and patch groups, incremental,
 resumable, batch-tolerant (one bad input costs only itself)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from histosearch.archive.folder import ArchiveFolder
-from histosearch.archive.upkeep import sync
-from histosearch.embed.batches import ImageDataset, default_device, embed_dataset
+from histosearch.embed.batches import ImageDataset, embed_dataset
 from histosearch.embed.items import EmbeddedFile, embed_item, is_patch_item
 from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
-from histosearch.inputs import Item, collect_items
+from histosearch.inputs import Item
 
 # Patches (single or in groups) are embedded together in runs of about this many images, so
 # that they share one data loader; each entry is stored as soon as its run is done.
@@ -156,42 +155,4 @@ def index_items(
             report.failures.append(
                 (item.name, f"{item.paths[0]}: unexpected {type(error).__name__}: {error}")
             )
-    return report
-
-
-def add(
-    archive: ArchiveFolder,
-    inputs: Sequence[str | Path | Item],
-    *,
-    group_by: str | None = None,
-    encoder: Encoder | None = None,
-    weights: str | Path | None = None,
-    options: EmbedOptions = DEFAULT_OPTIONS,
-    on_progress: Callable[[str, int, int | None], None] | None = None,
-    ray: bool | str = False,
-) -> IndexReport:
-    """`Archive.add`: embed and store what the archive does not hold yet, then sync."""
-    # an input that gives nothing (a refused manifest, a folder of no slides) is reported
-    # with the failures and the others go on; items collected already are taken as given
-    unreadable: list[tuple[str, str]] = []
-    items = [i for i in inputs if isinstance(i, Item)] + collect_items(
-        [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
-    )
-    if encoder is None:
-        from histosearch.encoders import create_encoder
-
-        encoder = create_encoder(archive.settings["encoder"], weights).to(default_device())
-    archive.check_encoder(encoder)
-    with archive.writing():
-        report = index_items(
-            archive,
-            items,
-            encoder,
-            options,
-            on_progress=on_progress,
-            ray=ray,
-            weights=weights,
-        )
-        report.failures[:0] = unreadable
-        sync(archive)
     return report

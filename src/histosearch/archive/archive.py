@@ -14,11 +14,11 @@ from histosearch.archive.repair import Problem, check, check_archive
 from histosearch.archive.settings import INDEX_METRICS, ArchiveSettings
 from histosearch.archive.upkeep import reindex, sync
 from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
+from histosearch.inputs import Item, collect_items
 
 if TYPE_CHECKING:
     from histosearch.archive.adding import IndexReport
     from histosearch.encoders import Encoder
-    from histosearch.inputs import Item
 
 __all__ = [
     "INDEX_METRICS",
@@ -56,18 +56,33 @@ class Archive(ArchiveFolder):
         ("patches") are done. `ray` spreads the embedding over Ray workers: True starts a
         local Ray instance, a string is a cluster's address; this process commits the rows.
         """
-        from histosearch.archive.adding import add  # torch and the encoders, only to add
+        from histosearch.archive.adding import index_items  # torch and the encoders, to add
 
-        return add(
-            self,
-            inputs,
-            group_by=group_by,
-            encoder=encoder,
-            weights=weights,
-            options=options,
-            on_progress=on_progress,
-            ray=ray,
+        # an input that gives nothing (a refused manifest, a folder of no slides) is reported
+        # with the failures and the others go on; items collected already are taken as given
+        unreadable: list[tuple[str, str]] = []
+        items = [i for i in inputs if isinstance(i, Item)] + collect_items(
+            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
         )
+        if encoder is None:
+            from histosearch.embed.batches import default_device
+            from histosearch.encoders import create_encoder
+
+            encoder = create_encoder(self.settings["encoder"], weights).to(default_device())
+        self.check_encoder(encoder)
+        with self.writing():
+            report = index_items(
+                self,
+                items,
+                encoder,
+                options,
+                on_progress=on_progress,
+                ray=ray,
+                weights=weights,
+            )
+            report.failures[:0] = unreadable
+            sync(self)
+        return report
 
     def sync(self) -> None:
         """Finish what an add left: fit the reduction if there is none yet, store the slides
