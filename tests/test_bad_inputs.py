@@ -129,7 +129,11 @@ SLIDES = [
         lambda t: WSI / "openslide-python" / "unopenable.tiff",
         "Unsupported TIFF compression",
     ),
-    Bad("DICOM OpenSlide cannot read", lambda t: WSI / "pathml" / "small_dicom.dcm", "flavor"),
+    Bad(
+        "truncated DICOM WSI",
+        lambda t: _cut(WSI / "pathml" / "small_dicom.dcm", 0.1, "small.dcm", t),
+        "truncated or corrupt DICOM",
+    ),
 ]
 if not ROOT:
     SLIDES.append(Bad("permission denied", _unreadable, "permission denied"))

