@@ -20,6 +20,7 @@ from histosearch.cli.bench import (
 from histosearch.cli.common import error_console
 from histosearch.cli.encoders import encoders_command
 from histosearch.cli.evaluation import eval_command
+from histosearch.cli.interchange import export
 from histosearch.cli.serve import feedback, serve
 from histosearch.cli.slides import tile
 from histosearch.cli.training import explain, train, verify
@@ -36,6 +37,7 @@ app.command("eval")(eval_command)
 app.command("encoders")(encoders_command)
 for command in (train, verify, explain, demo):
     app.command()(command)
+app.command()(export)
 app.command()(serve)
 app.command()(feedback)
 

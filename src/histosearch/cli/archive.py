@@ -41,9 +41,22 @@ if TYPE_CHECKING:
 
 def index(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Slides, folders of slides, or manifest CSVs.")
-    ],
+        list[Path] | None, typer.Argument(help="Slides, folders of slides, or manifest CSVs.")
+    ] = None,
+    *,
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            "--features",
+            help="Import a TRIDENT job folder or CLAM features folder instead of embedding "
+            "(magnification and tile size from its files).",
+        ),
+    ] = None,
+    slides: Annotated[
+        Path | None,
+        typer.Option("--slides", help="With --features: a wsi,mpp[,label,...] slide list."),
+    ] = None,
     mag: Annotated[float, typer.Option("--mag", help="Magnification of the tiles.")] = 5.0,
     encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local checkpoint.")] = None,
@@ -88,6 +101,13 @@ def index(
         options = EmbedOptions(mpp, objective_power, batch_size, workers)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    if (features is None) == (not inputs):
+        raise typer.BadParameter("give slides to embed or --features DIR to import (not both)")
+    if features is not None:
+        from histosearch.cli.interchange import import_folder
+
+        import_folder(features, archive_dir, settings, weights=weights, slides=slides)
+        return
     report = build_archive(
         inputs,
         archive_dir,
