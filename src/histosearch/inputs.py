@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histosearch.errors import HistosearchError
-from histosearch.slide import IMAGE_SUFFIXES
+from histosearch.slide import IMAGE_SUFFIXES, is_dicomweb, parse_dicomweb
 
 SLIDE_SUFFIXES = (
     frozenset(
@@ -35,9 +35,17 @@ SLIDE_SUFFIXES = (
 
 
 def catalog_key(path: str | Path) -> str:
-    """How an archive's catalog names a source: the resolved path of a file, else the text as
-    given (a manifest group such as `manifest.csv::group=g1`)."""
+    """How an archive's catalog names a source: the resolved path of a file, a DICOMweb
+    slide's URL, else the text as given (a manifest group such as `manifest.csv::group=g1`)."""
+    if (address := parse_dicomweb(path)) is not None:
+        return address.url
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
+def _listed(manifest: Path, value: str) -> Path:
+    """What a manifest's `path` value names: a file relative to the manifest, or a DICOMweb
+    URL as it is (its canonical form is what `catalog_key` gives)."""
+    return Path(value) if is_dicomweb(value) else manifest.parent / value
 
 
 class ManifestError(HistosearchError):
@@ -164,7 +172,11 @@ def read_manifest_rows(
             len(duplicates),
             "; ".join(duplicates[:3]) + ("; ..." if len(duplicates) > 3 else ""),
         )
-    missing = [r["path"] for r in rows if not (manifest.parent / r["path"]).is_file()]
+    missing = [
+        r["path"]
+        for r in rows
+        if not is_dicomweb(r["path"]) and not (manifest.parent / r["path"]).is_file()
+    ]
     return rows, columns, missing
 
 
@@ -187,7 +199,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
         return Item(
             key=key,
             name=name,
-            paths=[manifest.parent / m["path"] for m in members],
+            paths=[_listed(manifest, m["path"]) for m in members],
             label=first.get("label") or None,
             patient=first.get("patient") or None,
             group=first.get("group") or (first.get(group_by) if group_by else None) or None,
@@ -196,7 +208,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
 
     if group_by is None:
         return [
-            item(catalog_key(manifest.parent / r["path"]), Path(r["path"]).name, [r], False)
+            item(catalog_key(_listed(manifest, r["path"])), Path(r["path"]).name, [r], False)
             for r in rows
         ]
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)

@@ -20,6 +20,7 @@ from histosearch.archive.catalog import ArchiveError, SlideRecord
 from histosearch.search.result import SearchResult, SlideMatch
 from histosearch.search.searcher import Searcher
 from histosearch.server.tiles import SlideCache
+from histosearch.slide import is_dicomweb
 
 KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
 KEPT_THUMBNAILS = 2048
@@ -68,9 +69,10 @@ class ServerState:
             raise HTTPException(404, f"no slide with id {slide_id} in the archive") from None
 
     def viewable(self, record: SlideRecord) -> bool:
-        """Whether the record is a slide file (deep zoom), not a group of patches."""
+        """Whether the record is a slide file or a DICOMweb slide (deep zoom), not a group of
+        patches."""
         if record.id not in self._viewable:
-            self._viewable[record.id] = Path(record.path).is_file()
+            self._viewable[record.id] = is_dicomweb(record.path) or Path(record.path).is_file()
         return self._viewable[record.id]
 
     def keep(self, result: SearchResult) -> str:

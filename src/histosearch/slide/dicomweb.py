@@ -149,6 +149,9 @@ class DicomWebSlide(WsiDicomSlide):
         session = requests.Session()
         session.auth = credentials()
         client = DICOMwebClient(address.service, session=session, timeout=_timeout())
+        # dicomweb-client retries every failure 5 times, waiting up to 16 s between tries:
+        # a server that is down or refuses would take a minute to be reported.
+        client.set_http_retry_params(retry=False)
         try:
             series = [address.series] if address.series else _microscopy_series(client, address)
             return WsiDicom.open_web(WsiDicomWebClient(client), address.study, series), True
