@@ -47,6 +47,7 @@ _EXPORTS = {
     "PatchMatch": "histosearch.search.result",
     "TileMatch": "histosearch.search.result",
     "Tile": "histosearch.search.result",
+    "write_qupath": "histosearch.search.qupath",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,104 @@
+"""QuPath export of a search: GeoJSON FeatureCollections in each slide's level-0 pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from data_paths import CMU
+
+from histosearch import Archive, ArchiveSettings, Searcher, write_qupath
+
+REGION = (500, 700, 1200, 1500)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, ome_tiff: Path):
+    """CMU-1 and the same pixels as an OME-TIFF, embedded at 10x (colour histograms)."""
+    root = tmp_path_factory.mktemp("qupath") / "archive"
+    settings = ArchiveSettings(
+        encoder="color-histogram", magnification=10.0, reduction="none", tile_size=224
+    )
+    with Archive.create(root, settings) as archive:
+        archive.add([CMU, ome_tiff])
+    with Archive.open(root) as archive:
+        yield archive
+
+
+def read_collection(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    for feature in data["features"]:
+        assert feature["type"] == "Feature"
+        assert feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        properties = feature["properties"]
+        assert properties["objectType"] == "annotation"
+        assert isinstance(properties["name"], str)
+        color = properties["classification"]["color"]
+        assert len(color) == 3 and all(0 <= c <= 255 for c in color)
+        assert all(isinstance(v, float | int) for v in properties["measurements"].values())
+    return data["features"]
+
+
+def box(feature: dict) -> tuple[float, float, float, float]:
+    (ring,) = feature["geometry"]["coordinates"]
+    xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+    return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+
+
+def test_a_region_search_exports_the_query_and_each_result_slide(archive, tmp_path: Path):
+    result = Searcher(archive).search(str(CMU), k=1, region=REGION)
+    (hit,) = result.slides
+    assert hit.record.name == "cmu-1.ome.tif"
+    out = tmp_path / "matches.geojson"
+    written = write_qupath(result, out)
+    assert written == [out, tmp_path / "matches-1-cmu-1.ome.tif.geojson"]
+
+    query = read_collection(out)
+    region, *tiles = query
+    assert region["properties"]["name"] == "query region" and box(region) == REGION
+    assert len(tiles) == len(result.query.tiles) > 4
+    for number, (feature, tile) in enumerate(zip(tiles, result.query.tiles, strict=True), 1):
+        assert feature["properties"]["name"] == f"query {number}"
+        assert box(feature) == pytest.approx((tile.x, tile.y, tile.size, tile.size), abs=0.01)
+        assert feature["properties"]["classification"]["name"] == "histosearch query"
+
+    matched = read_collection(written[1])
+    expected = {}
+    for number, match in enumerate(hit.matches, 1):
+        expected.setdefault(match.reference_row, []).append((number, match))
+    assert len(matched) == len(expected)
+    for feature in matched:
+        numbers = [int(n) for n in feature["properties"]["name"].removeprefix("match ").split(",")]
+        pairs = next(p for p in expected.values() if [n for n, _ in p] == numbers)
+        tile = pairs[0][1].reference
+        assert box(feature) == pytest.approx((tile.x, tile.y, tile.size, tile.size), abs=0.01)
+        measurements = feature["properties"]["measurements"]
+        assert measurements["cosine"] == pytest.approx(max(m.cosine for _, m in pairs), abs=1e-4)
+        assert measurements["slide similarity"] == pytest.approx(hit.similarity, abs=1e-4)
+    # the same pixels (at 20.04x, from the OME-TIFF's 0.499 um/px): most query tiles' best
+    # match lies at the same place
+    near = [
+        abs(m.reference.x - m.query.x) + abs(m.reference.y - m.query.y) < 8 for m in hit.matches
+    ]
+    assert sum(near) >= len(near) / 2
+
+
+def test_a_patch_search_exports_each_hit_on_its_slide(archive, tmp_path: Path):
+    result = Searcher(archive).search(str(CMU), k=3, mode="patches", region=(448, 896, 448, 448))
+    out = tmp_path / "patches.geojson"
+    written = write_qupath(result, out)
+    assert written[0] == out
+    features = {p.name: read_collection(p) for p in written[1:]}
+    ranked = [(rank, hit) for rank, hit in enumerate(result.patches, 1)]
+    assert sum(len(f) for f in features.values()) == len(ranked)
+    for rank, hit in ranked:
+        (feature,) = [
+            f for fs in features.values() for f in fs if f["properties"]["name"] == f"rank {rank}"
+        ]
+        tile = hit.tile
+        assert box(feature) == pytest.approx((tile.x, tile.y, tile.size, tile.size), abs=0.01)
+        assert feature["properties"]["measurements"]["similarity"] == round(hit.similarity, 4)
