@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from data_paths import CMU
 
 from histosearch import Archive, ArchiveSettings, Searcher, write_qupath
+from histosearch.cli import main
 
 REGION = (500, 700, 1200, 1500)
 
@@ -102,3 +104,19 @@ def test_a_patch_search_exports_each_hit_on_its_slide(archive, tmp_path: Path):
         tile = hit.tile
         assert box(feature) == pytest.approx((tile.x, tile.y, tile.size, tile.size), abs=0.01)
         assert feature["properties"]["measurements"]["similarity"] == round(hit.similarity, 4)
+
+
+def test_search_qupath_writes_the_files_from_the_command_line(archive, tmp_path: Path, capsys):
+    out = tmp_path / "cli.geojson"
+    saved = sys.argv
+    sys.argv = ["histosearch", "search", str(CMU), "--archive", str(archive.root), "-k", "1"]
+    sys.argv += ["--region", *map(str, REGION), "--qupath", str(out)]
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = saved
+    assert done.value.code in (0, None)
+    assert f"QuPath: {out}, {tmp_path / 'cli-1-cmu-1.ome.tif.geojson'}" in capsys.readouterr().err
+    assert box(read_collection(out)[0]) == REGION
+    assert read_collection(tmp_path / "cli-1-cmu-1.ome.tif.geojson")

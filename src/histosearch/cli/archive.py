@@ -198,6 +198,14 @@ def search(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     gallery: Annotated[Path | None, typer.Option("--gallery", help="PNG of the results.")] = None,
+    qupath: Annotated[
+        Path | None,
+        typer.Option(
+            "--qupath",
+            help="QuPath GeoJSON of the matched tiles: OUT for the query, OUT-RANK-NAME.geojson "
+            "for each result slide.",
+        ),
+    ] = None,
 ) -> None:
     """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to QUERY."""
     from histosearch.archive.archive import Archive
@@ -221,6 +229,7 @@ def search(
             exact=exact,
             as_json=as_json,
             gallery=gallery,
+            qupath=qupath,
         )
 
 
@@ -231,6 +240,7 @@ def run_search(
     k: int = 5,
     exclude: Iterable[str] = ("slide",),
     gallery: Path | None = None,
+    qupath: Path | None = None,
     as_json: bool = False,
     **options: object,
 ) -> SearchResult:
@@ -251,6 +261,12 @@ def run_search(
     if gallery is not None:
         _save_gallery(searcher.archive, query, result, gallery)
         error_console.print(f"gallery: {gallery}")
+    if qupath is not None:
+        from histosearch.search.qupath import write_qupath
+
+        written = write_qupath(result, qupath)
+        files = ", ".join(map(str, written)) or "no tile to draw"
+        error_console.print(f"QuPath: {files}", soft_wrap=True, highlight=False)
     return result
 
 
