@@ -27,8 +27,9 @@ from PIL import Image
 
 from histosearch import Archive, Searcher, SlideReadError, open_slide
 from histosearch.cli import main
+from histosearch.inputs import collect_items
 from histosearch.server.app import create_app
-from histosearch.slide import DicomWebSlide
+from histosearch.slide import DicomWebSlide, parse_dicomweb
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMIZER = shutil.which("OrthancWSIDicomizer") or "/usr/bin/OrthancWSIDicomizer"
@@ -181,6 +182,16 @@ def test_a_dicomweb_series_reads_as_the_same_series_from_files(orthanc: Server, 
         level0 = svs.read_scaled((480, 720), (240, 240), 1.0)
     with open_slide(orthanc.slide_url) as remote:
         assert np.array_equal(remote.read_scaled((480, 720), (240, 240), 1.0), level0)
+
+
+def test_a_series_folder_is_one_slide_and_manifests_take_urls(orthanc: Server, tmp_path: Path):
+    (item,) = collect_items([orthanc.series_dir])
+    assert item.paths == [orthanc.series_dir / "wsi-000000.dcm"]
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"path,label\n{orthanc.slide_url},skin\n")
+    (item,) = collect_items([manifest])
+    assert (item.key, item.name, item.label) == (orthanc.slide_url, orthanc.series, "skin")
+    assert parse_dicomweb(item.paths[0]).url == orthanc.slide_url
 
 
 def test_index_search_and_view_a_dicomweb_slide(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histosearch.errors import HistosearchError
-from histosearch.slide import IMAGE_SUFFIXES, is_dicomweb, parse_dicomweb
+from histosearch.slide import IMAGE_SUFFIXES, is_dicomweb, one_per_series, parse_dicomweb
 
 SLIDE_SUFFIXES = (
     frozenset(
@@ -244,7 +244,9 @@ def _expand(path: Path, group_by: str | None) -> list[Item]:
     if path.suffix.lower() == ".csv":
         return read_manifest(path, group_by)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
+        files = one_per_series(
+            sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
+        )
         if not files:
             raise ManifestError(path, "a folder without slide or image files")
         return [Item(catalog_key(p), p.name, [p]) for p in files]

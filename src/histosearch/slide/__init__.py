@@ -8,7 +8,7 @@ magnification; pyramid levels stay inside `Slide`.
 """
 
 from histosearch.slide.base import Slide, magnification_from_mpp
-from histosearch.slide.dicom import WsiDicomSlide
+from histosearch.slide.dicom import WsiDicomSlide, one_per_series
 from histosearch.slide.dicomweb import DicomWebSlide, is_dicomweb, parse_dicomweb
 from histosearch.slide.image import IMAGE_SUFFIXES, ImageSlide, read_image
 from histosearch.slide.opening import open_slide
@@ -26,6 +26,7 @@ __all__ = [
     "inspect_tiff",
     "is_dicomweb",
     "magnification_from_mpp",
+    "one_per_series",
     "open_slide",
     "parse_dicomweb",
     "read_image",

@@ -139,6 +139,21 @@ def series_files(path: Path) -> list[Path]:
     return [path, *others]
 
 
+def one_per_series(paths: list[Path]) -> list[Path]:
+    """`paths` with only the first DICOM file of each series in a folder (the others are its
+    pyramid levels, label or overview, read with it)."""
+    seen: set[tuple[Path, str]] = set()
+    kept = []
+    for path in paths:
+        series = _series_uid(path) if path.suffix.lower() == ".dcm" else None
+        if series is not None:
+            if (path.parent, series) in seen:
+                continue
+            seen.add((path.parent, series))
+        kept.append(path)
+    return kept
+
+
 def _series_uid(path: Path) -> str | None:
     try:
         with path.open("rb") as file:
