@@ -313,3 +313,32 @@ def test_index_features_and_export_commands(tmp_path: Path, trident_job: Path):
     assert isinstance(unknown.exception, EncoderError)  # main() prints it as one line
     assert "unknown encoder" in str(unknown.exception)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("no coords", "no coords dataset"),
+        ("truncated", "unreadable"),
+        ("empty", "holds no patches"),
+    ],
+)
+def test_broken_feature_files_are_refused(
+    tmp_path: Path, trident_job: Path, encoder, damage: str, reason: str
+):
+    features = copy_job(trident_job, tmp_path / "job")
+    target = features / "cmu-1.h5"
+    if damage == "truncated":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    else:
+        with h5py.File(target, "r+") as h5:
+            del h5["coords"]
+            if damage == "empty":
+                del h5["features"]
+                h5.create_dataset("features", data=np.empty((0,), np.float32))
+                h5.create_dataset("coords", data=np.empty((0, 2), np.int64))
+    report = import_features(tmp_path / "a", tmp_path / "job", encoder)
+    assert report.added == 2
+    [(name, message)] = report.failures
+    assert name == "cmu-1" and message.startswith(f"{target}: {reason}")

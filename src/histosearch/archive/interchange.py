@@ -120,8 +120,6 @@ def _prepare(file: FeatureFile, listed: ListedSlide | None, dim: int) -> _Entry:
     """Read a feature file and check it: its scale known, its dimension the encoder's, its
     coordinates inside the slide (the file's when it is there, else as recorded)."""
     read = read_foreign(file)
-    if not len(read.features):
-        raise FeatureFolderError(file.path, "holds no patches")
     if read.features.shape[1] != dim:
         raise FeatureFolderError(
             file.path,

@@ -194,6 +194,8 @@ def read_foreign(file: FeatureFile) -> ForeignFeatures:
                 attrs = {**_attrs(h5["coords"]), **attrs}
     except (OSError, KeyError) as error:
         raise FeatureFolderError(file.path, f"unreadable ({error})") from None
+    if not len(coords):  # TRIDENT writes such a file for a slide without tissue
+        raise FeatureFolderError(file.path, "holds no patches")
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2:
         raise FeatureFolderError(
             file.path,
