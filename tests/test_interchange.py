@@ -342,3 +342,45 @@ def test_broken_feature_files_are_refused(
     assert report.added == 2
     [(name, message)] = report.failures
     assert name == "cmu-1" and message.startswith(f"{target}: {reason}")
+
+
+def test_weights_fingerprint_is_recorded(tmp_path: Path, trident_job: Path):
+    import timm
+    import torch
+
+    from histosearch.archive.catalog import ArchiveError
+    from histosearch.encoders import create_encoder
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    encoder = create_encoder("timm:resnet18", tmp_path / "r18.pth")
+    features = copy_job(trident_job, tmp_path / "job")
+    for path in features.glob("*.h5"):
+        with h5py.File(path, "r+") as h5:
+            rows = len(h5["features"])
+            del h5["features"]
+            h5["features"] = np.random.default_rng(0).standard_normal((rows, 512), np.float32)
+    report = import_features(tmp_path / "a", tmp_path / "job", encoder)
+    assert report.added == 3 and not report.failures
+    with Archive.open(tmp_path / "a") as archive:
+        settings = archive.settings
+    assert (settings["encoder"], settings["dim"]) == ("timm:resnet18", "512")
+    assert settings["weights"] == encoder.fingerprint and len(encoder.fingerprint) == 16
+    # the same encoder with other weights is another archive's
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "b.pth")
+    with pytest.raises(ArchiveError, match="built with other settings; asked for weights"):
+        import_features(
+            tmp_path / "a", tmp_path / "job", create_encoder("timm:resnet18", tmp_path / "b.pth")
+        )
+
+
+def test_a_slide_listed_twice_is_refused(tmp_path: Path, trident_job: Path, encoder):
+    from histosearch.inputs import ManifestError
+
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"wsi,mpp\n{CMU},0.5\nother/{CMU.name},0.25\n")
+    with pytest.raises(ManifestError, match="line 3: slide cmu-1-small-region is listed already"):
+        import_features(tmp_path / "a", trident_job, encoder, slides=listing)
+    listing.write_text(f"wsi,mpp\n{CMU},fast\n")
+    with pytest.raises(ManifestError, match="line 2: mpp 'fast' is not positive"):
+        import_features(tmp_path / "a", trident_job, encoder, slides=listing)

@@ -94,7 +94,7 @@ def read_slide_list(table: Path) -> dict[str, ListedSlide]:
             row.get("group") or None,
             {c: row[c] for c in extra if row[c]},
         )
-        for name in {slide_name(row["wsi"]), Path(row["wsi"]).name}:
+        for name in dict.fromkeys((slide_name(row["wsi"]), Path(row["wsi"]).name)):
             if name in lines:
                 raise ManifestError(
                     table, f"line {number}: slide {name} is listed already (line {lines[name]})"
