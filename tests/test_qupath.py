@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 from data_paths import CMU
+from PIL import Image, ImageDraw
 
-from histosearch import Archive, ArchiveSettings, Searcher, write_qupath
+from histosearch import Archive, ArchiveSettings, Searcher, open_slide, write_qupath
 from histosearch.cli import main
 
 REGION = (500, 700, 1200, 1500)
@@ -120,3 +122,34 @@ def test_search_qupath_writes_the_files_from_the_command_line(archive, tmp_path:
     assert f"QuPath: {out}, {tmp_path / 'cli-1-cmu-1.ome.tif.geojson'}" in capsys.readouterr().err
     assert box(read_collection(out)[0]) == REGION
     assert read_collection(tmp_path / "cli-1-cmu-1.ome.tif.geojson")
+
+
+def test_the_exported_tiles_lie_on_the_slides_tissue(archive, tmp_path: Path):
+    """Draws both files on their slides as QuPath shows them (HISTOSEARCH_SCREENSHOTS=docs
+    saves the README's picture) and checks that every outline holds tissue, not glass."""
+    result = Searcher(archive).search(str(CMU), k=1, region=REGION)
+    query_file, match_file = write_qupath(result, tmp_path / "matches.geojson")
+    hit = result.slides[0]
+    panels = []
+    for slide_path, features in [(CMU, query_file), (Path(hit.record.path), match_file)]:
+        with open_slide(slide_path) as slide:
+            thumb = slide.thumbnail(700)
+            scale = thumb.shape[1] / slide.dimensions[0]
+        image = Image.fromarray(thumb)
+        draw = ImageDraw.Draw(image)
+        for feature in read_collection(features):
+            x, y, w, h = (v * scale for v in box(feature))
+            inside = thumb[int(y) : int(y + h), int(x) : int(x + w)]
+            if feature["properties"]["name"] != "query region":
+                stained = (inside.min(axis=2) < 200).mean()  # glass is near white
+                assert stained > 0.05, feature["properties"]["name"]
+            color = tuple(feature["properties"]["classification"]["color"])
+            draw.rectangle((x, y, x + w, y + h), outline=color, width=2)
+            draw.text((x + 3, y + 2), feature["properties"]["name"], fill=color)
+        panels.append(image)
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 10, max(p.height for p in panels)))
+    canvas.paste((255, 255, 255), (0, 0, *canvas.size))
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (panels[0].width + 10, 0))
+    folder = Path(os.environ.get("HISTOSEARCH_SCREENSHOTS") or tmp_path)
+    canvas.save(folder / "qupath-matches.png")
