@@ -384,3 +384,18 @@ def test_a_slide_listed_twice_is_refused(tmp_path: Path, trident_job: Path, enco
     listing.write_text(f"wsi,mpp\n{CMU},fast\n")
     with pytest.raises(ManifestError, match="line 2: mpp 'fast' is not positive"):
         import_features(tmp_path / "a", trident_job, encoder, slides=listing)
+
+
+def test_a_slide_of_another_scale_than_its_features_is_refused(
+    tmp_path: Path, trident_job: Path, encoder
+):
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"wsi,mpp\n{CMU},0.25\n")  # 40x: the features were cut from a 20x scan
+    report = import_features(tmp_path / "a", trident_job, encoder, slides=listing)
+    assert report.added == 2
+    [(name, reason)] = report.failures
+    assert name == "cmu-1-small-region"
+    assert reason.endswith(
+        f"cut from a 20x scan, but its slide is 40x ({CMU.resolve()}): "
+        "another slide, or the wrong mpp"
+    )

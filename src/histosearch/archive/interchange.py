@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 # every manifest may carry); any other column is a slide's metadata.
 LIST_COLUMNS = ("wsi", "mpp", "label", "patient", "group")
 SLIDE_LIST = "slides.csv"
+# A slide file or listed mpp this far from the level-0 magnification a feature file records
+# is another slide (or a wrong mpp); scanners' and TRIDENT's nominal rounding stay within it.
+LEVEL0_TOLERANCE = 0.25
 # A new archive's reduction, n_features and index metric unless told (the rest is the files')
 DEFAULT_SETTINGS = ArchiveSettings()
 
@@ -135,6 +138,12 @@ def _prepare(file: FeatureFile, listed: ListedSlide | None, dim: int) -> _Entry:
     scale = read.scale(level0)
     if scale is None:
         raise FeatureFolderError(file.path, _unknown_scale(file, read))
+    if level0 and not math.isclose(scale.level0_magnification, level0, rel_tol=LEVEL0_TOLERANCE):
+        raise FeatureFolderError(
+            file.path,
+            f"cut from a {scale.level0_magnification:g}x scan, but its slide is "
+            f"{level0:g}x ({listed.path or 'mpp of the list'}): another slide, or the wrong mpp",
+        )
     _check_inside(file, read.coords, size)
     if mpp is None:
         mpp = magnification_from_mpp(scale.level0_magnification)
