@@ -90,7 +90,8 @@ def index(
         typer.Option("--ray-address", help="Embed on the Ray cluster at this address."),
     ] = None,
 ) -> None:
-    """Embed slides and patches into an archive (incremental; an interrupted run resumes)."""
+    """Embed slides and patches into an archive (incremental; an interrupted run resumes), or
+    import the features of a TRIDENT or CLAM folder (--features)."""
     from histosearch.archive.settings import ArchiveSettings
     from histosearch.embed.options import EmbedOptions
 
