@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from histosearch import Archive, Searcher, SlideReadError, open_slide
+from histosearch.bench.tiling import bench_sources
 from histosearch.cli import main
 from histosearch.inputs import collect_items
 from histosearch.server.app import create_app
@@ -332,3 +333,11 @@ class silent_server:
         self.sock.close()
         for conn in self.accepted:
             conn.close()
+
+
+def test_bench_tiles_the_same_slide_from_files_and_dicomweb(orthanc: Server, credentials):
+    local = orthanc.series_dir / "wsi-000000.dcm"
+    rates = bench_sources([local, orthanc.slide_url], 10.0, repeats=1)
+    assert [r.source for r in rates] == [str(local), orthanc.slide_url]
+    assert rates[0].tiles == rates[1].tiles > 15
+    assert all(r.tiles_per_s > 0 for r in rates)

@@ -1,8 +1,10 @@
 """`histosearch bench tiling`: tiles per second of histosearch's tiling (tissue detection,
-grid, reading) against raw OpenSlide `read_region` calls for the same tiles."""
+grid, reading) against raw OpenSlide `read_region` calls for the same tiles; and of the same
+slide tiled from a file and from a DICOMweb server, side by side."""
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +37,35 @@ class TilingBenchmark:
     @property
     def ratio(self) -> float:
         return self.histosearch_tiles_per_s / self.raw_tiles_per_s
+
+
+@dataclass(frozen=True)
+class SourceRate:
+    """Tiles per second of histosearch tiling + reading from one source, opening included."""
+
+    source: str
+    tiles: int
+    tiles_per_s: float
+
+
+def bench_sources(
+    sources: Sequence[str | Path], magnification: float, tile_size: int = 224, repeats: int = 3
+) -> list[SourceRate]:
+    """`tile_slide` + `read_tiles` of each source (a slide file or a dicomweb:// URL), opened
+    afresh each time, one after the other in one run so that the rates compare."""
+    rates = []
+    for source in sources:
+        run = functools.partial(_tile_all, source, magnification, tile_size)
+        tiles = run()  # also warms the caches (the file's, the server's)
+        rates.append(SourceRate(str(source), tiles, best_rate(tiles, run, repeats)))
+    return rates
+
+
+def _tile_all(source: str | Path, magnification: float, tile_size: int) -> int:
+    """Open `source`, tile it and read every tissue tile; how many there were."""
+    with open_slide(source) as slide:
+        grid = tile_slide(slide, magnification, tile_size)
+        return sum(1 for _ in read_tiles(slide, grid))
 
 
 def write_pyramidal_tiff(

@@ -31,9 +31,26 @@ def bench_tiling_command(
         int, typer.Option("--size", help="Side of the written pyramidal TIFF.")
     ] = 16384,
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            "--dicomweb",
+            help="A dicomweb:// slide, tiled beside SLIDES (the same slide's files) instead.",
+        ),
+    ] = None,
 ) -> None:
-    """Tiles/s of tiling with tissue filtering against raw OpenSlide read_region calls."""
-    from histosearch.bench.tiling import bench_tiling_runs
+    """Tiles/s of tiling with tissue filtering against raw OpenSlide read_region calls; with
+    --dicomweb, of the DICOMweb slide beside SLIDES."""
+    from histosearch.bench.tiling import bench_sources, bench_tiling_runs
+
+    if dicomweb is not None:
+        table = Table(title=f"Tiling from files and DICOMweb, 224 px at {mag:g}x (best of 3)")
+        for column in ("source", "tissue tiles", "tiles/s (opening included)"):
+            table.add_column(column, justify="left" if column == "source" else "right")
+        for rate in bench_sources([*(slides or []), dicomweb], mag):
+            table.add_row(rate.source, str(rate.tiles), f"{rate.tiles_per_s:.0f}")
+        console.print(table)
+        return
 
     table = Table(title=f"Tiling throughput, 224 px tiles at {mag:g}x (best of 3)")
     for column in (
