@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import tempfile
+import threading
+import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from data_paths import CMU, LC, TARGET
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from histosearch.bench.serve import running_server
+from histosearch.bench.serve import free_port, running_server
 from histosearch.cli import app as cli_app
 from histosearch.server.app import create_app
+from histosearch.server.limits import json_depth
 from histosearch.server.tiles import DeepZoom, SlideCache
 from histosearch.slide import open_slide
 
@@ -471,6 +477,254 @@ def test_bearer_token_guards_api_and_tiles(app, client: TestClient, slides) -> N
         assert client.get("/").status_code == 200  # the page asks for the token
     finally:
         state.token = None
+
+
+# -- malformed ids and bodies: 4xx, never 5xx, and the connection kept --------------------------
+
+JSON = {"content-type": "application/json"}
+DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError for any recursive parser
+ID_ROUTES = [
+    "/api/slides/{}/thumbnail",
+    "/api/slides/{}/patches/0.jpeg",
+    "/slides/{}.dzi",
+    "/slides/{}_files/0/0_0.jpeg",
+    "/api/queries/" + "0" * 32 + "/heatmap/{}",
+]
+
+
+def mark_of(body: dict, slide: dict, **changes) -> dict:
+    """A feedback mark on the first result of the search answered with `body`."""
+    mark = {
+        "query_id": body["query_id"],
+        "query_slide": slide["id"],
+        "query_name": slide["name"],
+        "mode": body["mode"],
+        "result_slide": body["results"][0]["slide_id"],
+        "similarity": body["results"][0]["similarity"],
+        "relevant": True,
+    }
+    return {**mark, **changes}
+
+
+@pytest.mark.parametrize("slide_id", [2**63, 2**53])
+@pytest.mark.parametrize("route", ID_ROUTES)
+def test_an_id_past_the_integer_range_is_invalid(
+    client: TestClient, route: str, slide_id: int
+) -> None:
+    message = detail(client.get(route.format(slide_id)), 422)
+    assert message == f"slide_id: Input should be less than or equal to {2**53 - 1}"
+
+
+@pytest.mark.parametrize("field", ["slide", "result_slide", "query_slide", "result_row"])
+def test_a_json_id_past_the_integer_range_is_invalid(
+    client: TestClient, slides: dict[str, dict], field: str
+) -> None:
+    svs = slides["cmu-1-small-region.svs"]
+    route, body = ("/api/search", {"slide": svs["id"]})
+    if field != "slide":
+        route, body = "/api/feedback", {"query_name": "q", "mode": "slides", "relevant": True}
+        body["result_slide"] = svs["id"]
+    message = detail(client.post(route, json={**body, field: 2**63}), 422)
+    assert message.startswith(f"{field}: Input should be less than or equal to {2**53 - 1}")
+
+
+def test_the_schema_bounds_every_id(client: TestClient) -> None:
+    docs = client.get("/openapi.json").json()
+    bound = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1, "title": "Slide Id"}
+    slide_ids = [
+        parameter["schema"]
+        for methods in docs["paths"].values()
+        for parameter in methods.get("get", {}).get("parameters", [])
+        if parameter["name"] == "slide_id"
+    ]
+    assert slide_ids == [bound] * len(ID_ROUTES)
+    search = docs["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    assert search["application/json"]["schema"]["properties"]["slide"]["maximum"] == 2**53 - 1
+    feedback = docs["components"]["schemas"]["FeedbackIn"]["properties"]
+    for field in ("query_slide", "result_slide", "result_row"):
+        assert {"maximum": 2**53 - 1, "minimum": 0, "type": "integer"}.items() <= (
+            feedback[field].get("anyOf", [feedback[field]])[0].items()
+        )
+
+
+@pytest.mark.parametrize("route", ["/api/search", "/api/feedback"])
+@pytest.mark.parametrize("headers", [JSON, {}], ids=["json", "no content type"])
+def test_json_nested_too_deep_is_refused_before_parsing(
+    client: TestClient, route: str, headers: dict
+) -> None:
+    response = client.post(route, content=DEEP, headers=headers)
+    assert detail(response, 400) == "JSON nested deeper than 32 levels is refused"
+
+
+def test_the_depth_limit_is_32_levels(client: TestClient, slides: dict[str, dict]) -> None:
+    svs = slides["cmu-1-small-region.svs"]["id"]
+
+    def nested(levels: int) -> str:  # the object, then `levels - 1` arrays around a string
+        return f'{{"slide": {svs}, "where": {"[" * (levels - 1)}"x"{"]" * (levels - 1)}}}'
+
+    assert "where" in detail(client.post("/api/search", content=nested(32), headers=JSON), 422)
+    assert "32 levels" in detail(client.post("/api/search", content=nested(33), headers=JSON), 400)
+
+
+def test_json_depth_skips_strings_and_stays_linear() -> None:
+    assert json_depth(b'{"a": "[[[[{{", "b": ["\\"]]]", {"c": 1}]}') == 3
+    assert json_depth(b"17") == 0 and json_depth(b"[[[") == 3
+    hostile = b'["' + b'\\"[' * 300_000 + b'"]'  # one string of escaped quotes and brackets
+    started = time.perf_counter()
+    assert json_depth(hostile) == 1 and json_depth(b"[" * 1_000_000) == 1_000_000
+    assert time.perf_counter() - started < 2
+
+
+def test_the_schema_declares_every_error_as_sent(client: TestClient) -> None:
+    docs = client.get("/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    statuses = set()
+    for route, methods in docs["paths"].items():
+        for method, operation in methods.items():
+            for status, response in operation["responses"].items():
+                if status >= "400":
+                    statuses.add(status)
+                    assert response["content"]["application/json"]["schema"] == error, (
+                        route,
+                        method,
+                        status,
+                    )
+    assert statuses == {"400", "401", "404", "413", "415", "422"}
+    assert "HTTPValidationError" not in docs["components"]["schemas"]
+    assert docs["components"]["schemas"]["ErrorBody"]["properties"] == {
+        "detail": {"title": "Detail", "type": "string"}
+    }
+    response = client.get("/api/slides?limit=0")  # a 422 as sent: {"detail": "..."}
+    assert response.json() == {"detail": "limit: Input should be greater than or equal to 1"}
+
+
+def test_the_upload_form_in_the_schema_is_what_the_server_validates(client: TestClient) -> None:
+    docs = client.get("/openapi.json").json()
+    content = docs["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    form = content["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"] and form["additionalProperties"] is False
+    assert form["properties"]["k"]["minimum"] == 1 and form["properties"]["k"]["maximum"] == 100
+    assert form["properties"]["exclude"]["type"] == "array"  # a form has no null
+    options = set(content["application/json"]["schema"]["properties"]) - {"slide", "region"}
+    assert set(form["properties"]) == {"file"} | options
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1.5", "-0.1"])
+def test_feedback_refuses_a_similarity_outside_0_to_1(
+    client: TestClient, slides: dict[str, dict], value: str
+) -> None:
+    svs = slides["cmu-1-small-region.svs"]
+    mark = mark_of(client.post("/api/search", json={"slide": svs["id"], "k": 3}).json(), svs)
+    text = json.dumps({**mark, "similarity": None}).replace("null", value)
+    response = client.post("/api/feedback", content=text, headers=JSON)
+    assert detail(response, 422).startswith("similarity: Input should be")
+
+
+def test_feedback_refuses_a_query_the_server_did_not_issue(
+    client: TestClient, slides: dict[str, dict]
+) -> None:
+    svs, ome = slides["cmu-1-small-region.svs"], slides["cmu-1.ome.tif"]
+    body = client.post("/api/search", json={"slide": svs["id"], "k": 2}).json()
+    assert body["results"][0]["slide_id"] == ome["id"]
+
+    def refused(status: int, **changes) -> str:
+        return detail(client.post("/api/feedback", json=mark_of(body, svs, **changes)), status)
+
+    assert "was not issued by this server" in refused(404, query_id="0" * 32)
+    assert "query_id: String should match pattern" in refused(422, query_id="nope")
+    outside = next(
+        s for s in slides.values() if s["id"] not in {r["slide_id"] for r in body["results"]}
+    )
+    assert f"slide {outside['id']} is not a result of query" in refused(
+        422, result_slide=outside["id"]
+    )
+    assert f"searched slide {svs['id']} in mode slides" in refused(422, query_slide=ome["id"])
+    assert "in mode slides, not slide" in refused(422, mode="patches")
+    response = client.post("/api/feedback", json=mark_of(body, svs))
+    assert response.status_code == 201, response.text
+
+
+def _note_socket(response: httpx.Response) -> None:
+    """Keep the client's side of the connection a response came on (before it may close)."""
+    stream = response.extensions["network_stream"]
+    response.extensions["socket"] = stream.get_extra_info("client_addr")
+
+
+@pytest.fixture(scope="module")
+def http(app) -> Iterator[httpx.Client]:
+    """One keep-alive client of `app` served by uvicorn on a free local port (lifespan off:
+    the module's other tests share the app and its archive)."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    hooks = {"response": [_note_socket]}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, event_hooks=hooks) as client:
+        yield client
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def assert_same_connection_after(http: httpx.Client, bad: Callable[[], httpx.Response]) -> int:
+    """Send a good request, the bad one and a good one: the connection outlives the bad one
+    unless it said `Connection: close`. Returns the bad one's status."""
+    before = http.get("/api/health")
+    refused = bad()
+    after = http.get("/api/health")
+    assert before.status_code == after.status_code == 200
+    if refused.headers.get("connection") == "close":
+        assert after.extensions["socket"] != refused.extensions["socket"]
+    else:
+        assert before.extensions["socket"] == refused.extensions["socket"]
+        assert after.extensions["socket"] == refused.extensions["socket"]
+    return refused.status_code
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status"),
+    [
+        ({"method": "GET", "url": f"/api/slides/{2**63}/thumbnail"}, 422),
+        ({"method": "GET", "url": f"/slides/{2**63}_files/0/0_0.jpeg"}, 422),
+        ({"method": "POST", "url": "/api/search", "json": {"slide": 2**63}}, 422),
+        ({"method": "POST", "url": "/api/search", "content": DEEP, "headers": JSON}, 400),
+        ({"method": "POST", "url": "/api/feedback", "content": DEEP, "headers": JSON}, 400),
+        ({"method": "POST", "url": "/api/search", "content": b'{"slide":', "headers": JSON}, 400),
+        (
+            {"method": "POST", "url": "/api/search", "content": b"[" + b" " * (2 << 20) + b"]"},
+            413,
+        ),
+    ],
+    ids=["thumbnail id", "tile id", "JSON id", "deep search", "deep feedback", "broken", "2 MB"],
+)
+def test_a_refused_request_keeps_the_connection(
+    http: httpx.Client, request_args: dict, status: int
+) -> None:
+    assert assert_same_connection_after(http, lambda: http.request(**request_args)) == status
+
+
+def test_an_unexpected_error_keeps_the_connection(
+    app, http: httpx.Client, slides: dict[str, dict]
+) -> None:
+    state = app.state.server
+    real = state.searcher
+
+    class Broken:
+        def search(self, *args, **kwargs):
+            raise RuntimeError("disk on fire")
+
+    state.searcher = Broken()
+    try:
+        body = {"slide": slides["cmu-1-small-region.svs"]["id"]}
+        assert (
+            assert_same_connection_after(http, lambda: http.post("/api/search", json=body)) == 500
+        )
+    finally:
+        state.searcher = real
 
 
 # -- feedback --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from histosearch.errors import HistosearchError
 from histosearch.search.result import SearchResult
 from histosearch.search.searcher import Searcher
 from histosearch.server.errors import install_error_handlers
+from histosearch.server.limits import JsonLimits
 from histosearch.server.models import (
     ERRORS,
     FeedbackIn,
@@ -40,6 +41,7 @@ from histosearch.server.models import (
     SlideInfo,
     SlidePage,
     SlideQuery,
+    upload_form_schema,
 )
 from histosearch.server.state import Record, ServerState, State, check_token
 from histosearch.server.tiles import (
@@ -58,7 +60,6 @@ OPENSEADRAGON = STATIC / "node_modules" / "openseadragon" / "build" / "openseadr
 # the browser.
 SWAGGER = "/static/node_modules/swagger-ui-dist"
 THUMBNAIL_SIZE = 256
-MAX_JSON_BYTES = 1 << 20
 
 
 api = APIRouter(prefix="/api", dependencies=[Depends(check_token)], responses=ERRORS)
@@ -168,18 +169,7 @@ def dzi_tile(
             "required": True,
             "content": {
                 "application/json": {"schema": SlideQuery.model_json_schema()},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "k": {"type": "integer", "default": 5},
-                            "mode": {"type": "string", "enum": ["auto", "slides", "patches"]},
-                            "exclude": {"type": "array", "items": {"type": "string"}},
-                        },
-                    }
-                },
+                "multipart/form-data": {"schema": upload_form_schema()},
             },
         }
     },
@@ -230,10 +220,23 @@ def heatmap(state: State, query_id: str, record: Record) -> Heatmap:
 
 @api.post("/feedback", response_model=FeedbackOut, status_code=201)
 def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
-    """Mark a result relevant or not (kept in the archive's catalog)."""
+    """Mark a result relevant or not (kept in the archive's catalog). A mark naming a
+    `query_id` must agree with that search: its query slide, mode and results."""
     state.record(mark.result_slide)
     if mark.query_slide is not None:
         state.record(mark.query_slide)
+    if mark.query_id is not None:
+        issued = state.issued_query(mark.query_id)
+        if (mark.query_slide, mark.mode) != (issued.slide, issued.mode):
+            raise HTTPException(
+                422,
+                f"query {mark.query_id} searched slide {issued.slide} in mode {issued.mode}, "
+                f"not slide {mark.query_slide} in mode {mark.mode}",
+            )
+        if mark.result_slide not in issued.results:
+            raise HTTPException(
+                422, f"slide {mark.result_slide} is not a result of query {mark.query_id}"
+            )
     return FeedbackOut(id=add_mark(state.archive.catalog, Mark(**mark.model_dump())))
 
 
@@ -277,13 +280,9 @@ def _validated(model: type[BaseModel], data: Any) -> Any:
 
 
 async def _json_body(request: Request) -> Any:
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, "a JSON query is at most 1 MB")
+    """The parsed body (its size and depth were checked by `JsonLimits`)."""
     try:
-        return json.loads(body)
+        return json.loads(await request.body())
     except ValueError as error:
         raise HTTPException(400, f"malformed JSON: {error}") from None
 
@@ -330,6 +329,7 @@ def create_app(
         version="0.1.0",
     )
     app.state.server = state
+    app.add_middleware(JsonLimits)  # first, so that the error handlers' middleware wraps it
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(slides_router)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histosearch.errors import HistosearchError
 from histosearch.server.uploads import UploadRejected
@@ -46,10 +47,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def bad_input(_: Request, error: HistosearchError) -> JSONResponse:
         return JSONResponse({"detail": error.reason}, status_code=400)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"detail": f"internal error ({type(error).__name__}); the server log has the details"},
-            status_code=500,
-        )
+    app.add_middleware(CatchUnexpected)
+
+
+class CatchUnexpected:
+    """ASGI middleware: an unexpected error is a 500 with one line and the connection stays
+    open (Starlette's own handler answers, then raises on, and the server drops it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            if started:  # too late for an answer of its own: the server ends the connection
+                raise
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            detail = f"internal error ({type(error).__name__}); the server log has the details"
+            await JSONResponse({"detail": detail}, status_code=500)(scope, receive, send)

@@ -6,6 +6,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The largest integer a JSON number holds exactly (JavaScript's MAX_SAFE_INTEGER), well inside
+# SQLite's 2**63 - 1: a larger id or row is refused as invalid (422) before any query.
+MAX_ID = 2**53 - 1
+CatalogId = Annotated[int, Field(ge=0, le=MAX_ID, description="Catalog id of a slide.")]
+Row = Annotated[int, Field(ge=0, le=MAX_ID)]
+# What `ServerState.keep` issues: uuid4().hex.
+QueryId = Annotated[str, Field(pattern="^[0-9a-f]{32}$", description="A search's query_id.")]
 Mode = Literal["auto", "slides", "patches"]
 Exclusion = Literal["slide", "patient", "group"]
 Region = Annotated[
@@ -63,8 +70,26 @@ class SearchOptions(BaseModel):
 class SlideQuery(SearchOptions):
     """A search for an archived slide, or a region of it."""
 
-    slide: int = Field(description="Catalog id of the query slide.")
+    slide: CatalogId
     region: Region | None = None
+
+
+def upload_form_schema() -> dict[str, Any]:
+    """The multipart form of a search by upload: the `file` and the fields of `SearchOptions`,
+    as the server validates them (a list is repeated fields; a form has no null)."""
+    schema = SearchOptions.model_json_schema()
+    properties: dict[str, Any] = {"file": {"type": "string", "format": "binary"}}
+    for name, field in schema["properties"].items():
+        variants = [v for v in field.get("anyOf", ()) if v.get("type") != "null"]
+        if len(variants) == 1:  # `X | None`: X, with no null default
+            field = {k: v for k, v in field.items() if k not in ("anyOf", "default")} | variants[0]
+        properties[name] = field
+    return {
+        "type": "object",
+        "required": ["file"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
 
 
 class TileBox(BaseModel):
@@ -143,14 +168,16 @@ class Heatmap(BaseModel):
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query_id: str | None = None
-    query_slide: int | None = None
+    query_id: QueryId | None = Field(
+        None, description="The search the mark is about: one of this server's recent ones."
+    )
+    query_slide: CatalogId | None = None
     query_name: str = Field(min_length=1, max_length=500)
     region: Region | None = None
     mode: Literal["slides", "patches"]
-    result_slide: int
-    result_row: int | None = Field(None, ge=0)
-    similarity: float | None = None
+    result_slide: CatalogId
+    result_row: Row | None = None
+    similarity: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     relevant: bool
 
 
@@ -159,16 +186,19 @@ class FeedbackOut(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error the server answers: one line naming what was refused and why."""
+
     detail: str
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "Malformed request or unreadable upload",
+        400: "Malformed request (JSON nested too deep included) or unreadable upload",
         401: "Missing or wrong bearer token",
         404: "Unknown slide, tile or query",
-        413: "Upload too large (bytes or pixels)",
+        413: "Upload or JSON body too large (bytes or pixels)",
         415: "Upload is not an image or slide file",
+        422: "Invalid parameter or body field (named in `detail`)",
     }.items()
 }

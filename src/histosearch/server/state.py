@@ -19,11 +19,22 @@ from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import ArchiveError, SlideRecord
 from histosearch.search.result import SearchResult, SlideMatch
 from histosearch.search.searcher import Searcher
+from histosearch.server.models import MAX_ID
 from histosearch.server.tiles import SlideCache
 from histosearch.slide import is_dicomweb
 
 KEPT_QUERIES = 64  # results kept for their heat maps, most recent first
+KEPT_QUERY_IDS = 10_000  # searches a feedback mark may name (a few ints each)
 KEPT_THUMBNAILS = 2048
+
+
+@dataclass(frozen=True)
+class IssuedQuery:
+    """What a feedback mark about one of this server's searches must agree with."""
+
+    slide: int | None  # the archived query slide; None for an upload
+    mode: str
+    results: frozenset[int]  # slide ids of its results
 
 
 class Recent:
@@ -58,6 +69,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.results = Recent(KEPT_QUERIES)  # query id -> {slide id: SlideMatch}
+        self.issued = Recent(KEPT_QUERY_IDS)  # query id -> IssuedQuery
         self.thumbnails = Recent(KEPT_THUMBNAILS)  # slide id -> JPEG bytes
         self._viewable: dict[int, bool] = {}
 
@@ -80,7 +92,21 @@ class ServerState:
         query_id = uuid.uuid4().hex
         matches = {match.record.id: match for match in result.slides}
         self.results.put(query_id, matches)
+        hits = result.slides if result.mode == "slides" else result.patches
+        results = frozenset(hit.record.id for hit in hits)
+        self.issued.put(query_id, IssuedQuery(result.query.slide_id, result.mode, results))
         return query_id
+
+    def issued_query(self, query_id: str) -> IssuedQuery:
+        """The search `query_id` names, if this server answered it recently, else 404."""
+        issued = self.issued.get(query_id)
+        if issued is None:
+            raise HTTPException(
+                404,
+                f"query_id {query_id} was not issued by this server (it knows its last "
+                f"{KEPT_QUERY_IDS} searches, since it started): search again, then mark",
+            )
+        return issued
 
     def match(self, query_id: str, slide_id: int) -> SlideMatch:
         matches = self.results.get(query_id)
@@ -113,7 +139,7 @@ def check_token(
         )
 
 
-def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0)]) -> SlideRecord:
+def slide_record(state: State, slide_id: Annotated[int, PathParam(ge=0, le=MAX_ID)]) -> SlideRecord:
     return state.record(slide_id)
 
 
