@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from histosearch import Archive, ArchiveSettings, Searcher, open_slide, write_qupath
 from histosearch.cli import main
+from histosearch.tiling import tile_slide
 
 REGION = (500, 700, 1200, 1500)
 
@@ -153,3 +154,26 @@ def test_the_exported_tiles_lie_on_the_slides_tissue(archive, tmp_path: Path):
     canvas.paste(panels[1], (panels[0].width + 10, 0))
     folder = Path(os.environ.get("HISTOSEARCH_SCREENSHOTS") or tmp_path)
     canvas.save(folder / "qupath-matches.png")
+
+
+def test_tile_geojson_holds_the_tissue_tiles(tmp_path: Path):
+    saved = sys.argv
+    sys.argv = ["histosearch", "tile", str(CMU), "--mag", "10", "--out", str(tmp_path)]
+    sys.argv += ["--geojson"]
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = saved
+    assert done.value.code in (0, None)
+    features = read_collection(tmp_path / f"{CMU.name}.tiles.geojson")
+    with open_slide(CMU) as slide:
+        grid = tile_slide(slide, 10, 224)
+    side = 224 * grid.downsample
+    assert [box(f) for f in features] == [
+        pytest.approx((x, y, side, side), abs=0.01) for x, y in grid.tissue_coords.tolist()
+    ]
+    fractions = grid.tissue_fraction[grid.is_tissue]
+    assert [f["properties"]["measurements"]["tissue fraction"] for f in features] == [
+        pytest.approx(v, abs=1e-4) for v in fractions
+    ]

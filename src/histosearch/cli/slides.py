@@ -58,11 +58,15 @@ def tile(
         float | None,
         typer.Option("--objective-power", help="Scan magnification, for files that lack it."),
     ] = None,
+    geojson: Annotated[
+        bool, typer.Option("--geojson", help="Also OUT/<slide>.tiles.geojson for QuPath.")
+    ] = False,
 ) -> None:
     """Grid slides into tiles at a magnification and find the tissue tiles.
 
     Writes OUT/<slide>.tiles.csv (level-0 x, y of every tile, its tissue fraction and
-    decision) and OUT/<slide>.tiles.png (a thumbnail with the kept tiles outlined).
+    decision) and OUT/<slide>.tiles.png (a thumbnail with the kept tiles outlined); with
+    --geojson, OUT/<slide>.tiles.geojson (the tissue tiles as QuPath annotations).
     """
     from histosearch.errors import NoTissueError
     from histosearch.slide import open_slide
@@ -98,6 +102,10 @@ def tile(
                 )
             grid.to_csv(out / f"{path.name}.tiles.csv")
             save_overlay(slide, grid, out / f"{path.name}.tiles.png")
+            if geojson:
+                from histosearch.search.qupath import tissue_collection, write_geojson
+
+                write_geojson(tissue_collection(grid), out / f"{path.name}.tiles.geojson")
             if grid.n_tissue == 0:
                 raise NoTissueError(path, f"no tissue in any of the {len(grid)} tiles at {mag:g}x")
 

@@ -6,7 +6,8 @@ Every tile is a square Polygon annotation with QuPath's properties: `objectType`
 a `classification` (name and colour) and `measurements`. The query's file holds the query
 region and its tiles, numbered; a retrieved slide's file holds the tiles matched there, each
 named by the query tiles it is the best match of (as the viewer numbers them), with its
-cosine and the slide's similarity and percentile.
+cosine and the slide's similarity and percentile. A tile grid's tissue tiles (`tile
+--geojson`) are written the same way.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 from histosearch.fileio import atomic_path
 from histosearch.search.result import SearchResult, SlideMatch, Tile
+from histosearch.tiling import TileGrid
 
 QUERY_CLASS = {"name": "histosearch query", "color": [31, 119, 180]}
 REGION_CLASS = {"name": "histosearch region", "color": [44, 160, 44]}
 MATCH_CLASS = {"name": "histosearch match", "color": [214, 39, 40]}
+TISSUE_CLASS = {"name": "histosearch tissue tile", "color": [255, 127, 14]}
 
 
 def polygon(x: float, y: float, width: float, height: float) -> dict[str, Any]:
@@ -147,7 +150,32 @@ def write_qupath(result: SearchResult, out: str | Path) -> list[Path]:
         else:
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", what)[:100]
             path = out.with_name(f"{out.stem}-{safe}{out.suffix or '.geojson'}")
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(features, indent=1))
-        written.append(path)
+        written.append(write_geojson(features, path))
     return written
+
+
+def tissue_collection(grid: TileGrid) -> dict[str, Any]:
+    """A grid's tissue tiles as QuPath annotations, in row-major order, with their tissue
+    fraction."""
+    side = grid.tile_size * grid.downsample
+    return collection(
+        [
+            annotation(
+                (int(x), int(y), side, side),
+                f"tile {int(x)}, {int(y)}",
+                TISSUE_CLASS,
+                {"tissue fraction": round(float(fraction), 4)},
+            )
+            for (x, y), fraction, keep in zip(
+                grid.coords, grid.tissue_fraction, grid.is_tissue, strict=True
+            )
+            if keep
+        ]
+    )
+
+
+def write_geojson(features: dict[str, Any], path: str | Path) -> Path:
+    """Write one FeatureCollection to `path` (atomically)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(features, indent=1))
+    return Path(path)
