@@ -177,3 +177,23 @@ def test_tile_geojson_holds_the_tissue_tiles(tmp_path: Path):
     assert [f["properties"]["measurements"]["tissue fraction"] for f in features] == [
         pytest.approx(v, abs=1e-4) for v in fractions
     ]
+
+
+def test_the_page_downloads_a_results_qupath_file(archive):
+    from fastapi.testclient import TestClient
+
+    from histosearch.search.qupath import match_features
+    from histosearch.server.app import create_app
+
+    cmu = next(r for r in archive.slides() if r.name == CMU.name)
+    with TestClient(create_app(archive.root)) as client:
+        found = client.post("/api/search", json={"slide": cmu.id, "region": list(REGION), "k": 1})
+        assert found.status_code == 200, found.text
+        body = found.json()
+        (hit,) = body["results"]
+        response = client.get(f"/api/queries/{body['query_id']}/qupath/{hit['slide_id']}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/geo+json"
+    assert 'filename="cmu-1.ome.tif-matches.geojson"' in response.headers["content-disposition"]
+    expected = Searcher(archive).search(cmu.id, k=1, region=REGION)
+    assert response.json()["features"] == match_features(expected.slides[0])

@@ -139,6 +139,11 @@ def qupath_collections(result: SearchResult) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
+def file_stem(name: str) -> str:
+    """`name` as a safe file name stem (letters, digits, `.`, `_`, `-`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:100]
+
+
 def write_qupath(result: SearchResult, out: str | Path) -> list[Path]:
     """Write `result` as QuPath GeoJSON: the query slide's features to `out`, each retrieved
     slide's beside it as OUT-RANK-NAME.geojson; returns the files written."""
@@ -148,8 +153,7 @@ def write_qupath(result: SearchResult, out: str | Path) -> list[Path]:
         if what == "query":
             path = out
         else:
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", what)[:100]
-            path = out.with_name(f"{out.stem}-{safe}{out.suffix or '.geojson'}")
+            path = out.with_name(f"{out.stem}-{file_stem(what)}{out.suffix or '.geojson'}")
         written.append(write_geojson(features, path))
     return written
 

@@ -25,6 +25,7 @@ from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import SlideRecord
 from histosearch.archive.feedback import Mark, add_mark
 from histosearch.errors import HistosearchError
+from histosearch.search.qupath import collection, file_stem, match_features
 from histosearch.search.result import SearchResult
 from histosearch.search.searcher import Searcher
 from histosearch.server.errors import install_error_handlers
@@ -215,6 +216,18 @@ def heatmap(state: State, query_id: str, record: Record) -> Heatmap:
         slide=record.id,
         tile_size=cells[0][0].size if cells else None,
         tiles=[HeatTile(x=t.x, y=t.y, cosine=round(float(c), 4)) for t, c in cells],
+    )
+
+
+@api.get("/queries/{query_id}/qupath/{slide_id}", response_class=Response)
+def qupath(state: State, query_id: str, record: Record) -> Response:
+    """A slide result's matched tiles as QuPath GeoJSON, as `search --qupath` writes them."""
+    match = state.match(query_id, record.id)
+    name = f"{file_stem(record.name)}-matches.geojson"
+    return Response(
+        json.dumps(collection(match_features(match))),
+        media_type="application/geo+json",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 
