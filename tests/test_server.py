@@ -489,6 +489,7 @@ ID_ROUTES = [
     "/slides/{}.dzi",
     "/slides/{}_files/0/0_0.jpeg",
     "/api/queries/" + "0" * 32 + "/heatmap/{}",
+    "/api/queries/" + "0" * 32 + "/qupath/{}",
 ]
 
 
