@@ -82,7 +82,7 @@ class WsiDicomSlide(Slide):
             return WsiDicom.open(series_files(path)), True
         except Exception as error:
             reason = _reason(error)
-        dataset, missing = _repaired(path, reason)
+        dataset, missing, spacing_known = _repaired(path, reason)
         self._memory_file = f"memory://histosearch-dicom/{uuid.uuid4().hex}/{path.name}"
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
@@ -94,7 +94,7 @@ class WsiDicomSlide(Slide):
             self._forget_memory_file()
             raise SlideReadError(path, f"not a readable DICOM WSI: {_reason(error)}") from error
         log.warning("%s: read with what it lacks filled in: %s", path, "; ".join(missing))
-        return handle, "pixel spacing" not in " ".join(missing)
+        return handle, spacing_known
 
     def _read_level(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -110,7 +110,7 @@ class WsiDicomSlide(Slide):
         return np.array(pixels[..., :3], np.uint8)  # a writable RGB copy
 
     def close(self) -> None:
-        handle = getattr(self, "handle", None)
+        handle, self.handle = getattr(self, "handle", None), None
         if handle is not None:
             handle.close()
         self._forget_memory_file()
@@ -167,9 +167,10 @@ def _series_uid(path: Path) -> str | None:
     return str(dataset.get("SeriesInstanceUID", "")) or None
 
 
-def _repaired(path: Path, reason: str) -> tuple[Dataset, list[str]]:
-    """The dataset of `path` with what a conforming WSI file must state filled in, and what
-    was missing; a file that lacks something else, or is too large to copy, is refused."""
+def _repaired(path: Path, reason: str) -> tuple[Dataset, list[str], bool]:
+    """The dataset of `path` with what a conforming WSI file must state filled in, what was
+    missing, and whether the pixel spacing is the file's own; a file that lacks something
+    else, or is too large to copy, is refused."""
     size = path.stat().st_size
     if size > MAX_REPAIRED_BYTES:
         raise SlideReadError(path, f"not a DICOM WSI wsidicom reads ({reason})")
@@ -189,7 +190,8 @@ def _repaired(path: Path, reason: str) -> tuple[Dataset, list[str]]:
     if "ImageType" not in dataset:
         dataset.ImageType = VOLUME_IMAGE_TYPE
         missing.append("no ImageType (read as the full-resolution volume)")
-    if _pixel_spacing(dataset) is None:
+    spacing_known = _pixel_spacing(dataset) is not None
+    if not spacing_known:
         measures = Dataset()
         measures.PixelSpacing = [PLACEHOLDER_SPACING_MM, PLACEHOLDER_SPACING_MM]
         shared = Dataset()
@@ -205,7 +207,7 @@ def _repaired(path: Path, reason: str) -> tuple[Dataset, list[str]]:
         missing.append("JPEG tiles in YCbCr labelled RGB")
     if not missing:
         raise SlideReadError(path, f"not a DICOM WSI wsidicom reads ({reason})")
-    return dataset, missing
+    return dataset, missing, spacing_known
 
 
 def _pixel_spacing(dataset: Dataset) -> Any:

@@ -145,7 +145,6 @@ class DicomWebSlide(WsiDicomSlide):
     def _open_handle(self) -> tuple[WsiDicom, bool]:
         address = parse_dicomweb(self.path)
         assert address is not None  # _locate checked it
-        self._memory_file = None
         session = requests.Session()
         session.auth = credentials()
         client = DICOMwebClient(address.service, session=session, timeout=_timeout())
