@@ -22,7 +22,15 @@ from histosearch.bench.scale import (
 
 def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     result = bench_scale(
-        30_000, 32, tmp_path, DATA, "color-histogram", queries=4, exact_queries=4, seed=3
+        30_000,
+        32,
+        tmp_path,
+        DATA,
+        "color-histogram",
+        queries=4,
+        exact_queries=4,
+        filter_keep=(0.5, 0.05),
+        seed=3,
     )
     offsets_sizes = result.patches / result.slides
     assert result.patches == len(open_store(tmp_path / "store.f16", 32))
@@ -30,6 +38,10 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     assert result.index == "IndexFlat" and result.exact_queries == 4
     # the Flat index and 64 candidates of ~30 slides: the two-stage ranking is the exact one
     assert result.top5_agreement == result.top1_agreement == 1.0
+    # filtered: the kept share of the slides, and the filtered search equals the exact scan
+    kept = [max(1, round(result.slides * share)) for share in (0.5, 0.05)]
+    assert [row["slides"] for row in result.filtered] == kept
+    assert all(row["top5_agreement"] == 1.0 for row in result.filtered)
     assert all(getattr(result, key) > 0 for key in SCALE_KEYS if key.endswith("_s"))
     assert (tmp_path / "sources.npz").is_file() and (tmp_path / "index.faiss").is_file()
     write_results([result], tmp_path / "r.json")

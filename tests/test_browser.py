@@ -103,3 +103,77 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
         finally:
             browser.close()
     assert (screenshots / "serve-side-by-side.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def annotated_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 LC25000 source tiles per class (colour histogram), with an organ, a year and a
+    report whose value is HTML with script: it must be shown as text, never run."""
+    from data_paths import write_manifest
+
+    from histosearch import Archive, ArchiveSettings
+
+    root = tmp_path_factory.mktemp("annotated")
+    manifest = write_manifest(root / "lc.csv", LC, "group", per_class=3)
+    settings = ArchiveSettings(encoder="color-histogram", magnification=5.0, tile_size=224)
+    with Archive.create(root / "archive", settings) as archive:
+        archive.add([manifest], group_by="group")
+        names = [r.name for r in archive.slides()]
+        table = root / "meta.csv"
+        table.write_text(
+            "slide,organ,year,report\n"
+            + "".join(
+                f'{n},lung,{2015 + i},"<img src=x onerror=window.xss=1><script>window.xss=2'
+                f'</script>{n}"\n'
+                for i, n in enumerate(names)
+            )
+        )
+        archive.annotate(table)
+    return root / "archive"
+
+
+def test_filters_consensus_and_metadata_shown_as_text(
+    annotated_archive: Path, screenshots: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with running_server(annotated_archive) as (url, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.wait_for_selector("#filters label[data-column=year] input")
+            # controls from the archive's own columns: values for labels, a range for years
+            labels = page.locator("#filters label[data-column=label] option")
+            assert labels.all_inner_texts() == ["lung_aca", "lung_n", "lung_scc"]
+            assert page.locator("#filters label[data-column=year] input").count() == 2
+            # the metadata is text in the slide list, and nothing of it ran
+            assert "<script>" in page.inner_text("#slide-list")
+            query = page.locator("#slide-list li").first
+            query.click()
+            page.select_option("#filters label[data-column=label] select", ["lung_n", "lung_scc"])
+            page.fill("#filters label[data-column=year] input[data-bound=min]", "2016")
+            page.click("#btn-whole")
+            page.wait_for_selector("#slide-results li", timeout=60_000)
+            response = page.evaluate("window.histosearch.response")
+            assert response["where"] == ["label in ('lung_n', 'lung_scc')", "year >= 2016"]
+            for hit in response["results"]:
+                assert (
+                    hit["label"] in ("lung_n", "lung_scc") and int(hit["metadata"]["year"]) >= 2016
+                )
+            consensus = page.inner_text("#consensus")
+            assert consensus.startswith(f"consensus of the top {len(response['results'])} on label")
+            assert response["consensus"]["majority"] in consensus
+            card = page.inner_text("#slide-results li >> nth=0")
+            assert "<img src=x onerror=window.xss=1>" in card and "year: " in card
+            assert page.evaluate("window.xss") is None
+            assert page.locator("#slide-results img[src=x]").count() == 0
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(screenshots / "serve-filters-consensus.png"))
+            assert errors == []
+        finally:
+            browser.close()

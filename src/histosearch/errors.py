@@ -6,7 +6,10 @@ from pathlib import Path
 
 
 class HistosearchError(Exception):
-    """Base class: a bad input, reported as one line naming the file and the reason."""
+    """Base class: a bad input, reported as one line naming the file and the reason; the
+    command line exits with `exit_code` (2 for a malformed request, as a usage error)."""
+
+    exit_code = 1
 
     def __init__(self, path: str | Path | None, reason: str) -> None:
         self.path = None if path is None else str(path)

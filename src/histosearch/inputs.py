@@ -8,7 +8,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histosearch.errors import HistosearchError
@@ -63,6 +63,7 @@ class Item:
     patient: str | None = None
     group: str | None = None
     is_group: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 # Encodings tried in turn: UTF-8 (with or without the BOM Excel writes), then Windows-1252,
@@ -71,6 +72,9 @@ FALLBACK_ENCODING = "cp1252"
 # A value that must be present on every row: `path` always, `label` when the column exists
 # (an empty label is refused, not made a class of its own).
 REQUIRED_COLUMNS = ("path", "label")
+# The manifest columns histosearch reads itself (x, y: a patch's position, for eval); every
+# other column is a slide's metadata.
+READ_COLUMNS = frozenset({"path", "label", "patient", "group", "slide", "x", "y"})
 log = logging.getLogger("histosearch")
 
 
@@ -115,47 +119,61 @@ def _lines_named(numbers: list[int]) -> str:
     )
 
 
+def read_table(
+    table: Path, what: str = "manifest"
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV file (a `what`) as its columns and its records, (line number, {column: stripped
+    value}).
+
+    Read as UTF-8 (a BOM is fine) or else Windows-1252, with a warning; `;` or tab separators
+    are recognised. Rows with more or fewer fields than the header are refused by number."""
+    if table.is_dir():
+        raise ManifestError(table, f"is a directory, not a {what} CSV")
+    try:
+        data = table.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(table, f"no such {what}") from None
+    except OSError as error:
+        raise ManifestError(table, f"cannot read: {error.strerror}") from None
+    records = list(_lines(table, _decode(table, data)))
+    if not records:
+        raise ManifestError(table, "empty: no header row")
+    columns = [c.strip() for c in records[0][1]]
+    malformed = [n for n, fields in records[1:] if len(fields) != len(columns)]
+    if malformed:
+        raise ManifestError(
+            table,
+            f"{_lines_named(malformed)}: not {len(columns)} fields as in the header "
+            f"({','.join(columns)})",
+        )
+    rows = [
+        (number, {c: f.strip() for c, f in zip(columns, fields, strict=True)})
+        for number, fields in records[1:]
+    ]
+    return columns, rows
+
+
 def read_manifest_rows(
     manifest: Path, required: Sequence[str] = ()
 ) -> tuple[list[dict[str, str]], list[str], list[str]]:
     """A CSV manifest's rows, its columns, and the listed `path`s (relative to the CSV) that
     are not files.
 
-    Read as UTF-8 (a BOM is fine) or else Windows-1252, with a warning. Refused, naming the
-    line numbers: rows with more or fewer fields than the header, rows without a `path`, a
+    Read as `read_table` reads it. Refused, naming the line numbers: rows without a `path`, a
     `label` (when the column exists) or another `required` value. Rows listing a file already
     listed are dropped with a warning (the first is kept)."""
-    if manifest.is_dir():
-        raise ManifestError(manifest, "is a directory, not a manifest CSV")
-    try:
-        data = manifest.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(manifest, "no such manifest") from None
-    except OSError as error:
-        raise ManifestError(manifest, f"cannot read: {error.strerror}") from None
-    records = list(_lines(manifest, _decode(manifest, data)))
-    if not records:
-        raise ManifestError(manifest, "empty: no header row")
-    columns = [c.strip() for c in records[0][1]]
+    columns, records = read_table(manifest)
     if "path" not in columns:
         shown = ", ".join(c[:40] for c in columns[:10])
         raise ManifestError(manifest, f"no 'path' column (columns: {shown})")
     for column in required:
         if column not in columns:
             raise ManifestError(manifest, f"no '{column}' column (columns: {', '.join(columns)})")
-    malformed = [n for n, fields in records[1:] if len(fields) != len(columns)]
-    if malformed:
-        raise ManifestError(
-            manifest,
-            f"{_lines_named(malformed)}: not {len(columns)} fields as in the header "
-            f"({','.join(columns)})",
-        )
     needed = [c for c in (*REQUIRED_COLUMNS, *required) if c in columns]
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     duplicates: list[str] = []
-    for number, fields in records[1:]:
-        row = {c: f.strip() for c, f in zip(columns, fields, strict=True)}
+    for number, row in records:
         empty = [c for c in needed if not row[c]]
         if empty:
             raise ManifestError(manifest, f"line {number}: no {' or '.join(empty)}")
@@ -181,12 +199,14 @@ def read_manifest_rows(
 
 
 def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
-    """Items of a CSV with a `path` column (relative to the CSV) and optional metadata;
-    `group_by` names a column whose values gather patches into one archive slide.
+    """Items of a CSV with a `path` column (relative to the CSV) and optional metadata (every
+    column but `READ_COLUMNS`); `group_by` names a column whose values gather patches into one
+    archive slide.
 
     Listed files that do not exist stay in, to be reported one by one when they are read;
     a manifest none of whose files exist is refused."""
-    rows, _, missing = read_manifest_rows(manifest, () if group_by is None else (group_by,))
+    rows, columns, missing = read_manifest_rows(manifest, () if group_by is None else (group_by,))
+    extra = [c for c in columns if c not in READ_COLUMNS and c != group_by]
     if rows and len(missing) == len(rows):
         raise ManifestError(
             manifest,
@@ -204,6 +224,10 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
             patient=first.get("patient") or None,
             group=first.get("group") or (first.get(group_by) if group_by else None) or None,
             is_group=is_group,
+            # a group's metadata: the values all its patches share
+            metadata={
+                c: first[c] for c in extra if first[c] and all(m[c] == first[c] for m in members)
+            },
         )
 
     if group_by is None:

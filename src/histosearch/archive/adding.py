@@ -51,6 +51,7 @@ def store_item(archive: ArchiveFolder, item: Item, embedded: EmbeddedFile) -> No
         mpp=embedded.mpp,
         tile_l0=embedded.tile_l0,
         paths=[str(p) for p in item.paths] if patches else None,
+        metadata=item.metadata,
     )
 
 

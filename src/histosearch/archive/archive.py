@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histosearch.archive.catalog import ArchiveError, SlideRecord
-from histosearch.archive.feature_files import SlideFeatures
+from histosearch.archive.feature_files import SlideFeatures, write_feature_metadata
 from histosearch.archive.folder import ArchiveFolder
+from histosearch.archive.metadata import Metadata, annotations
 from histosearch.archive.repair import Problem, check, check_archive
 from histosearch.archive.settings import INDEX_METRICS, ArchiveSettings
 from histosearch.archive.upkeep import reindex, sync
@@ -25,6 +26,7 @@ __all__ = [
     "Archive",
     "ArchiveError",
     "ArchiveSettings",
+    "Metadata",
     "Problem",
     "SlideFeatures",
     "SlideRecord",
@@ -83,6 +85,27 @@ class Archive(ArchiveFolder):
             report.failures[:0] = unreadable
             sync(self)
         return report
+
+    def annotate(self, table: str | Path) -> tuple[int, int]:
+        """Add or update the metadata of archived slides from a CSV (`slide` or `path`, then
+        one column per field; an empty cell removes that value), without re-embedding: the
+        catalog and every changed slide's feature file. Everything is checked before
+        anything changes (see `metadata.annotations`). Returns (rows matched, slides
+        changed); running it again changes nothing."""
+        with self.writing():
+            records = {r.id: r for r in self.slides()}
+            updates = annotations(Path(table), list(records.values()))
+            current = self.catalog.metadata()
+            changed = {}
+            for slide_id, values in updates.items():
+                before = current.get(slide_id, {})
+                after = {k: v for k, v in {**before, **values}.items() if v is not None}
+                if after != before:
+                    changed[slide_id] = after
+            for slide_id, after in changed.items():  # the interchange copy first
+                write_feature_metadata(self.root / records[slide_id].feature_file, after)
+            self.catalog.set_metadata({i: updates[i] for i in changed})
+        return len(updates), len(changed)
 
     def sync(self) -> None:
         """Finish what an add left: fit the reduction if there is none yet, store the slides

@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS feedback (
     similarity REAL,
     relevant INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS metadata (
+    slide INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (slide, name)
+);
 """
 # PRAGMA user_version of a catalog with every table above (1: settings and slides only).
 SCHEMA_VERSION = 2
@@ -169,17 +175,23 @@ class Catalog:
     def add_slides(
         self, rows: Sequence[Mapping[str, object]], ignore_known: bool = False
     ) -> list[int]:
-        """Insert slide rows (`SLIDE_FIELDS`, optional `tile_l0` and `row_start`) in one
-        transaction; their ids. With `ignore_known`, a row whose path is there already is
-        skipped."""
-        statements = []
+        """Insert slide rows (`SLIDE_FIELDS`, optional `tile_l0`, `row_start` and `metadata`,
+        a mapping of column to text value) in one transaction; their ids. With `ignore_known`,
+        a row whose path is there already is skipped."""
+        statements: list[tuple[str, Iterable[object]]] = []
+        inserted = []  # the positions of the slide rows' statements
         for row in rows:
             names = [*SLIDE_FIELDS, *(k for k in ("tile_l0", "row_start") if k in row)]
             verb = "INSERT OR IGNORE" if ignore_known else "INSERT"
             marks = ", ".join("?" * len(names))
             sql = f"{verb} INTO slides ({', '.join(names)}) VALUES ({marks})"
             statements.append((sql, [row[n] for n in names]))
-        return self._write(statements)
+            inserted.append(len(statements) - 1)
+            statements += _metadata_statements(
+                "(SELECT id FROM slides WHERE path = ?)", (row["path"],), row.get("metadata") or {}
+            )
+        ids = self._write(statements)
+        return [ids[i] for i in inserted]
 
     def set_row_starts(
         self, starts: Mapping[int, int | None], generation: int | None = None
@@ -198,7 +210,29 @@ class Catalog:
 
     def remove_slides(self, ids: Iterable[int]) -> None:
         """Delete slide rows by id, in one transaction."""
-        self._write([("DELETE FROM slides WHERE id = ?", (int(i),)) for i in ids])
+        statements: list[tuple[str, Iterable[object]]] = []
+        for slide_id in ids:
+            statements.append(("DELETE FROM metadata WHERE slide = ?", (int(slide_id),)))
+            statements.append(("DELETE FROM slides WHERE id = ?", (int(slide_id),)))
+        self._write(statements)
+
+    def metadata(self) -> dict[int, dict[str, str]]:
+        """Every slide's metadata beyond the built-in columns, as text: {slide id: {column:
+        value}} (slides without any are left out)."""
+        values: dict[int, dict[str, str]] = {}
+        for slide, name, value in self._run(
+            "SELECT slide, name, value FROM metadata ORDER BY slide, name"
+        ):
+            values.setdefault(slide, {})[name] = value
+        return values
+
+    def set_metadata(self, updates: Mapping[int, Mapping[str, str | None]]) -> None:
+        """Set slides' metadata values (by slide id, then column; None removes the value), in
+        one transaction."""
+        statements: list[tuple[str, Iterable[object]]] = []
+        for slide_id, values in updates.items():
+            statements += _metadata_statements("?", (int(slide_id),), values)
+        self._write(statements)
 
     def slides(self, stored_only: bool = False) -> list[SlideRecord]:
         """Catalog rows by id (only those in the search store, by store row, if asked)."""
@@ -246,3 +280,19 @@ class Catalog:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _metadata_statements(
+    slide: str, args: tuple[object, ...], values: Mapping[str, str | None]
+) -> list[tuple[str, Iterable[object]]]:
+    """The statements setting (or, for None, removing) one slide's metadata values; `slide`
+    is the SQL that gives its id, from `args`."""
+    statements: list[tuple[str, Iterable[object]]] = []
+    for name, value in values.items():
+        if value is None:
+            sql = f"DELETE FROM metadata WHERE slide = {slide} AND name = ?"
+            statements.append((sql, (*args, name)))
+        else:
+            sql = f"INSERT OR REPLACE INTO metadata VALUES ({slide}, ?, ?)"
+            statements.append((sql, (*args, name, str(value))))
+    return statements

@@ -5,6 +5,8 @@ the catalog). The interchange copy of an archive's full features."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,35 @@ import numpy as np
 
 from histosearch.archive.catalog import ArchiveError
 from histosearch.fileio import atomic_path
+
+# The attribute holding the slide's metadata beyond the built-in columns, as a JSON object.
+METADATA_ATTR = "metadata"
+
+
+def metadata_attr(metadata: Mapping[str, str]) -> str:
+    """Metadata as the feature file's attribute holds it."""
+    return json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False)
+
+
+def attr_metadata(attrs: Mapping[str, object]) -> dict[str, str]:
+    """The metadata a feature file's attributes hold (none in files from before metadata)."""
+    return {str(k): str(v) for k, v in json.loads(str(attrs.get(METADATA_ATTR) or "{}")).items()}
+
+
+def write_feature_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Replace a feature file's metadata: a copy with the new attribute, renamed over it."""
+    try:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "a") as h5:
+                h5.attrs[METADATA_ATTR] = metadata_attr(metadata)
+    except OSError as error:  # a lost file, disk full, read-only folder
+        raise ArchiveError(path, f"cannot write the feature file's metadata: {error}") from None
+
+
+# What h5py raises for a missing, truncated or scrambled file (its B-tree errors surface as
+# RuntimeError, an undecodable attribute as ValueError).
+H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,14 @@ def add_mark(catalog: Catalog, mark: Mark) -> int:
 
 
 def export_csv(catalog: Catalog, out: str | Path) -> int:
-    """Write every mark to `out` with the result slide's name and label, and the query
-    slide's label; returns how many rows were written."""
+    """Write every mark to `out` with the result slide's name, label and metadata (a column
+    `result_COLUMN` each), and the query slide's label; returns how many rows were written."""
     rows = catalog.marks()
     names = {r.id: (r.name, r.label) for r in catalog.slides()}
+    metadata = catalog.metadata()
+    columns = sorted({c for values in metadata.values() for c in values})
     fields = [*MARK_COLUMNS, "result_name", "result_label", "query_label"]
+    fields += [f"result_{c}" for c in columns]
     with atomic_path(out) as tmp, tmp.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
@@ -56,6 +59,10 @@ def export_csv(catalog: Catalog, out: str | Path) -> int:
                     "result_name": result[0],
                     "result_label": result[1] or "",
                     "query_label": (query[1] or "") if query else "",
+                    **{
+                        f"result_{c}": metadata.get(int(row["result_slide"]), {}).get(c, "")
+                        for c in columns
+                    },
                 }
             )
     return len(rows)

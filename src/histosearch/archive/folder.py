@@ -22,14 +22,21 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
 from histosearch.archive.catalog import ArchiveError, Catalog, SlideRecord
-from histosearch.archive.feature_files import SlideFeatures, read_feature_file, write_feature_file
+from histosearch.archive.feature_files import (
+    METADATA_ATTR,
+    SlideFeatures,
+    metadata_attr,
+    read_feature_file,
+    write_feature_file,
+)
+from histosearch.archive.metadata import Metadata
 from histosearch.archive.reduce import Reducer, load_reducer, make_reducer, save_reducer
 from histosearch.archive.settings import MATCHED_KEYS, ArchiveSettings, encoder_settings
 from histosearch.archive.store import VectorStore
@@ -157,6 +164,10 @@ class ArchiveFolder:
             raise ArchiveError(self.root, f"no slide with id {slide_id}")
         return record
 
+    def metadata(self) -> Metadata:
+        """Every slide's metadata beyond the built-in columns, typed by column."""
+        return Metadata.of(self.catalog.metadata())
+
     def find(self, query: str | Path) -> SlideRecord | None:
         """The slide stored from the file `query`, or named `query`, if any."""
         record = self.catalog.by_path(catalog_key(query))
@@ -265,9 +276,11 @@ class ArchiveFolder:
         mpp: float | None = None,
         tile_l0: float | None = None,
         paths: list[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> SlideRecord:
         """Store one slide: its feature file, then (once the reduction is fitted) its store
-        rows, then its catalog row. Call inside `writing()`."""
+        rows, then its catalog row and its `metadata` (column: text value). Call inside
+        `writing()`."""
         if not self._lock_depth:
             raise RuntimeError("store_slide needs the writer lock (Archive.writing)")
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -276,7 +289,7 @@ class ArchiveFolder:
         feature_file = f"features/{stem}-{digest}.h5"
         target = self.root / feature_file
         # enough to rebuild the catalog from the feature files (check --repair)
-        metadata = {
+        attrs = {
             "slide": key,
             "name": name,
             "label": label,
@@ -284,9 +297,10 @@ class ArchiveFolder:
             "group": group,
             "mpp": mpp,
             "tile_l0": tile_l0,
+            METADATA_ATTR: metadata_attr(metadata or {}),
         }
         settings = {k: self.settings[k] for k in MATCHED_KEYS if k in self.settings}
-        write_feature_file(target, features, coords, paths, {**metadata, **settings})
+        write_feature_file(target, features, coords, paths, {**attrs, **settings})
         row = {
             "name": name,
             "path": key,
@@ -300,7 +314,8 @@ class ArchiveFolder:
         }
         try:
             row_start = self.append_to_store(features, coords)
-            (slide_id,) = self.catalog.add_slides([{**row, "row_start": row_start}])
+            stored = {**row, "row_start": row_start, "metadata": metadata}
+            (slide_id,) = self.catalog.add_slides([stored])
         except (ArchiveError, OSError) as error:
             target.unlink(missing_ok=True)  # no orphan feature file
             if isinstance(error, ArchiveError):

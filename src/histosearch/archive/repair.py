@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histosearch.archive.catalog import CATALOG, ArchiveError
-from histosearch.archive.feature_files import read_feature_attrs
+from histosearch.archive.feature_files import attr_metadata, read_feature_attrs
 from histosearch.archive.folder import ArchiveFolder
 from histosearch.archive.settings import MATCHED_KEYS
 from histosearch.archive.upkeep import derived_problems, reindex
@@ -95,7 +95,8 @@ def check_archive(root: str | Path, repair: bool = False) -> tuple[list[Problem]
 
 
 def rebuild_catalog(root: Path) -> ArchiveFolder:
-    """A new catalog from the settings and slide metadata every feature file carries; the
+    """A new catalog from the settings and slide metadata (built-in columns and the rest)
+    every feature file carries; the
     damaged catalog is renamed, never deleted. The store is rebuilt (`reindex`)."""
     entries = []
     for path in sorted((root / "features").glob("*.h5")):
@@ -126,6 +127,7 @@ def rebuild_catalog(root: Path) -> ArchiveFolder:
                     "n_patches": n_patches,
                     "feature_file": path.relative_to(root).as_posix(),
                     "tile_l0": attrs.get("tile_l0"),
+                    "metadata": attr_metadata(attrs),
                 }
                 for path, attrs, n_patches in entries
             ],

@@ -17,7 +17,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,9 @@ class ScaleResult:
     generate_s: float = 0.0
     store_gb: float = 0.0
     index_gb: float = 0.0
+    # per `--filter-keep` fraction: the slides kept, the two-stage and exact p50 latency of
+    # slide queries restricted to them, and the top-5 agreement of the two
+    filtered: list[dict[str, float]] = field(default_factory=list)
 
     def figures(self) -> dict[str, float | int]:
         return {key: asdict(self)[key] for key in SCALE_KEYS}
@@ -178,12 +181,14 @@ def bench_scale(
     kind: str = "auto",
     nprobe: int | None = None,
     n_candidates: int | None = None,
+    filter_keep: tuple[float, ...] = (),
     seed: int = 0,
     on_stage: Callable[[str], None] = lambda _: None,
     on_progress: Callable[[int], None] | None = None,
 ) -> ScaleResult:
     """Build a synthetic archive of `n_patches` in `workdir`, index it, grow it by one slide,
-    and time slide queries (two-stage and exact) and patch queries."""
+    and time slide queries (two-stage and exact, and restricted to a random `filter_keep`
+    fraction of the slides, as a `--where` filter restricts them) and patch queries."""
     on_stage("embedding the real sources")
     features, source, dataset = real_embeddings(data, encoder_name, workdir / "sources.npz")
     centres = PCAReducer(dim).fit(features).transform(features)
@@ -235,6 +240,11 @@ def bench_scale(
         top5 += set(exact.tolist()) == set(fast.tolist())
         top1 += exact[0] == fast[0]
 
+    filtered = [
+        _filtered_queries(store, offsets, index, query_set, k, keep, n_candidates, seed)
+        for keep in filter_keep
+    ]
+
     on_stage("patch queries")
     patches = np.concatenate(query_set)[:: max(1, sum(map(len, query_set)) // 200)]
     patch_times = []
@@ -263,7 +273,43 @@ def bench_scale(
         generate_s=generate_s,
         store_gb=store_path.stat().st_size / 1e9,
         index_gb=index_path.stat().st_size / 1e9,
+        filtered=filtered,
     )
+
+
+def _filtered_queries(
+    store: np.ndarray,
+    offsets: np.ndarray,
+    index: PatchIndex,
+    queries: list[np.ndarray],
+    k: int,
+    keep: float,
+    n_candidates: int | None,
+    seed: int,
+) -> dict[str, float]:
+    """Slide queries restricted to a random `keep` fraction of the slides: the two-stage
+    search (the others skipped inside both stages) against the exact scan of the kept ones."""
+    n_slides = len(offsets) - 1
+    kept = np.random.default_rng(seed).choice(n_slides, max(1, round(keep * n_slides)), False)
+    skip = np.setdiff1d(np.arange(n_slides), kept).tolist()
+    fast_times, exact_times, top5 = [], [], 0
+    for query in queries:
+        start = time.perf_counter()
+        fast, _ = rank_slides(
+            store, offsets, query, k, skip, index=index, n_candidates=n_candidates
+        )
+        fast_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        exact, _ = rank_slides(store, offsets, query, k, skip, exact=True)
+        exact_times.append(time.perf_counter() - start)
+        top5 += set(exact.tolist()) == set(fast.tolist())
+    return {
+        "keep": keep,
+        "slides": len(kept),
+        "query_p50_s": float(np.percentile(fast_times, 50)),
+        "exact_p50_s": float(np.percentile(exact_times, 50)),
+        "top5_agreement": top5 / len(queries),
+    }
 
 
 def _describe(index: PatchIndex) -> str:

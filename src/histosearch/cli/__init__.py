@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from histosearch.cli.archive import check, demo, index, reindex, search
+from histosearch.cli.archive import annotate, check, demo, index, reindex, search
 from histosearch.cli.bench import (
     bench_api_command,
     bench_extract_command,
@@ -31,7 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for command in (tile, index, search, check, reindex):
+for command in (tile, index, search, annotate, check, reindex):
     app.command()(command)
 app.command("eval")(eval_command)
 app.command("encoders")(encoders_command)
@@ -63,4 +63,4 @@ def main() -> None:
         error_console.print(
             f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
         )
-        raise SystemExit(1) from None
+        raise SystemExit(error.exit_code) from None

@@ -1,5 +1,5 @@
-"""`histosearch index`, `search`, `check`, `reindex` and `demo`: shells over `Archive` and
-`Searcher` that parse, call the API and print."""
+"""`histosearch index`, `search`, `annotate`, `check`, `reindex` and `demo`: shells over
+`Archive` and `Searcher` that parse, call the API and print."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from histosearch.cli.common import (
@@ -18,6 +19,7 @@ from histosearch.cli.common import (
     Edges,
     Exclude,
     IndexMetric,
+    Level,
     Mode,
     Reduction,
     Tissue,
@@ -197,6 +199,31 @@ def search(
     exact: Annotated[
         bool, typer.Option("--exact", help="Scan every slide instead of the index's shortlist.")
     ] = False,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            help="Only slides with COLUMN OP VALUE (= != < <= > >= ~) or COLUMN in (A, B); "
+            "several combine with AND.",
+        ),
+    ] = None,
+    show: Annotated[
+        list[str] | None, typer.Option("--show", help="A metadata column to show in the table.")
+    ] = None,
+    vote_on: Annotated[
+        str, typer.Option("--vote-on", help="The column the top k's consensus votes on.")
+    ] = "label",
+    level: Annotated[
+        Level,
+        typer.Option(
+            "--level",
+            help="Rank slides, or cases by their best slide (auto: cases "
+            "when some case has several slides).",
+        ),
+    ] = "auto",
+    case_column: Annotated[
+        str, typer.Option("--case-column", help="The column naming each slide's case.")
+    ] = "patient",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     gallery: Annotated[Path | None, typer.Option("--gallery", help="PNG of the results.")] = None,
     qupath: Annotated[
@@ -208,7 +235,8 @@ def search(
         ),
     ] = None,
 ) -> None:
-    """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to QUERY."""
+    """Rank the archive's slides (WSI measure), cases or patches (FAISS) by similarity to
+    QUERY, with the consensus of the top k."""
     from histosearch.archive.archive import Archive
     from histosearch.search.searcher import Searcher
 
@@ -220,7 +248,7 @@ def search(
             searcher,
             query,
             k=k,
-            exclude=["slide"] if exclude is None else exclude,
+            exclude=exclude,
             mode=mode,
             region=region,
             patient=patient,
@@ -228,9 +256,14 @@ def search(
             mpp=mpp,
             objective_power=objective_power,
             exact=exact,
+            where=where or [],
+            vote_on=vote_on,
+            level=level,
+            case_column=case_column,
             as_json=as_json,
             gallery=gallery,
             qupath=qupath,
+            show=show or [],
         )
 
 
@@ -239,24 +272,34 @@ def run_search(
     query: str | int,
     *,
     k: int = 5,
-    exclude: Iterable[str] = ("slide",),
+    exclude: Iterable[str] | None = None,
     gallery: Path | None = None,
     qupath: Path | None = None,
     as_json: bool = False,
+    show: Iterable[str] = (),
     **options: object,
 ) -> SearchResult:
-    """One query through `searcher`, printed as a table (or JSON) and drawn as a gallery."""
+    """One query through `searcher`, printed as a table (with the metadata columns `show`)
+    or JSON, and drawn as a gallery."""
+    show = list(show)
+    if show:
+        from histosearch.search.filters import value_getter
+
+        metadata = searcher.archive.metadata()
+        for column in show:
+            value_getter(column, metadata, f"--show {column}")
     result = searcher.search(query, k=k, exclude=exclude, **options)
     available = len(searcher.archive.slides())
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:
-        _print_result(result)
-    hits = result.slides or result.patches
+        _print_result(result, show)
+    hits = result.hits
     if len(hits) < k:
+        what = "cases" if result.level == "case" else "results"
         error_console.print(
-            f"{len(hits)} of the {k} results asked for: the archive holds {available} slides"
-            + (" (some excluded)" if result.mode == "slides" else ""),
+            f"{len(hits)} of the {k} {what} asked for: the archive holds {available} slides"
+            + (" (some excluded or filtered out)" if result.mode == "slides" else ""),
             highlight=False,
         )
     if gallery is not None:
@@ -269,6 +312,27 @@ def run_search(
         files = ", ".join(map(str, written)) or "no tile to draw"
         error_console.print(f"QuPath: {files}", soft_wrap=True, highlight=False)
     return result
+
+
+def annotate(
+    table: Annotated[
+        Path,
+        typer.Argument(help="A CSV: `slide` (name) or `path`, then one column per field."),
+    ],
+    archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
+) -> None:
+    """Add or update the metadata of archived slides from a CSV, without re-embedding."""
+    from histosearch.archive.archive import Archive
+
+    with Archive.open(archive_dir) as archive:
+        matched, changed = archive.annotate(table)
+        kinds = archive.metadata().kinds
+    console.print(
+        f"{matched} slides annotated, {changed} changed; columns: "
+        + ", ".join(f"{c} ({kind})" for c, kind in kinds.items()),
+        highlight=False,
+        markup=False,
+    )
 
 
 def check(
@@ -369,26 +433,43 @@ def demo(
     )
 
 
-def _print_result(result: SearchResult) -> None:
+def _print_result(result: SearchResult, show: list[str]) -> None:
     patches = result.mode == "patches"
+    cases = result.level == "case"
     rows = result.to_dict()["results"]
-    table = Table(
-        title=f"{'Patches' if patches else 'Slides'} most similar to {Path(result.query.name).name}"
-    )
-    columns = ["rank", "slide", "label", "patient", "group", "patch" if patches else "patches"]
-    # Metadata no result has (patients of patch groups, say) is left out.
-    columns = [c for c in columns if any(row[c] is not None for row in rows)]
+    for row in rows:  # the shown metadata columns as cells of their own
+        row |= {c: row["metadata"].get(c) for c in show if c not in row}
+    what = "Patches" if patches else "Cases" if cases else "Slides"
+    table = Table(title=f"{what} most similar to {Path(result.query.name).name}", highlight=False)
+    columns = ["rank", *(["case", "slides"] if cases else []), "slide", "label", "patient"]
+    columns += ["group", "patch" if patches else "patches"]
+    # Columns no result has (patients of patch groups, say) are left out.
+    columns = [c for c in columns if c == "slides" or any(row[c] is not None for row in rows)]
+    columns += [c for c in show if c not in columns]
+    numeric = ("rank", "slides", "patches", "similarity", "%ile")
     for column in [*columns, "similarity", "%ile"]:
-        table.add_column(
-            column,
-            justify="right" if column in ("rank", "patches", "similarity", "%ile") else "left",
-            overflow="fold",
-        )
+        table.add_column(column, justify="right" if column in numeric else "left", overflow="fold")
     for row in rows:
-        cells = ["-" if row[c] is None else str(row[c]) for c in columns]
+        if cases:
+            row["slides"] = f"{row['case_matched']} of {row['case_slides']}"
+        cells = [escape("-" if row[c] is None else str(row[c])) for c in columns]
         share = "-" if row["percentile"] is None else ordinal(round(row["percentile"]))
         table.add_row(*cells, f"{row['similarity']:.1%}", share)
     console.print(table)
+    if result.where:
+        console.print(f"where {' and '.join(result.where)}", highlight=False, markup=False)
+    if result.consensus is not None:
+        console.print(
+            f"consensus of the top {result.consensus.k}: {result.consensus.line()}",
+            highlight=False,
+            markup=False,
+        )
+    if cases:
+        console.print(
+            "slides: how many of the case's slides the ranking reached, of those it could return",
+            style="dim",
+            highlight=False,
+        )
     console.print(
         "%ile: the percentile where the similarity falls among the archive's own nearest-neighbour "
         "similarities (50th = as alike as a typical archived neighbour)",

@@ -305,6 +305,12 @@ def bench_scale_command(
     candidates: Annotated[
         int | None, typer.Option("--candidates", help="Slides shortlisted by stage 1.")
     ] = None,
+    filter_keep: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--filter-keep", min=0.0001, max=1, help="Also time queries filtered to this share."
+        ),
+    ] = None,
     encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = DEFAULT_ENCODER,
     workdir: Annotated[
         Path | None,
@@ -330,6 +336,7 @@ def bench_scale_command(
                 kind=kind,
                 nprobe=nprobe,
                 n_candidates=candidates,
+                filter_keep=tuple(filter_keep or ()),
                 on_stage=lambda stage: bar.update(task, description=stage),
                 on_progress=lambda n: bar.advance(task, n),
             )
@@ -341,6 +348,11 @@ def bench_scale_command(
         for key in ("index", "queries", "exact_queries", "generate_s", "store_gb", "index_gb"):
             value = getattr(result, key)
             table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
+        for row in result.filtered:
+            share = f"filter keeping {row['keep']:.0%} ({row['slides']:,} slides)"
+            table.add_row(f"{share}: slide query p50 s", f"{row['query_p50_s']:.4g}")
+            table.add_row(f"{share}: exact scan p50 s", f"{row['exact_p50_s']:.4g}")
+            table.add_row(f"{share}: top5 agreement", f"{row['top5_agreement']:.4g}")
         console.print(table)
         if json_out is not None:
             write_results([result], json_out)

@@ -203,6 +203,7 @@ Reduction = Literal[(*REDUCERS, "none")]
 IndexMetric = Literal["cosine", "l2"]  # archive.INDEX_METRICS
 Metric = Literal["cosine", "l2"]
 Mode = Literal["auto", "slides", "patches"]
+Level = Literal["auto", "slide", "case"]  # search.cases.LEVELS
 Edges = Literal["drop", "keep"]  # tiling.EDGES
 Method = Literal[METHODS]
 # A StrEnum, not a Literal: typer takes lists of enums only; its members compare as strings.

@@ -37,6 +37,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from histosearch.search.consensus import majority_vote
 from histosearch.search.similarity import l2_normalize
 
 QUERY_BLOCK = 1024
@@ -79,18 +80,6 @@ def rank_neighbours(
 
 def _codes(values: Sequence[object]) -> np.ndarray:
     return np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)[1]
-
-
-def majority_vote(neighbour_labels: Sequence[object]) -> object | None:
-    """The most frequent label; a tie goes to the tied label that appears first (ranked highest)."""
-    labels = [label for label in neighbour_labels if label is not None]
-    if not labels:
-        return None
-    counts: dict[object, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    best = max(counts.values())
-    return next(label for label in labels if counts[label] == best)
 
 
 @dataclass(frozen=True)

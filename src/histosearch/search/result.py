@@ -1,5 +1,6 @@
-"""What a search returns: ranked slides with their matched tiles, or ranked patches, each with
-a similarity in [0, 1] and a percentile among the archive's own similarities."""
+"""What a search returns: ranked slides with their matched tiles, ranked cases (by their best
+slide), or ranked patches, each with a similarity in [0, 1], a percentile among the archive's
+own similarities and the slide's metadata; and the consensus of the top k."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from histosearch.archive.catalog import SlideRecord
+from histosearch.search.consensus import Consensus
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,17 @@ class PatchMatch:
 
 
 @dataclass(frozen=True)
+class CaseMatch:
+    """A retrieved case (a patient, or the value of another case column): its best slide,
+    how many of its slides the ranking reached and how many it has that could be returned."""
+
+    case: str
+    best: SlideMatch
+    matched: int
+    slides: int
+
+
+@dataclass(frozen=True)
 class QueryInfo:
     """What was searched for: a name, its catalog id when archived, its tiles."""
 
@@ -87,18 +100,30 @@ class QueryInfo:
 
 @dataclass
 class SearchResult:
-    """Ranked slides (mode "slides") or patches (mode "patches")."""
+    """Ranked slides (mode "slides"; at level "case", `cases` ranked by their best slide, and
+    `slides` their best slides) or patches (mode "patches"), the `where` clauses that
+    restricted them, the consensus of the top k and the metadata of the slides returned."""
 
     query: QueryInfo
     mode: str
     slides: list[SlideMatch] = field(default_factory=list)
     patches: list[PatchMatch] = field(default_factory=list)
+    level: str = "slide"
+    cases: list[CaseMatch] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    consensus: Consensus | None = None
+    metadata: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def hits(self) -> list[SlideMatch] | list[PatchMatch]:
+        """The ranked slides (a case's best slide, at level case) or patches."""
+        return self.slides if self.mode == "slides" else self.patches
 
     def to_dict(self, heatmaps: bool = False) -> dict[str, object]:
         """The JSON the CLI prints and the server returns (with `heatmaps`, every tile of each
         retrieved slide with its best cosine to the query)."""
         results = []
-        for rank, hit in enumerate(self.slides if self.mode == "slides" else self.patches):
+        for rank, hit in enumerate(self.hits):
             row = {
                 "rank": rank + 1,
                 "slide_id": hit.record.id,
@@ -106,7 +131,11 @@ class SearchResult:
                 "label": hit.record.label,
                 "patient": hit.record.patient,
                 "group": hit.record.group,
+                "metadata": self.metadata.get(hit.record.id, {}),
             }
+            if self.level == "case":
+                case = self.cases[rank]
+                row |= {"case": case.case, "case_matched": case.matched, "case_slides": case.slides}
             if isinstance(hit, SlideMatch):
                 row["patches"] = hit.record.n_patches
                 row["matches"] = [
@@ -138,5 +167,8 @@ class SearchResult:
                 "region": None if self.query.region is None else list(self.query.region),
             },
             "mode": self.mode,
+            "level": self.level,
+            "where": self.where,
+            "consensus": None if self.consensus is None else self.consensus.to_dict(),
             "results": results,
         }

@@ -18,6 +18,9 @@ from histosearch.archive.view import SearchView
 from histosearch.embed.options import EmbedOptions
 from histosearch.errors import HistosearchError
 from histosearch.search.calibration import percentile
+from histosearch.search.cases import LEVELS, Cases
+from histosearch.search.consensus import Consensus
+from histosearch.search.filters import FilterError, SlideFilter, value_getter
 from histosearch.search.ranking import (
     EXCLUDE_CHOICES,
     Query,
@@ -136,7 +139,7 @@ class Searcher:
         self,
         query: str | Path | int,
         k: int = 5,
-        exclude: Iterable[str] = ("slide",),
+        exclude: Iterable[str] | None = None,
         mode: str = "auto",
         region: Region | None = None,
         *,
@@ -145,7 +148,28 @@ class Searcher:
         mpp: float | None = None,
         objective_power: float | None = None,
         exact: bool = False,
+        where: Iterable[str] = (),
+        vote_on: str = "label",
+        level: str = "auto",
+        case_column: str = "patient",
     ) -> SearchResult:
+        """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to
+        `query`: a file, an archived slide (id or name), optionally only its tiles inside the
+        level-0 `region` (x, y, w, h). Slides are ranked on a shortlist from the patch index
+        (two-stage) unless `exact` asks for the full scan.
+
+        Only slides passing every `where` clause (see `filters`) are searched, inside both
+        stages and the patch index. The result carries the consensus of its top k on
+        `vote_on`. At `level` "case" (the default "auto" picks it when some case has several
+        slides), slides are gathered by `case_column` and cases ranked by their best slide.
+        `exclude` (default: the query's own slide, and at case level its case when known)
+        names what of the query's own is skipped."""
+        where = list(where)
+        slide_filter = SlideFilter.parse(where)  # a malformed clause fails before any work
+        if level not in LEVELS:
+            raise SearchError(None, f"level {level!r}: choose from {', '.join(LEVELS)}")
+        default_exclusion = exclude is None
+        exclude = ["slide"] if exclude is None else list(exclude)
         """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to
         `query`: a file, an archived slide (id or name), optionally only its tiles inside the
         level-0 `region` (x, y, w, h). Slides are ranked on a shortlist from the patch index
@@ -163,17 +187,53 @@ class Searcher:
         loaded = self._loaded
         if not loaded.view.records:
             raise SearchError(self.archive.root, "the archive is empty")
+        records = loaded.view.records
+        metadata = self.archive.metadata()
+        vote = value_getter(vote_on, metadata, f"--vote-on {vote_on}")
+        case_of = value_getter(case_column, metadata, f"--case-column {case_column}")
         found = self._query(loaded, query, region, mpp, objective_power)
-        skip = excluded_slides(loaded.view.records, Query.of(found.record, patient, group), exclude)
-        left = len(loaded.view.records) - len(skip)
-        if left == 0:
-            raise SearchError(self.archive.root, "nothing left to rank after the exclusions")
+        skip = excluded_slides(records, Query.of(found.record, patient, group), exclude)
+        if slide_filter:
+            passed = slide_filter.allowed(records, metadata)
+            if not passed:
+                raise SearchError(
+                    self.archive.root,
+                    f"no slide of the {len(records)} passes --where {' and '.join(where)}",
+                )
+            skip |= {r.id for r in records if r.id not in passed}
         use_patches = mode == "patches" or (mode == "auto" and len(found.vectors) == 1)
-        result = SearchResult(found.info, "patches" if use_patches else "slides")
+        if level == "auto":  # cases when some case among the slides it may return has several
+            returnable = Cases.of((r for r in records if r.id not in skip), case_of)
+            level = "case" if not use_patches and returnable.several() else "slide"
+        if level == "case":
+            if use_patches:
+                raise SearchError(None, "level case ranks slides; not with --mode patches")
+            if not any(case_of(r) for r in records):
+                raise FilterError(None, f"--level case: no slide has a {case_column}")
+            own_case = case_of(found.record) if found.record is not None else None
+            if case_column == "patient":
+                own_case = patient or own_case
+            if default_exclusion and own_case is not None:
+                skip |= {r.id for r in records if case_of(r) == own_case}
+        if len(records) == len(skip):
+            raise SearchError(
+                self.archive.root,
+                "nothing left to rank after the exclusions"
+                + (f" and --where {' and '.join(where)}" if where else ""),
+            )
+        result = SearchResult(found.info, "patches" if use_patches else "slides", level=level)
+        result.where = where
         if use_patches:
             result.patches = self._patch_hits(loaded, found, k, skip)
+        elif level == "case":
+            cases = Cases.of((r for r in records if r.id not in skip), case_of)
+            hits = self._slide_hits(loaded, found, cases.slides_needed(k), skip, exact)
+            result.cases = cases.rank(hits, k)
+            result.slides = [case.best for case in result.cases]
         else:
             result.slides = self._slide_hits(loaded, found, k, skip, exact)
+        result.consensus = Consensus.of(vote_on, [vote(hit.record) for hit in result.hits])
+        result.metadata = {hit.record.id: metadata.of_slide(hit.record.id) for hit in result.hits}
         return result
 
     def _query(

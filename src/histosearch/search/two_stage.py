@@ -62,13 +62,12 @@ def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
 
 def allowed_rows(offsets: np.ndarray, skip: Iterable[int]) -> np.ndarray | None:
     """A boolean per store row, False for the rows of the `skip` slides (None: no skip)."""
-    skip = list(skip)
-    if not skip:
+    skip = np.fromiter(skip, np.int64)
+    if not len(skip):
         return None
-    allowed = np.ones(int(offsets[-1]), bool)
-    for slide in skip:
-        allowed[offsets[slide] : offsets[slide + 1]] = False
-    return allowed
+    keep = np.ones(len(offsets) - 1, bool)
+    keep[skip] = False
+    return np.repeat(keep, np.diff(offsets))
 
 
 def slide_votes(
@@ -187,14 +186,17 @@ def rank_slides(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k slides most similar to the query by the WSI measure, best first, as (slide
     indices, similarities). `exact` (or no index) scans every slide; otherwise the measure is
-    computed on stage 1's shortlist only. `store` may be a float16 memory map: only the rows
-    of the slides compared are read."""
+    computed on stage 1's shortlist only, or on every slide not skipped when they are no more
+    than the shortlist would hold. `store` may be a float16 memory map: only the rows of the
+    slides compared are read."""
     offsets = np.asarray(offsets, np.int64)
     skip = set(skip)
     n_slides = len(offsets) - 1
     slides = None
-    if not exact and index is not None:
-        wanted = n_candidates or default_candidates(k)
+    wanted = n_candidates or default_candidates(k)
+    # when the skips (exclusions, a filter) leave no more slides than a shortlist holds,
+    # scanning them all is exact and costs no more than stage 2 alone
+    if not exact and index is not None and n_slides - len(skip) > wanted:
         shortlist = shortlist_slides(
             index, store, offsets, query, wanted, skip, neighbours, mosaic_size
         )

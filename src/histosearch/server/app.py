@@ -25,6 +25,7 @@ from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import SlideRecord
 from histosearch.archive.feedback import Mark, add_mark
 from histosearch.errors import HistosearchError
+from histosearch.search.filters import describe_columns
 from histosearch.search.qupath import collection, file_stem, match_features
 from histosearch.search.result import SearchResult
 from histosearch.search.searcher import Searcher
@@ -32,6 +33,7 @@ from histosearch.server.errors import install_error_handlers
 from histosearch.server.limits import JsonLimits
 from histosearch.server.models import (
     ERRORS,
+    ColumnInfo,
     FeedbackIn,
     FeedbackOut,
     Health,
@@ -85,6 +87,13 @@ def health(state: State) -> Health:
     )
 
 
+@api.get("/columns", response_model=list[ColumnInfo])
+def columns(state: State) -> list[dict[str, object]]:
+    """The columns a `where` filter can name, with their values or range: what the page's
+    filter controls are built from."""
+    return describe_columns(state.archive.slides(), state.archive.metadata())
+
+
 @api.get("/slides", response_model=SlidePage)
 def list_slides(
     state: State,
@@ -93,6 +102,7 @@ def list_slides(
 ) -> SlidePage:
     """The catalog, a page at a time, in id order."""
     records = state.archive.slides()
+    metadata = state.archive.metadata()
     return SlidePage(
         total=len(records),
         offset=offset,
@@ -107,6 +117,7 @@ def list_slides(
                 patches=r.n_patches,
                 magnification=round(magnification_from_mpp(r.mpp), 2) if r.mpp else None,
                 viewable=state.viewable(r),
+                metadata=metadata.of_slide(r.id),
             )
             for r in records[offset : offset + limit]
         ],
@@ -182,7 +193,7 @@ async def search(request: Request, state: State) -> dict[str, Any]:
     if content_type.startswith("multipart/form-data"):
         async with receive_upload(request, state.max_upload_bytes) as upload:
             fields = {
-                key: values if key == "exclude" else values[-1]
+                key: values if key in ("exclude", "where") else values[-1]
                 for key, values in upload.fields.items()
             }
             options = _validated(SearchOptions, fields)
@@ -271,11 +282,19 @@ def _run_search(
     name: str,
 ) -> SearchResult:
     exclude = options.exclude
-    if exclude is None:
-        exclude = ["slide"] if isinstance(query, int) else []
+    if exclude is None and not isinstance(query, int):
+        exclude = []  # an upload is not in the archive
     try:
         return state.searcher.search(
-            query, k=options.k, exclude=tuple(exclude), mode=options.mode, region=region
+            query,
+            k=options.k,
+            exclude=exclude,
+            mode=options.mode,
+            region=region,
+            where=options.where,
+            vote_on=options.vote_on,
+            level=options.level,
+            case_column=options.case_column,
         )
     except HistosearchError as error:
         # The temporary upload path means nothing to the client: name the upload instead.

@@ -14,6 +14,9 @@ Row = Annotated[int, Field(ge=0, le=MAX_ID)]
 # What `ServerState.keep` issues: uuid4().hex.
 QueryId = Annotated[str, Field(pattern="^[0-9a-f]{32}$", description="A search's query_id.")]
 Mode = Literal["auto", "slides", "patches"]
+Level = Literal["auto", "slide", "case"]
+Column = Annotated[str, Field(min_length=1, max_length=200)]
+Metadata = dict[str, str]
 Exclusion = Literal["slide", "patient", "group"]
 Region = Annotated[
     tuple[
@@ -46,6 +49,7 @@ class SlideInfo(BaseModel):
     patches: int
     magnification: float | None = Field(description="Scan magnification (from microns/pixel).")
     viewable: bool = Field(description="Whether the slide file can be shown (deep zoom).")
+    metadata: Metadata = Field(default_factory=dict, description="Columns beyond the built-in.")
 
 
 class SlidePage(BaseModel):
@@ -63,8 +67,19 @@ class SearchOptions(BaseModel):
     k: int = Field(5, ge=1, le=100, description="How many results.")
     mode: Mode = "auto"
     exclude: list[Exclusion] | None = Field(
-        None, description="Skip the query's own slide, patient or group (default: its slide)."
+        None,
+        description="Skip the query's own slide, patient or group (default: its slide, and "
+        "at level case its case).",
     )
+    where: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Filters combined with AND, as `search --where`: `COLUMN OP VALUE` "
+        "(= != < <= > >= ~) or `COLUMN in (A, B)`.",
+    )
+    vote_on: Column = Field("label", description="The column the top k's consensus votes on.")
+    level: Level = Field("auto", description="Rank slides, or cases by their best slide.")
+    case_column: Column = Field("patient", description="The column naming each slide's case.")
 
 
 class SlideQuery(SearchOptions):
@@ -128,6 +143,21 @@ class ResultRow(BaseModel):
     patch: str | None = Field(None, description="Patches: file name or position.")
     row: int | None = Field(None, description="Patches: row in its slide (for its image).")
     tile: TileBox | None = None
+    metadata: Metadata = Field(default_factory=dict, description="The slide's other columns.")
+    case: str | None = Field(None, description="Level case: the case this best slide stands for.")
+    case_matched: int | None = Field(None, description="Level case: its slides ranked.")
+    case_slides: int | None = Field(None, description="Level case: its slides searchable.")
+
+
+class ConsensusOut(BaseModel):
+    """The vote of the top k on a column: votes per value, the majority (ties: the value
+    ranked highest), and the share of the k agreeing with it."""
+
+    column: str
+    k: int
+    votes: dict[str, int]
+    majority: str | None
+    agreement: float
 
 
 class QueryOut(BaseModel):
@@ -147,7 +177,22 @@ class SearchResponse(BaseModel):
     query_id: str
     query: QueryOut
     mode: Literal["slides", "patches"]
+    level: Literal["slide", "case"]
+    where: list[str]
+    consensus: ConsensusOut | None
     results: list[ResultRow]
+
+
+class ColumnInfo(BaseModel):
+    """A column a filter can name: its kind, and its values (text with few distinct values)
+    or its range (numbers and dates)."""
+
+    name: str
+    kind: Literal["number", "date", "text"]
+    builtin: bool
+    values: list[str] | None = None
+    min: str | None = None
+    max: str | None = None
 
 
 class HeatTile(BaseModel):

@@ -11,6 +11,7 @@ const HEAT_STOPS = [[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64],
 const state = {
   token: sessionStorage.getItem("histosearch-token") || "",
   slides: [],
+  columns: [],         // the columns filters can name (/api/columns)
   current: null,       // the slide shown in the query viewer
   upload: null,        // {name, url} of an uploaded query
   response: null,      // the last search response
@@ -115,6 +116,7 @@ async function loadArchive() {
     if (state.slides.length >= page.total || page.slides.length === 0) break;
   }
   renderSlideList();
+  await loadColumns();
   const first = state.slides.find((s) => s.viewable) || state.slides[0];
   if (first) selectSlide(first);
 }
@@ -135,10 +137,92 @@ function renderSlideList() {
     badge.className = "badge";
     badge.textContent = kind;
     text.querySelector(".meta").append(badge);
+    text.append(metadataLine(slide.metadata));
     item.append(image(`/api/slides/${slide.id}/thumbnail`, slide.name), text);
     item.addEventListener("click", () => selectSlide(slide));
     list.append(item);
   }
+}
+
+// A slide's metadata as one line of text (never markup: a value is shown, never run).
+function metadataLine(metadata) {
+  const line = document.createElement("div");
+  line.className = "metadata";
+  line.textContent = Object.entries(metadata || {}).map(([k, v]) => `${k}: ${v}`).join(" · ");
+  return line;
+}
+
+// ---- filters ------------------------------------------------------------------------------
+
+// Controls built from the archive's own columns: a list of values for text columns with few
+// distinct values, a substring box for the other text columns, a range for numbers and dates.
+async function loadColumns() {
+  state.columns = await (await api("/api/columns")).json();
+  const box = $("filters");
+  box.replaceChildren();
+  const vote = $("opt-vote");
+  vote.replaceChildren();
+  for (const column of state.columns) {
+    if (column.name !== "name") vote.append(new Option(column.name, column.name));
+    const label = document.createElement("label");
+    label.append(`${column.name} `);
+    label.dataset.column = column.name;
+    label.dataset.kind = column.kind;
+    if (column.kind !== "text") {
+      const range = document.createElement("span");
+      range.className = "range";
+      for (const [bound, value] of [["min", column.min], ["max", column.max]]) {
+        const input = document.createElement("input");
+        input.type = column.kind === "date" ? "date" : "number";
+        input.dataset.bound = bound;
+        input.placeholder = value;
+        input.title = `${bound} ${value}`;
+        range.append(input);
+      }
+      label.append(range);
+    } else if (column.values) {
+      const select = document.createElement("select");
+      select.multiple = true;  // nothing chosen: no filter
+      select.size = Math.min(column.values.length, 4);
+      for (const value of column.values) select.append(new Option(value, value));
+      label.append(select);
+    } else {
+      const input = document.createElement("input");
+      input.type = "search";
+      input.placeholder = "contains…";
+      label.append(input);
+    }
+    box.append(label);
+  }
+  vote.value = "label";
+}
+
+function quoted(value) {
+  return value.includes("'") ? `"${value}"` : `'${value}'`;
+}
+
+// The `where` clauses the controls ask for (the API's grammar, as `search --where`).
+function whereClauses() {
+  const clauses = [];
+  for (const label of $("filters").children) {
+    const column = label.dataset.column;
+    if (label.dataset.kind !== "text") {
+      for (const input of label.querySelectorAll("input")) {
+        if (input.value !== "") {
+          clauses.push(`${column} ${input.dataset.bound === "min" ? ">=" : "<="} ${input.value}`);
+        }
+      }
+      continue;
+    }
+    const select = label.querySelector("select");
+    if (select) {
+      const chosen = [...select.selectedOptions].map((option) => quoted(option.value));
+      if (chosen.length) clauses.push(`${column} in (${chosen.join(", ")})`);
+    } else if (label.querySelector("input").value.trim()) {
+      clauses.push(`${column} ~ ${quoted(label.querySelector("input").value.trim())}`);
+    }
+  }
+  return clauses;
 }
 
 function selectSlide(slide) {
@@ -234,7 +318,14 @@ function rectBetween(a, b) {
 function options() {
   const exclude = [...document.querySelectorAll("input[name=exclude]:checked")]
     .map((box) => box.value);
-  return { k: Number($("opt-k").value) || 5, mode: $("opt-mode").value, exclude };
+  return {
+    k: Number($("opt-k").value) || 5,
+    mode: $("opt-mode").value,
+    exclude,
+    where: whereClauses(),
+    vote_on: $("opt-vote").value || "label",
+    level: $("opt-level").value,
+  };
 }
 
 async function searchSlide(region = null) {
@@ -250,9 +341,12 @@ async function searchSlide(region = null) {
 async function searchUpload(file) {
   const form = new FormData();
   form.append("file", file);
-  const { k, mode, exclude } = options();
+  const { k, mode, exclude, where, vote_on: voteOn, level } = options();
   form.append("k", k);
   form.append("mode", mode);
+  form.append("vote_on", voteOn);
+  form.append("level", level);
+  for (const clause of where) form.append("where", clause);
   for (const value of exclude.filter((e) => e !== "slide")) form.append("exclude", value);
   state.current = null;
   state.upload = { name: file.name, url: URL.createObjectURL(file) };
@@ -282,8 +376,9 @@ async function runSearch(request) {
     setStatus(error.message, true);
     return;
   }
-  const { query, mode, results } = state.response;
-  setStatus(`${results.length} ${mode} in ${Math.round(performance.now() - started)} ms` +
+  const { query, mode, results, level } = state.response;
+  const what = level === "case" ? "cases" : mode;
+  setStatus(`${results.length} ${what} in ${Math.round(performance.now() - started)} ms` +
     ` · query of ${query.patches} patch${query.patches === 1 ? "" : "es"}`);
   renderResults();
 }
@@ -339,6 +434,7 @@ function renderResults() {
   const gallery = $("patch-results");
   list.replaceChildren();
   gallery.replaceChildren();
+  showConsensus();
   showQueryRegion();
   (mode === "slides" ? results : []).forEach((hit, rank) => {
     const item = document.createElement("li");
@@ -351,7 +447,13 @@ function renderResults() {
     text.querySelector(".label").textContent = hit.label || "no label";
     text.querySelector(".sim").textContent = percent(hit.similarity);
     text.querySelector(".pct").textContent = `percentile ${rounded(hit.percentile, 1)}`;
-    text.append(feedbackButtons(hit, null));
+    if (hit.case) {
+      const line = document.createElement("div");
+      line.className = "case";
+      line.textContent = `case ${hit.case} · ${hit.case_matched} of ${hit.case_slides} slides`;
+      text.append(line);
+    }
+    text.append(metadataLine(hit.metadata), feedbackButtons(hit, null));
     item.append(image(`/api/slides/${hit.slide_id}/thumbnail`, hit.slide), text);
     item.addEventListener("click", () => openResult(hit));
     list.append(item);
@@ -365,10 +467,27 @@ function renderResults() {
     const caption = fig.querySelector("figcaption");
     caption.append(document.createElement("br"),
       `${hit.label || "no label"} · ${percent(hit.similarity)} · p${rounded(hit.percentile, 0)}`);
-    fig.append(feedbackButtons(hit, hit.row));
+    fig.append(metadataLine(hit.metadata), feedbackButtons(hit, hit.row));
     fig.addEventListener("click", () => openPatch(hit));
     gallery.append(fig);
   }
+}
+
+// The consensus of the top k above the results: "label: lung_aca 4 of 5 (80%) · lung_scc 1".
+function showConsensus() {
+  const box = $("consensus");
+  const { consensus, where } = state.response;
+  box.hidden = !consensus;
+  if (!consensus) return;
+  const votes = Object.entries(consensus.votes)
+    .filter(([value]) => value !== consensus.majority)
+    .map(([value, n]) => ` · ${value} ${n}`).join("");
+  box.textContent = consensus.majority === null
+    ? `consensus on ${consensus.column}: no result has a value`
+    : `consensus of the top ${consensus.k} on ${consensus.column}: ${consensus.majority} ` +
+      `${consensus.votes[consensus.majority]} of ${consensus.k} ` +
+      `(${Math.round(100 * consensus.agreement)}%)${votes}` +
+      (where.length ? ` · where ${where.join(" and ")}` : "");
 }
 
 // The query's region (or its tiles, for a whole-slide query) on the query viewer.
