@@ -337,3 +337,40 @@ def test_search_prints_metadata_columns_and_the_consensus(cases_archive, capsys)
     from histosearch.search.cases import LEVELS
 
     assert get_args(Level) == LEVELS
+
+
+def test_api_filters_votes_and_lists_the_columns(cases_archive):
+    from fastapi.testclient import TestClient
+
+    from histosearch.server.app import create_app
+
+    with TestClient(create_app(cases_archive)) as client:
+        columns = {c["name"]: c for c in client.get("/api/columns").json()}
+        assert columns["organ"]["values"] == ["breast", "lung"]
+        assert columns["year"]["kind"] == "number" and columns["year"]["min"] == "2012"
+        assert columns["received"]["kind"] == "date" and columns["name"]["values"] is None
+        slides = client.get("/api/slides?limit=1000").json()["slides"]
+        query = next(s for s in slides if s["name"] == "lung_aca_cluster102")
+        assert query["metadata"]["organ"] == "lung"
+        body = {"slide": query["id"], "k": 3, "where": ["organ = breast"], "vote_on": "site"}
+        answer = client.post("/api/search", json=body).json()
+        assert answer["where"] == ["organ = breast"] and answer["level"] == "case"
+        assert answer["consensus"]["column"] == "site"
+        assert answer["consensus"]["votes"] == {"IDC": 3}
+        assert all(r["metadata"]["organ"] == "breast" and r["case"] for r in answer["results"])
+        bad = client.post("/api/search", json={**body, "where": ["organ > 3"]})
+        assert bad.status_code == 400 and "organ is a text column" in bad.json()["detail"]
+
+
+def test_feedback_export_carries_the_result_metadata(cases_archive, tmp_path):
+    from histosearch.archive.feedback import Mark, add_mark, export_csv
+
+    with Archive.open(cases_archive) as archive:
+        result = next(r for r in archive.slides() if r.name == "lung_n_cluster101")
+        add_mark(archive.catalog, Mark("query.png", "slides", result.id, True))
+        export_csv(archive.catalog, tmp_path / "marks.csv")
+        year = archive.metadata().of_slide(result.id)["year"]
+    with (tmp_path / "marks.csv").open(newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    assert row["result_name"] == "lung_n_cluster101" and row["result_organ"] == "lung"
+    assert row["result_year"] == year and row["result_site"] == "LC25000"
