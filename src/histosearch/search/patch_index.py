@@ -138,7 +138,8 @@ class PatchIndex:
         """(similarities, rows), each (n_queries, k), best first; missing hits have row -1 and
         similarity 0. Cosine is clipped to [0, 1]; for L2 the similarity is 1 / (1 + distance).
         `allowed` (a boolean per row) restricts the search to those rows, inside FAISS, so
-        that excluded slides do not use up the k hits."""
+        that excluded slides do not use up the k hits; an IVF index then probes `nprobe`
+        divided by the allowed share of its lists (at most all)."""
         k = min(k, self.ntotal)
         params = None
         if allowed is not None:
@@ -147,6 +148,12 @@ class PatchIndex:
             bitmap = np.packbits(allowed, bitorder="little")  # FAISS reads bit i of byte i // 8
             selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
             nprobe = self.nprobe
+            if nprobe is not None:
+                # probe as many more lists as the restriction leaves fewer rows in each, so
+                # that as many allowed rows are scanned as a search of every row scans
+                share = max(int(np.count_nonzero(allowed)), 1) / self.ntotal
+                nlist = faiss.extract_index_ivf(self.index).nlist
+                nprobe = min(nlist, max(nprobe, round(nprobe / share)))
             params = (
                 faiss.SearchParameters(sel=selector)
                 if nprobe is None
