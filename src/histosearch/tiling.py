@@ -32,6 +32,8 @@ class Tiling:
     tissue: str = "otsu"
     # the partial last row and column of tiles: dropped (the papers' grid) or kept, padded
     edges: str = "drop"
+    # the tissue tiles kept per slide: "all", a number ("16") or a share ("5%"): see mosaic.py
+    mosaic: str = "all"
 
     @classmethod
     def of(cls, settings: Mapping[str, str]) -> Tiling:
@@ -41,6 +43,7 @@ class Tiling:
             int(settings["tile_size"]),
             settings["tissue"],
             settings.get("edges", "drop"),
+            settings.get("mosaic", "all"),
         )
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from histosearch.archive.reduce import REDUCERS
+from histosearch.mosaic import parse_mosaic
 from histosearch.tiling import EDGES, Tiling
 from histosearch.tissue import DETECTORS
 
@@ -32,8 +33,11 @@ class ArchiveSettings:
     index_metric: str = "cosine"
     # the partial last row and column of tiles: dropped (the papers' grid) or kept, padded
     edges: str = "drop"
+    # the tissue tiles kept per slide (a Yottixel mosaic): "all", a number or a percentage
+    mosaic: str = "all"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mosaic", parse_mosaic(self.mosaic))
         for name, value, choices in (
             ("tissue", self.tissue, TISSUE_METHODS),
             ("reduction", self.reduction, REDUCTIONS),
@@ -52,7 +56,7 @@ class ArchiveSettings:
 
     @property
     def tiling(self) -> Tiling:
-        return Tiling(self.magnification, self.tile_size, self.tissue, self.edges)
+        return Tiling(self.magnification, self.tile_size, self.tissue, self.edges, self.mosaic)
 
     def as_catalog(self) -> dict[str, str]:
         return {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in asdict(self).items()}

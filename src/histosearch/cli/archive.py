@@ -67,6 +67,13 @@ def index(
     edges: Annotated[
         Edges, typer.Option("--edges", help="Partial last row/column: drop (papers') or keep.")
     ] = "drop",
+    mosaic: Annotated[
+        str,
+        typer.Option(
+            "--mosaic",
+            help="Tissue tiles kept per slide, chosen as Yottixel does: all, N, or a share (5%).",
+        ),
+    ] = "all",
     reduction: Annotated[
         Reduction, typer.Option("--reduction", help="pca, or cov (the paper's).")
     ] = "pca",
@@ -99,7 +106,7 @@ def index(
 
     try:
         settings = ArchiveSettings(
-            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric, edges
+            encoder_name, mag, tile_size, tissue, reduction, n_features, index_metric, edges, mosaic
         )
         options = EmbedOptions(mpp, objective_power, batch_size, workers)
     except ValueError as error:
@@ -109,6 +116,8 @@ def index(
     if features is not None:
         from histosearch.cli.interchange import import_folder
 
+        if settings.mosaic != "all":
+            raise typer.BadParameter("--mosaic chooses tiles to embed: not with --features")
         import_folder(features, archive_dir, settings, weights=weights, slides=slides)
         return
     report = build_archive(

@@ -14,6 +14,7 @@ from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.encoders import Encoder
 from histosearch.errors import NoTissueError
 from histosearch.inputs import Item
+from histosearch.mosaic import mosaic_tiles
 from histosearch.slide import open_slide
 from histosearch.tiling import Tiling, tile_slide
 
@@ -36,9 +37,10 @@ def embed_file(
     options: EmbedOptions = DEFAULT_OPTIONS,
     on_batch: Callable[[int], None] | None = None,
 ) -> EmbeddedFile:
-    """A slide's tissue tiles embedded at the tiling's magnification; a plain image no larger
-    than a tile is one patch, embedded whole, at coordinate (0, 0). A slide smaller than one
-    tile at the magnification is refused, saying so."""
+    """A slide's tissue tiles (or the tiling's mosaic of them) embedded at the tiling's
+    magnification; a plain image no larger than a tile is one patch, embedded whole, at
+    coordinate (0, 0). A slide smaller than one tile at the magnification is refused, saying
+    so."""
     size = tiling.tile_size
     with open_slide(path, mpp=options.mpp, objective_power=options.objective_power) as slide:
         if slide.backend == "pillow" and max(slide.dimensions) <= size:
@@ -57,12 +59,13 @@ def embed_file(
                 path,
                 f"no tissue in the {len(grid)} tiles of {size} px at {tiling.magnification:g}x",
             )
-        dataset = TileDataset(slide, grid, grid.tissue_coords)
+        coords = grid.tissue_coords[mosaic_tiles(slide, grid, tiling.mosaic)]
+        dataset = TileDataset(slide, grid, coords)
         features = embed_dataset(
             dataset, encoder, options.batch_size, options.num_workers, on_batch
         )
         tile_l0 = size * slide.downsample_for(tiling.magnification)
-        return EmbeddedFile(features, grid.tissue_coords, slide.mpp, tile_l0)
+        return EmbeddedFile(features, coords, slide.mpp, tile_l0)
 
 
 def is_patch_item(item: Item, tile_size: int) -> bool:
