@@ -289,6 +289,9 @@ def test_bad_filters_are_one_line_and_exit_2(cases_archive, capsys):
         code, out, err = run_main([*base, *extra], capsys)
         assert code == 2, (extra, out, err)
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # a clause the archive cannot answer lists the archive's columns with their kinds
+    _, _, err = run_main([*base, "--where", "year >= recent"], capsys)
+    assert "the archive has name (text), label (text)" in err and "year (number)" in err
     # a filter that keeps nothing says so
     code, _, err = run_main([*base, "--where", "year > 3000"], capsys)
     assert code == 1 and "no slide of the 94 passes --where year > 3000" in err

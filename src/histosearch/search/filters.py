@@ -166,7 +166,12 @@ class SlideFilter:
         tests = []
         for clause in self.clauses:
             get = value_getter(clause.column, metadata, f"--where {clause.text!r}")
-            test = _test(clause, metadata.kinds.get(clause.column, "text"))
+            try:
+                test = _test(clause, metadata.kinds.get(clause.column, "text"))
+            except FilterError as error:
+                raise FilterError(
+                    None, f"{error.reason}; the archive has {columns_line(metadata)}"
+                ) from None
             tests.append((get, test))
         passed = set()
         for record in records:
