@@ -102,9 +102,13 @@ class Archive(ArchiveFolder):
                 after = {k: v for k, v in {**before, **values}.items() if v is not None}
                 if after != before:
                     changed[slide_id] = after
+            crcs = {}
             for slide_id, after in changed.items():  # the interchange copy first
-                write_feature_metadata(self.root / records[slide_id].feature_file, after)
-            self.catalog.set_metadata({i: updates[i] for i in changed})
+                record = records[slide_id]
+                crcs[slide_id] = write_feature_metadata(
+                    self.root / record.feature_file, after, record.features_crc
+                )
+            self.catalog.set_metadata({i: updates[i] for i in changed}, features_crc=crcs)
         return len(updates), len(changed)
 
     def sync(self) -> None:

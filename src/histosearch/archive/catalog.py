@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS slides (
     n_patches INTEGER NOT NULL,
     feature_file TEXT NOT NULL,
     tile_l0 REAL,
-    row_start INTEGER
+    row_start INTEGER,
+    features_crc INTEGER,
+    store_crc INTEGER
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
@@ -53,11 +55,33 @@ CREATE TABLE IF NOT EXISTS metadata (
     PRIMARY KEY (slide, name)
 );
 """
-# PRAGMA user_version of a catalog with every table above (1: settings and slides only).
-SCHEMA_VERSION = 2
-COLUMNS = "id, name, path, label, patient, grp, mpp, n_patches, feature_file, tile_l0, row_start"
-# What a new slide row is given (id and row_start aside).
-SLIDE_FIELDS = ("name", "path", "label", "patient", "grp", "mpp", "n_patches", "feature_file")
+# PRAGMA user_version of a catalog with every table above (1: settings and slides only; 2: the
+# feedback table; 3: the checksums of each slide's feature file and store rows, and the
+# metadata table).
+SCHEMA_VERSION = 3
+COLUMNS = (
+    "id, name, path, label, patient, grp, mpp, n_patches, feature_file, tile_l0, row_start, "
+    "features_crc, store_crc"
+)
+# What a new slide row is given (id, row_start and store_crc aside).
+SLIDE_FIELDS = (
+    "name",
+    "path",
+    "label",
+    "patient",
+    "grp",
+    "mpp",
+    "n_patches",
+    "feature_file",
+    "features_crc",
+)
+# Columns added since the first catalogs, with their types (added to an older catalog on open).
+ADDED_COLUMNS = {
+    "tile_l0": "REAL",
+    "row_start": "INTEGER",
+    "features_crc": "INTEGER",
+    "store_crc": "INTEGER",
+}
 MARK_COLUMNS = (
     "id",
     "created",
@@ -83,6 +107,8 @@ class SlideRecord:
 
     `tile_l0` is the side of one tile in level-0 pixels (None for patch images, each embedded
     whole); `row_start` is the slide's first row in the search store (None until stored).
+    `features_crc` is the CRC-32 of its whole feature file, `store_crc` that of its rows
+    of the search store (vectors, then coordinates): None in archives from before checksums.
     """
 
     id: int
@@ -96,6 +122,8 @@ class SlideRecord:
     feature_file: str
     tile_l0: float | None = None
     row_start: int | None = None
+    features_crc: int | None = None
+    store_crc: int | None = None
 
     @property
     def rows(self) -> range:
@@ -132,8 +160,8 @@ class Catalog:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(slides)")}
         except sqlite3.DatabaseError as error:
             raise self._damaged(error) from None
-        for column, kind in (("tile_l0", "REAL"), ("row_start", "INTEGER")):
-            if column not in columns:  # an archive from before the search store
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in columns:  # an archive from before the column
                 with self._db:
                     self._db.execute(f"ALTER TABLE slides ADD COLUMN {column} {kind}")
         if self._run("PRAGMA user_version")[0][0] != SCHEMA_VERSION:
@@ -172,16 +200,40 @@ class Catalog:
             [("INSERT OR REPLACE INTO settings VALUES (?, ?)", item) for item in values.items()]
         )
 
+    def unset(self, keys: Iterable[str]) -> None:
+        """Remove settings."""
+        self._write([("DELETE FROM settings WHERE key = ?", (key,)) for key in keys])
+
+    def stored_snapshot(self) -> tuple[dict[str, str], list[SlideRecord]]:
+        """The settings and the slides in the search store (by store row), read in one
+        transaction: a reindex committing in between cannot pair one generation's settings
+        with the other's rows."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN")
+                try:
+                    settings = dict(self._db.execute("SELECT key, value FROM settings"))
+                    rows = self._db.execute(
+                        f"SELECT {COLUMNS} FROM slides WHERE row_start IS NOT NULL "
+                        "ORDER BY row_start"
+                    ).fetchall()
+                finally:
+                    self._db.execute("COMMIT")
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from None
+        return settings, [SlideRecord(*row) for row in rows]
+
     def add_slides(
         self, rows: Sequence[Mapping[str, object]], ignore_known: bool = False
     ) -> list[int]:
-        """Insert slide rows (`SLIDE_FIELDS`, optional `tile_l0`, `row_start` and `metadata`,
-        a mapping of column to text value) in one transaction; their ids. With `ignore_known`,
-        a row whose path is there already is skipped."""
+        """Insert slide rows (`SLIDE_FIELDS`, optional `id`, `tile_l0`, `row_start`,
+        `store_crc` and `metadata`, a mapping of column to text value) in one transaction;
+        their ids. With `ignore_known`, a row whose path is there already is skipped."""
+        optional = ("id", "tile_l0", "row_start", "store_crc")
         statements: list[tuple[str, Iterable[object]]] = []
         inserted = []  # the positions of the slide rows' statements
         for row in rows:
-            names = [*SLIDE_FIELDS, *(k for k in ("tile_l0", "row_start") if k in row)]
+            names = [*SLIDE_FIELDS, *(k for k in optional if row.get(k) is not None)]
             verb = "INSERT OR IGNORE" if ignore_known else "INSERT"
             marks = ", ".join("?" * len(names))
             sql = f"{verb} INTO slides ({', '.join(names)}) VALUES ({marks})"
@@ -193,14 +245,15 @@ class Catalog:
         ids = self._write(statements)
         return [ids[i] for i in inserted]
 
-    def set_row_starts(
-        self, starts: Mapping[int, int | None], generation: int | None = None
+    def set_stored(
+        self, stored: Mapping[int, tuple[int | None, int | None]], generation: int | None = None
     ) -> None:
-        """Record slides' first rows in the search store (by id) and, with `generation`, the
-        store generation they belong to, in one transaction."""
+        """Record slides' first rows in the search store and their rows' checksum (by id:
+        (row_start, store_crc)) and, with `generation`, the store generation they belong to,
+        in one transaction."""
         statements: list[tuple[str, Iterable[object]]] = [
-            ("UPDATE slides SET row_start = ? WHERE id = ?", (start, slide_id))
-            for slide_id, start in starts.items()
+            ("UPDATE slides SET row_start = ?, store_crc = ? WHERE id = ?", (*rows, slide_id))
+            for slide_id, rows in stored.items()
         ]
         if generation is not None:
             statements.append(
@@ -226,12 +279,20 @@ class Catalog:
             values.setdefault(slide, {})[name] = value
         return values
 
-    def set_metadata(self, updates: Mapping[int, Mapping[str, str | None]]) -> None:
-        """Set slides' metadata values (by slide id, then column; None removes the value), in
-        one transaction."""
+    def set_metadata(
+        self,
+        updates: Mapping[int, Mapping[str, str | None]],
+        features_crc: Mapping[int, int] | None = None,
+    ) -> None:
+        """Set slides' metadata values (by slide id, then column; None removes the value) and
+        the checksums of their rewritten feature files, in one transaction."""
         statements: list[tuple[str, Iterable[object]]] = []
         for slide_id, values in updates.items():
             statements += _metadata_statements("?", (int(slide_id),), values)
+        for slide_id, crc in (features_crc or {}).items():
+            statements.append(
+                ("UPDATE slides SET features_crc = ? WHERE id = ?", (crc, int(slide_id)))
+            )
         self._write(statements)
 
     def slides(self, stored_only: bool = False) -> list[SlideRecord]:
@@ -273,6 +334,29 @@ class Catalog:
         """Every relevance mark, oldest first."""
         rows = self._run(f"SELECT {', '.join(MARK_COLUMNS)} FROM feedback ORDER BY id")
         return [dict(zip(MARK_COLUMNS, row, strict=True)) for row in rows]
+
+    def salvage_marks(self, damaged: Path) -> int | None:
+        """Copy the relevance marks of a damaged catalog file into this one (their ids and
+        slide ids kept); how many, or None when that file's marks cannot be read."""
+        try:
+            with self._lock:
+                source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+                try:
+                    rows = source.execute(
+                        f"SELECT {', '.join(MARK_COLUMNS)} FROM feedback ORDER BY id"
+                    ).fetchall()
+                finally:
+                    source.close()
+        except sqlite3.DatabaseError:
+            return None
+        names, marks = ", ".join(MARK_COLUMNS), ", ".join("?" * len(MARK_COLUMNS))
+        sql = f"INSERT OR IGNORE INTO feedback ({names}) VALUES ({marks})"
+        self._write([(sql, row) for row in rows])
+        return len(rows)
+
+    def next_slide_id(self) -> int:
+        """The id the next slide row will get (one writer at a time: see the writer lock)."""
+        return int(self._run("SELECT COALESCE(MAX(id), 0) + 1 FROM slides")[0][0])
 
     def integrity(self) -> str:
         """SQLite's own verdict on the file: 'ok' or what is wrong."""

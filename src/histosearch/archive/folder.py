@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from histosearch.archive.catalog import ArchiveError, Catalog, SlideRecord
+from histosearch.archive.checksums import mismatch
 from histosearch.archive.feature_files import (
     METADATA_ATTR,
     SlideFeatures,
@@ -41,6 +44,7 @@ from histosearch.archive.reduce import Reducer, load_reducer, make_reducer, save
 from histosearch.archive.settings import MATCHED_KEYS, ArchiveSettings, encoder_settings
 from histosearch.archive.store import VectorStore
 from histosearch.archive.view import SearchView
+from histosearch.fileio import atomic_path
 from histosearch.inputs import catalog_key
 from histosearch.slide import open_slide
 from histosearch.tiling import Tiling
@@ -65,6 +69,11 @@ class ArchiveFolder:
         stored = self.catalog.settings()
         if _create is not None and not stored:
             self.catalog.set({**_create, "generation": "0"})
+            stored = self.catalog.settings()
+        elif _create is not None and not self.catalog.slides():
+            # an archive takes its settings with its first stored slide: a first run that
+            # stored none locks nothing
+            self.catalog.set(_create)
             stored = self.catalog.settings()
         elif _create is not None:
             self._check(stored, _create)
@@ -178,9 +187,16 @@ class ArchiveFolder:
 
     def read(self, record: SlideRecord, with_features: bool = True) -> SlideFeatures:
         """A slide's full stored features (float32; empty unless `with_features`), level-0
-        coordinates and patch paths, from its feature file."""
+        coordinates and patch paths, from its feature file, which must be that slide's (and,
+        when the features are read, the bytes whose checksum the catalog recorded)."""
         path = self.root / record.feature_file
-        stored = read_feature_file(path, record.name, with_features)
+        stored = read_feature_file(path, record.name, with_features, record.features_crc)
+        if stored.slide is not None and stored.slide != record.path:
+            raise ArchiveError(
+                path,
+                f"the feature file of {record.name} holds another slide ({stored.slide}); "
+                "run histosearch check --archive DIR --repair",
+            )
         if len(stored.coords) != record.n_patches:
             raise ArchiveError(
                 path,
@@ -249,7 +265,17 @@ class ArchiveFolder:
             raise ArchiveError(
                 self.root, f"archive is being written by process {holder}; try again when it ends"
             ) from None
-        (self.root / ".writer.pid").write_text(str(os.getpid()))
+        except OSError as error:  # a read-only folder or disk, or one not ours
+            raise ArchiveError(
+                self.root, f"cannot write to the archive ({error.strerror or error})"
+            ) from None
+        try:
+            (self.root / ".writer.pid").write_text(str(os.getpid()))
+        except OSError as error:
+            lock.release()
+            raise ArchiveError(
+                self.root, f"cannot write to the archive ({error.strerror or error})"
+            ) from None
         self._lock_depth = 1
         try:
             self.settings = self.catalog.settings()
@@ -288,8 +314,10 @@ class ArchiveFolder:
         stem = Path(name).stem.encode()[:FILE_STEM_BYTES].decode(errors="ignore")
         feature_file = f"features/{stem}-{digest}.h5"
         target = self.root / feature_file
-        # enough to rebuild the catalog from the feature files (check --repair)
+        # enough to rebuild the catalog from the feature files, ids kept (check --repair)
+        slide_id = self.catalog.next_slide_id()
         attrs = {
+            "id": slide_id,
             "slide": key,
             "name": name,
             "label": label,
@@ -300,8 +328,9 @@ class ArchiveFolder:
             METADATA_ATTR: metadata_attr(metadata or {}),
         }
         settings = {k: self.settings[k] for k in MATCHED_KEYS if k in self.settings}
-        write_feature_file(target, features, coords, paths, {**attrs, **settings})
+        features_crc = write_feature_file(target, features, coords, paths, {**attrs, **settings})
         row = {
+            "id": slide_id,
             "name": name,
             "path": key,
             "label": label,
@@ -311,31 +340,31 @@ class ArchiveFolder:
             "n_patches": len(features),
             "feature_file": feature_file,
             "tile_l0": tile_l0,
+            "features_crc": features_crc,
         }
         try:
-            row_start = self.append_to_store(features, coords)
-            stored = {**row, "row_start": row_start, "metadata": metadata}
-            (slide_id,) = self.catalog.add_slides([stored])
+            row_start, store_crc = self.append_to_store(features, coords)
+            stored = {**row, "row_start": row_start, "store_crc": store_crc, "metadata": metadata}
+            self.catalog.add_slides([stored])
         except (ArchiveError, OSError) as error:
             target.unlink(missing_ok=True)  # no orphan feature file
             if isinstance(error, ArchiveError):
                 raise
             raise ArchiveError(self.root, f"cannot write the search store: {error}") from None
-        return SlideRecord(slide_id, *row.values(), row_start)
+        return self.get(slide_id)
 
-    def _stored_end(self) -> int:
-        return self.catalog.stored_end()
-
-    def append_to_store(self, features: np.ndarray, coords: np.ndarray) -> int | None:
-        """Append a slide's reduced vectors to the store; None while no reduction is fitted
-        yet (the first batch), in which case `sync` stores the slide later."""
+    def append_to_store(
+        self, features: np.ndarray, coords: np.ndarray
+    ) -> tuple[int | None, int | None]:
+        """Append a slide's reduced vectors to the store: (its first row, its rows'
+        checksum); (None, None) while no reduction is fitted yet (the first batch), in which
+        case `sync` stores the slide later."""
         reducer = self.reducer()
         if reducer is None and self.settings["reduction"] != "none":
-            return None
-        start = self._stored_end()
+            return None, None
+        start = self.catalog.stored_end()
         store = VectorStore(self.root, self.generation, self.dim)
-        store.append(start, searchable(features, reducer), coords)
-        return start
+        return start, store.append(start, searchable(features, reducer), coords)
 
     def fit_reducer(self, features: np.ndarray, generation: int) -> Reducer:
         kind = self.settings["reduction"]
@@ -343,29 +372,73 @@ class ArchiveFolder:
             reducer = make_reducer(kind, self.dim).fit(features)
         except ValueError as error:
             raise ArchiveError(self.root, f"cannot fit the {kind} reduction: {error}") from None
-        save_reducer(reducer, self.path("reducer", ".npz", generation))
+        buffer = io.BytesIO()
+        save_reducer(reducer, buffer)
+        self.write_derived(self.path("reducer", ".npz", generation), buffer.getvalue())
         self._reducer = (generation, reducer)
         return reducer
 
+    # -- the derived files, checksummed whole ---------------------------------------------
+
+    def write_derived(self, path: Path, data: bytes) -> None:
+        """Write a derived file (reduction, patch index, calibration) atomically and record
+        its checksum. Until the rename, readers may still meet the file it replaces, so its
+        checksum is kept beside the new one until then."""
+        key = f"checksum:{path.name}"
+        crc = str(zlib.crc32(data))
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+            before = self.catalog.settings().get(key, "").split()[:1]
+            self.catalog.set({key: " ".join([crc, *before])})
+        self.catalog.set({key: crc})
+
+    def read_derived(self, path: Path, what: str) -> bytes:
+        """A derived file's bytes, refused when they match no checksum recorded for it (a
+        file written before checksums were recorded has none, and passes)."""
+        key = f"checksum:{path.name}"
+        for _ in range(3):
+            try:
+                with path.open("rb") as file:
+                    data = file.read()
+                    inode = os.fstat(file.fileno()).st_ino
+            except FileNotFoundError:
+                raise ArchiveError(
+                    path, f"the {what} is missing; run histosearch check --archive DIR --repair"
+                ) from None
+            recorded = self.catalog.settings().get(key)
+            if recorded is None or str(zlib.crc32(data)) in recorded.split():
+                return data
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_ino == inode:  # not replaced by a writer meanwhile
+                    break
+        raise mismatch(path, f"the bytes of the {what}")
+
+    def forget_derived(self, path: Path) -> None:
+        """Remove a derived file and its recorded checksum."""
+        path.unlink(missing_ok=True)
+        self.catalog.unset([f"checksum:{path.name}"])
+
     # -- what searches read ----------------------------------------------------------------
 
-    def reducer(self) -> Reducer | None:
-        """The archive's fitted reduction (None when it keeps the full features, or before
-        its first batch is stored)."""
-        if self._reducer is not None and self._reducer[0] == self.generation:
+    def reducer(self, generation: int | None = None) -> Reducer | None:
+        """The fitted reduction of store generation `generation` (the current one by default);
+        None when the archive keeps the full features, or before its first batch is stored."""
+        generation = self.generation if generation is None else generation
+        if self._reducer is not None and self._reducer[0] == generation:
             return self._reducer[1]
-        path = self.path("reducer", ".npz")
+        path = self.path("reducer", ".npz", generation)
         reducer = None
         if path.is_file():
+            data = self.read_derived(path, "reduction")
             try:
-                reducer = load_reducer(path)
+                reducer = load_reducer(io.BytesIO(data))
             except Exception as error:  # numpy's pickle/zip errors name no file
                 raise ArchiveError(
                     path, f"unreadable reduction ({type(error).__name__}); run histosearch check"
                 ) from None
-        elif self.settings["reduction"] != "none" and self._stored_end():
+        elif self.settings["reduction"] != "none" and self.catalog.stored_end():
             raise ArchiveError(path, "the reduction is missing; run histosearch check --repair")
-        self._reducer = (self.generation, reducer)
+        self._reducer = (generation, reducer)
         return reducer
 
     def reduce(self, features: np.ndarray) -> np.ndarray:
@@ -374,16 +447,19 @@ class ArchiveFolder:
 
     def view(self) -> SearchView:
         """What searches see now: the slides committed to the store, and the store itself."""
-        self.settings = self.catalog.settings()
-        records = self.catalog.slides(stored_only=True)
+        self.settings, records = self.catalog.stored_snapshot()
+        return self.view_of(records, self.generation)
+
+    def view_of(self, records: list[SlideRecord], generation: int) -> SearchView:
+        """The view of store generation `generation` holding `records` (in store order)."""
         offsets = np.array([0] + [r.row_start + r.n_patches for r in records], np.int64)
         starts = np.array([r.row_start for r in records], np.int64)
         if len(records) and not np.array_equal(starts, offsets[:-1]):
             raise ArchiveError(
                 self.catalog.path, "store rows of the catalog overlap or leave gaps; run check"
             )
-        vectors, coords = VectorStore(self.root, self.generation, self.dim).open(int(offsets[-1]))
-        return SearchView(records, offsets, vectors, coords, self.generation)
+        vectors, coords = VectorStore(self.root, generation, self.dim).open(int(offsets[-1]))
+        return SearchView(records, offsets, vectors, coords, generation)
 
     def pending(self) -> list[SlideRecord]:
         """Slides embedded but not yet in the search store (an unfinished add)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from histosearch.archive.catalog import ArchiveError
+from histosearch.archive.checksums import array_checksum
 
 STORE = "store"
 
@@ -52,22 +53,30 @@ class VectorStore:
         coords = np.memmap(self.coords_path, np.int32, "r", shape=(n_rows, 2))
         return vectors, coords
 
-    def append(self, start: int, vectors: np.ndarray, coords: np.ndarray) -> None:
-        """Write rows from `start` on, dropping whatever lay past `start` (an uncommitted tail),
-        and flush them to disk before the caller commits the catalog rows that refer to them."""
+    def append(self, start: int, vectors: np.ndarray, coords: np.ndarray) -> int:
+        """Write one slide's rows from `start` on, dropping whatever lay past `start` (an
+        uncommitted tail), and flush them to disk before the caller commits the catalog rows
+        that refer to them; returns their checksum (`rows_checksum`)."""
         if len(vectors) != len(coords):
             raise ValueError("one coordinate pair per vector")
+        vectors, coords = np.asarray(vectors, np.float16), np.asarray(coords, np.int32)
         self.vectors_path.parent.mkdir(parents=True, exist_ok=True)
         for path, data, row_bytes in (
-            (self.vectors_path, np.asarray(vectors, np.float16), 2 * self.dim),
-            (self.coords_path, np.asarray(coords, np.int32), 8),
+            (self.vectors_path, vectors, 2 * self.dim),
+            (self.coords_path, coords, 8),
         ):
             with path.open("ab") as file:
                 file.truncate(start * row_bytes)
                 file.write(np.ascontiguousarray(data).tobytes())
                 file.flush()
                 os.fsync(file.fileno())
+        return rows_checksum(vectors, coords)
 
     def remove(self) -> None:
         self.vectors_path.unlink(missing_ok=True)
         self.coords_path.unlink(missing_ok=True)
+
+
+def rows_checksum(vectors: np.ndarray, coords: np.ndarray) -> int:
+    """The CRC-32 of a slide's store rows as stored: float16 vectors, then int32 coordinates."""
+    return array_checksum(np.asarray(vectors, np.float16), np.asarray(coords, np.int32))

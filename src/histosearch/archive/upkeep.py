@@ -10,6 +10,7 @@ packages and called after every change, so the archive depends on none of them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Protocol
@@ -73,8 +74,8 @@ def sync(archive: ArchiveFolder) -> None:
             archive.fit_reducer(np.concatenate(blocks), archive.generation)
         for record in pending:
             stored = archive.read(record)
-            start = archive.append_to_store(stored.features, stored.coords)
-            archive.catalog.set_row_starts({record.id: start})
+            rows = archive.append_to_store(stored.features, stored.coords)
+            archive.catalog.set_stored({record.id: rows})
         view = archive.view()
         if len(view.records):
             update_derived(archive, view)
@@ -84,7 +85,8 @@ def reindex(
     archive: ArchiveFolder, on_progress: Callable[[str, int, int | None], None] | None = None
 ) -> None:
     """Refit the reduction on every slide's full features and rebuild the store and the
-    derived files as a new generation; searches see the switch at once."""
+    derived files as a new generation beside the current one, then switch to it in one
+    catalog transaction: searches go on reading the generation they started on meanwhile."""
     with archive.writing():
         records = archive.slides()
         if not records:
@@ -97,19 +99,25 @@ def reindex(
             del features
         store = VectorStore(archive.root, new, archive.dim)
         store.remove()
-        start, starts = 0, {}
+        start, stored, placed = 0, {}, []
         for done, record in enumerate(records):
-            stored = archive.read(record)
-            store.append(start, searchable(stored.features, reducer), stored.coords)
-            starts[record.id] = start
+            features = archive.read(record)
+            crc = store.append(start, searchable(features.features, reducer), features.coords)
+            stored[record.id] = (start, crc)
+            placed.append(replace(record, row_start=start, store_crc=crc))
             start += record.n_patches
             if on_progress is not None:
                 on_progress("slides", done + 1, len(records))
-        archive.catalog.set_row_starts(starts, generation=new)
+        update_derived(archive, archive.view_of(placed, new))
+        archive.catalog.set_stored(stored, generation=new)
         archive.settings = archive.catalog.settings()
-        update_derived(archive, archive.view())
-        stale = [archive.path("reducer", ".npz", old)]
-        stale += [path for maintainer in derived() for path in maintainer.files(archive, old)]
-        for path in stale:
-            path.unlink(missing_ok=True)
-        VectorStore(archive.root, old, archive.dim).remove()
+        remove_generation(archive, old)
+
+
+def remove_generation(archive: ArchiveFolder, generation: int) -> None:
+    """Delete the store, reduction and derived files of a generation no longer current."""
+    archive.forget_derived(archive.path("reducer", ".npz", generation))
+    for maintainer in derived():
+        for path in maintainer.files(archive, generation):
+            archive.forget_derived(path)
+    VectorStore(archive.root, generation, archive.dim).remove()

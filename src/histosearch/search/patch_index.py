@@ -175,8 +175,20 @@ class PatchIndex:
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
 
+    def to_bytes(self) -> bytes:
+        """The index serialised as `save` writes it."""
+        return faiss.serialize_index(self.index).tobytes()
+
     @classmethod
     def load(cls, path: str | Path) -> PatchIndex:
-        index = faiss.read_index(str(path))
+        return cls._of(faiss.read_index(str(path)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PatchIndex:
+        """An index from the bytes of a saved one."""
+        return cls._of(faiss.deserialize_index(np.frombuffer(data, np.uint8)))
+
+    @classmethod
+    def _of(cls, index: faiss.Index) -> PatchIndex:
         metric = "cosine" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
         return cls(index, metric)

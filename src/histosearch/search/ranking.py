@@ -69,10 +69,18 @@ def rank_slides(
 ) -> list[tuple[int, float]]:
     """The k slides (positions in `view.records`) most similar to the query's searchable
     vectors by the WSI measure, best first, with their similarity: on the patch index's
-    shortlist (two-stage), or over the whole store when `exact` (or without an index)."""
+    shortlist (two-stage), or over the whole store when `exact` (or without an index). The
+    store rows of every slide measured are verified against their checksums first."""
     skipped = [i for i, record in enumerate(view.records) if record.id in skip]
     slides, sims = two_stage.rank_slides(
-        view.vectors, view.offsets, query, k, skipped, None if exact else index, exact
+        view.vectors,
+        view.offsets,
+        query,
+        k,
+        skipped,
+        None if exact else index,
+        exact,
+        verify=view.verify,
     )
     return list(zip(slides.tolist(), sims.tolist(), strict=True))
 
@@ -81,11 +89,14 @@ def rank_patches(
     view: SearchView, index: PatchIndex, query: np.ndarray, k: int, skip: set[int]
 ) -> list[tuple[int, float]]:
     """The k store rows most similar to any of the query's vectors (each row scored by its
-    best query patch), best first; rows of skipped slides are excluded inside FAISS."""
+    best query patch), best first; rows of skipped slides are excluded inside FAISS. The
+    store rows of the slides found are verified against their checksums."""
     skipped = [i for i, record in enumerate(view.records) if record.id in skip]
     sims, rows = index.search(query, k, two_stage.allowed_rows(view.offsets, skipped))
     best: dict[int, float] = {}
     for sim, row in zip(sims.ravel().tolist(), rows.ravel().tolist(), strict=True):
         if row >= 0:
             best[row] = max(best.get(row, 0.0), sim)
-    return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+    ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+    view.verify(sorted({int(view.row_slide[row]) for row, _ in ranked}))
+    return ranked

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from histosearch.archive.archive import Archive
-from histosearch.archive.catalog import SlideRecord
+from histosearch.archive.catalog import ArchiveError, SlideRecord
+from histosearch.archive.folder import searchable
 from histosearch.archive.view import SearchView
 from histosearch.embed.options import EmbedOptions
 from histosearch.errors import HistosearchError
@@ -38,6 +39,7 @@ from histosearch.search.result import (
 )
 from histosearch.search.similarity import best_matches
 from histosearch.search.upkeep import load_calibration, load_patch_index
+from histosearch.slide.dicomweb import is_dicomweb
 
 if TYPE_CHECKING:
     from histosearch.encoders import Encoder
@@ -59,24 +61,40 @@ class _QueryVectors:
 
 
 class _Loaded:
-    """One consistent state of the archive as searches read it (the patch index is loaded
-    by the first patch search)."""
+    """One consistent state of the archive as searches read it: one store generation's view,
+    reduction, patch index and calibration. A search uses one throughout, so a reindex that
+    switches generations meanwhile never pairs one generation's rows with another's."""
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.view: SearchView = archive.view()
-        self.calibration = load_calibration(archive)
-        self.position = {r.id: i for i, r in enumerate(self.view.records)}
         self.key = (self.view.generation, int(self.view.offsets[-1]))
+        self.position = {r.id: i for i, r in enumerate(self.view.records)}
+        self.reducer = archive.reducer(self.view.generation)
+        self.calibration: dict[str, np.ndarray] = {}
         self._index: PatchIndex | None = None
-        self._lock = threading.Lock()
+        self.index_error: ArchiveError | None = None
+        if self.view.records:
+            self.calibration = load_calibration(archive, self.view.generation)
+            try:  # loaded now, before a reindex can retire this generation's files
+                self._index = load_patch_index(archive, self.view)
+            except ArchiveError as error:  # the exact scan needs none
+                self.index_error = error
 
     @property
     def index(self) -> PatchIndex:
-        with self._lock:
-            if self._index is None:
-                self._index = load_patch_index(self.archive, self.view)
-            return self._index
+        """The patch index of the view's generation."""
+        if self.index_error is not None:
+            raise self.index_error
+        if self._index is None:
+            raise SearchError(None, "the archive is empty")
+        return self._index
+
+    def record(self, record: SlideRecord) -> SlideRecord:
+        """The view's copy of an archived slide (its rows in this generation's store)."""
+        if record.id not in self.position:
+            raise SearchError(record.path, "not yet searchable; run histosearch index again")
+        return self.view.records[self.position[record.id]]
 
 
 class Searcher:
@@ -101,12 +119,9 @@ class Searcher:
     def refresh(self) -> None:
         """Pick up slides committed since the last query (cheap when nothing changed)."""
         with self._lock:
-            key = (
-                int(self.archive.catalog.settings().get("generation", 0)),
-                self.archive.catalog.stored_end(),
-            )
+            key = (self._generation(), self.archive.catalog.stored_end())
             if self._loaded is None or self._loaded.key != key:
-                self._loaded = _Loaded(self.archive)
+                self._loaded = self._load()
             if pending := self.archive.catalog.pending():
                 raise SearchError(
                     self.archive.root,
@@ -114,6 +129,24 @@ class Searcher:
                     "(an interrupted index?): run histosearch index again, or histosearch check "
                     "--repair",
                 )
+
+    def _load(self) -> _Loaded:
+        """Load the current generation; one that a reindex retires while it is being read
+        (its files deleted) is read again as the new one."""
+        for _ in range(3):
+            generation = self._generation()
+            try:
+                loaded = _Loaded(self.archive)
+            except HistosearchError:
+                if self._generation() == generation:
+                    raise
+                continue
+            if loaded.index_error is None or self._generation() == generation:
+                return loaded
+        return _Loaded(self.archive)
+
+    def _generation(self) -> int:
+        return int(self.archive.catalog.settings().get("generation", 0))
 
     @property
     def encoder(self) -> Encoder:
@@ -170,11 +203,6 @@ class Searcher:
             raise SearchError(None, f"level {level!r}: choose from {', '.join(LEVELS)}")
         default_exclusion = exclude is None
         exclude = ["slide"] if exclude is None else list(exclude)
-        """Rank the archive's slides (WSI measure) or patches (FAISS) by similarity to
-        `query`: a file, an archived slide (id or name), optionally only its tiles inside the
-        level-0 `region` (x, y, w, h). Slides are ranked on a shortlist from the patch index
-        (two-stage) unless `exact` asks for the full scan."""
-        exclude = list(exclude)
         if mode not in MODES:
             raise SearchError(None, f"mode {mode!r}: choose from {', '.join(MODES)}")
         if unknown := sorted(set(exclude) - set(EXCLUDE_CHOICES)):
@@ -253,18 +281,18 @@ class Searcher:
             if record is None and str(query).isdigit() and not Path(query).exists():
                 record = self.archive.get(int(query))
         if record is not None:
-            if record.id not in loaded.position:
-                raise SearchError(record.path, "not yet searchable; run histosearch index again")
+            record = loaded.record(record)
+            loaded.view.verify([loaded.position[record.id]])
             rows = record.rows
             vectors = np.asarray(loaded.view.vectors[rows.start : rows.stop], np.float32)
             coords = np.asarray(loaded.view.coords[rows.start : rows.stop])
             name, tile_l0, label = record.name, record.tile_l0, record.label
-        elif os.path.lexists(query):  # a file, or something open_slide names (a folder...)
+        elif os.path.lexists(query) or is_dicomweb(query):  # a file, a folder, a DICOMweb URL
             from histosearch.embed.items import embed_file
 
             options = EmbedOptions(mpp=mpp, objective_power=objective_power)
             embedded = embed_file(query, self.encoder, self.archive.tiling, options)
-            vectors = self.archive.reduce(embedded.features)
+            vectors = searchable(embedded.features, loaded.reducer)
             coords, name, tile_l0, label = embedded.coords, Path(query).name, embedded.tile_l0, None
         else:
             raise SearchError(query, "no such file, and no archived slide of that name or id")

@@ -13,7 +13,7 @@ offsets[k]:offsets[k+1] of the store and of the index).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -183,12 +183,14 @@ def rank_slides(
     n_candidates: int | None = None,
     neighbours: int = NEIGHBOURS,
     mosaic_size: int = MOSAIC_SIZE,
+    verify: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k slides most similar to the query by the WSI measure, best first, as (slide
     indices, similarities). `exact` (or no index) scans every slide; otherwise the measure is
     computed on stage 1's shortlist only, or on every slide not skipped when they are no more
-    than the shortlist would hold. `store` may be a float16 memory map: only the rows of the
-    slides compared are read."""
+    than the shortlist would hold. `store` may be a float16 memory map: only the rows
+    of the slides compared are read, and `verify` (if given) is called on those slides first
+    (to refuse rows whose bytes changed)."""
     offsets = np.asarray(offsets, np.int64)
     skip = set(skip)
     n_slides = len(offsets) - 1
@@ -205,6 +207,8 @@ def rank_slides(
             slides = np.sort(shortlist)
     if slides is None:
         slides = np.setdiff1d(np.arange(n_slides), np.fromiter(skip, np.int64, len(skip)))
+    if verify is not None:
+        verify(slides)
     sims = _exact_scan(store, offsets, query, slides)
     order = np.argsort(-sims, kind="stable")[:k]  # ties: the lower slide index first
     return slides[order], sims[order]

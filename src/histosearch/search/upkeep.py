@@ -4,6 +4,7 @@ to date through `SEARCH_FILES` (the `histosearch.archive` entry point); searches
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,6 @@ import numpy as np
 from histosearch.archive.catalog import ArchiveError
 from histosearch.archive.folder import ArchiveFolder
 from histosearch.archive.view import SearchView
-from histosearch.fileio import atomic_path
 from histosearch.search.calibration import measure_calibration
 from histosearch.search.patch_index import PatchIndex
 
@@ -20,9 +20,10 @@ CALIBRATION_SLIDES = 200
 CALIBRATION_PATCHES = 2000
 
 
-def _read_index(path: Path) -> PatchIndex:
+def _read_index(archive: ArchiveFolder, path: Path) -> PatchIndex:
+    data = archive.read_derived(path, "patch index")
     try:
-        return PatchIndex.load(path)
+        return PatchIndex.from_bytes(data)
     except RuntimeError as error:
         raise ArchiveError(
             path,
@@ -35,9 +36,7 @@ def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
     """The patch index over exactly the view's rows (rows committed since it was saved are
     added in memory; the next writer saves them)."""
     path = archive.path("index", ".faiss", view.generation)
-    if not path.is_file():
-        raise ArchiveError(path, "the patch index is missing; run histosearch check --repair")
-    index = _read_index(path)
+    index = _read_index(archive, path)
     if index.ntotal > len(view.vectors):
         raise ArchiveError(
             path,
@@ -50,15 +49,21 @@ def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
     return index
 
 
-def load_calibration(archive: ArchiveFolder) -> dict[str, np.ndarray]:
+def load_calibration(
+    archive: ArchiveFolder, generation: int | None = None
+) -> dict[str, np.ndarray]:
     """Sorted nearest-neighbour similarities of the archive's patches and slides, and the
-    store rows they were measured on (empty arrays and -1 when not measured yet)."""
-    path = archive.path("calibration", ".npz")
+    number of store rows they were measured on, of store generation `generation` (the
+    current one by default)."""
+    path = archive.path("calibration", ".npz", generation)
+    saved = archive.read_derived(path, "calibration (what percentiles are measured against)")
     try:
-        with np.load(path) as data:
+        with np.load(io.BytesIO(saved)) as data:
             return {k: data[k] for k in ("patches", "slides", "rows")}
-    except Exception:  # a missing or damaged calibration only loses the percentiles
-        return {"patches": np.empty(0), "slides": np.empty(0), "rows": np.array(-1)}
+    except Exception as error:  # numpy's zip and pickle errors name no file
+        raise ArchiveError(
+            path, f"unreadable calibration ({type(error).__name__}); run histosearch check --repair"
+        ) from None
 
 
 class SearchFiles:
@@ -68,16 +73,23 @@ class SearchFiles:
         """Append the store rows the patch index lacks (or build it, its FAISS type chosen by
         the archive's size) and save it; measure the calibration again when the store grew."""
         path = archive.path("index", ".faiss", view.generation)
-        index = _read_index(path) if path.is_file() else None
+        try:
+            index = _read_index(archive, path) if path.is_file() else None
+        except ArchiveError:  # damaged: rebuilt from the store
+            index = None
         if index is not None and index.ntotal > len(view.vectors):
             index = None  # built over rows that were never committed: rebuild
-        if index is None:
-            index = PatchIndex.build(view.vectors, archive.index_metric)
-            index.save(path)
-        elif index.ntotal < len(view.vectors):
-            index.add(view.vectors[index.ntotal :])
-            index.save(path)
-        if load_calibration(archive)["rows"] != len(view.vectors):  # grown since measured
+        if index is None or index.ntotal < len(view.vectors):
+            if index is None:
+                index = PatchIndex.build(view.vectors, archive.index_metric)
+            else:
+                index.add(view.vectors[index.ntotal :])
+            archive.write_derived(path, index.to_bytes())
+        try:
+            measured = load_calibration(archive, view.generation)["rows"]
+        except ArchiveError:  # missing or damaged: measured again
+            measured = None
+        if measured != len(view.vectors):  # grown since measured
             self._calibrate(archive, view, index)
 
     @staticmethod
@@ -87,17 +99,22 @@ class SearchFiles:
         patch_nn, slide_nn = measure_calibration(
             view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES
         )
-        target = archive.path("calibration", ".npz", view.generation)
-        with atomic_path(target) as tmp, tmp.open("wb") as file:
-            np.savez(file, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
+        buffer = io.BytesIO()
+        np.savez(buffer, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
+        archive.write_derived(
+            archive.path("calibration", ".npz", view.generation), buffer.getvalue()
+        )
 
     def problems(self, archive: ArchiveFolder, view: SearchView) -> list[tuple[Path, str]]:
-        """The patch index missing, unreadable or not matching the store."""
-        try:
-            load_patch_index(archive, view)
-        except ArchiveError as error:
-            return [(Path(error.path or archive.root), error.reason)]
-        return []
+        """The patch index or the calibration missing, unreadable, changed since written or
+        not matching the store."""
+        found = []
+        for load in (load_patch_index, lambda a, v: load_calibration(a, v.generation)):
+            try:
+                load(archive, view)
+            except ArchiveError as error:
+                found.append((Path(error.path or archive.root), error.reason))
+        return found
 
     def files(self, archive: ArchiveFolder, generation: int) -> list[Path]:
         return [

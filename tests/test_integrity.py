@@ -1,0 +1,230 @@
+"""Bytes that changed after they were written: every checksummed part of an archive (store rows,
+feature files, reduction, patch index, calibration) is verified by `check`, refused by a
+search that would rank on it, and rebuilt by `check --repair` from intact sources; a reindex
+is never seen half-done by the searches running beside it."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from data_paths import CMU, LC, write_manifest
+
+from histosearch import Archive, ArchiveError, ArchiveSettings, Searcher
+from histosearch.archive.archive import check_archive
+from histosearch.archive.feedback import Mark, add_mark
+
+SETTINGS = ArchiveSettings(encoder="color-histogram", n_features=32)
+FLIPS = 24  # sampled byte positions per file
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("integrity")
+    manifest = write_manifest(root / "lc.csv", LC, "group", 3)
+    with Archive.create(root / "archive", SETTINGS) as archive:
+        report = archive.add([manifest, CMU], group_by="group")
+        assert report.added == 10 and not report.failures
+    return root / "archive"
+
+
+@pytest.fixture
+def copy(built: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "archive"
+    shutil.copytree(built, target)
+    return target
+
+
+def results(archive: Archive) -> dict:
+    """Every slide's top-3 slides and patches (names, rounded similarities, percentiles)."""
+    searcher, found = Searcher(archive), {}
+    for record in archive.slides():
+        for mode in ("slides", "patches"):
+            hits = searcher.search(record.id, k=3, mode=mode).to_dict()["results"]
+            found[record.name, mode] = [
+                (h["slide"], round(h["similarity"], 4), h["percentile"]) for h in hits
+            ]
+    return found
+
+
+def flip(path: Path, position: int) -> None:
+    """XOR one byte of a file in place (its size unchanged)."""
+    with path.open("r+b") as file:
+        file.seek(position)
+        byte = file.read(1)[0]
+        file.seek(position)
+        file.write(bytes([byte ^ 0x5A]))
+
+
+def test_every_sampled_byte_flip_in_the_store_is_caught(copy):
+    rng = np.random.default_rng(0)
+    with Archive.open(copy) as archive:
+        view = archive.view()
+        searcher = Searcher(archive)
+        for name, row_bytes in (("vectors-0.f16", 2 * archive.dim), ("coords-0.i32", 8)):
+            path = copy / "store" / name
+            for position in rng.choice(len(view.vectors) * row_bytes, FLIPS, replace=False):
+                record = view.records[int(view.row_slide[position // row_bytes])]
+                flip(path, position)
+                problems = archive.check()
+                assert [p.path for p in problems] == [str(copy / "store")], (name, position)
+                assert f"of {record.name} (slide {record.id}) differ" in problems[0].reason
+                # a search that reads those rows for its answer refuses, naming the slide
+                with pytest.raises(ArchiveError, match=f"of {record.name} \\(slide"):
+                    searcher.search(record.id, k=3)
+                with pytest.raises(ArchiveError, match=f"of {record.name} \\(slide"):
+                    searcher.search(view.records[0].id, k=3, exact=True)
+                flip(path, position)
+        assert archive.check() == []
+
+
+def test_store_damage_is_rebuilt_from_the_feature_files(built, copy):
+    with Archive.open(built) as archive:
+        expected = results(archive)
+    path = copy / "store" / "vectors-0.f16"
+    for position in (5, 1000, path.stat().st_size - 3):
+        flip(path, position)
+    problems, _ = check_archive(copy, repair=True)
+    assert problems and all(p.repaired and p.done for p in problems)
+    with Archive.open(copy) as archive:
+        assert archive.check() == [] and archive.generation == 1
+        assert results(archive) == expected
+
+
+def dataset_bytes(path: Path) -> list[int]:
+    """The file offsets of every byte of a feature file's datasets (contiguous layout)."""
+    with h5py.File(path, "r") as h5:
+        spans = [(h5[n].id.get_offset(), h5[n].id.get_storage_size()) for n in h5]
+    return [offset + i for offset, size in spans for i in range(size)]
+
+
+def test_every_sampled_byte_flip_in_a_feature_file_is_caught(copy):
+    rng = np.random.default_rng(1)
+    with Archive.open(copy) as archive:
+        record = archive.slides()[3]
+        path = copy / record.feature_file
+        # in its datasets, and anywhere (HDF5's own headers and heap: parsed damage there can
+        # hang the library, so the whole file is checked before it is parsed)
+        positions = [
+            *rng.choice(dataset_bytes(path), FLIPS, replace=False),
+            *rng.choice(path.stat().st_size, FLIPS, replace=False),
+        ]
+        searcher = Searcher(archive)
+        for position in positions:
+            flip(path, int(position))
+            problems = archive.check()
+            assert [p.path for p in problems] == [str(path)]
+            assert f"feature file of {record.name} differ from the checksum" in problems[0].reason
+            flip(path, int(position))
+        # the reindex, which reads every feature file, refuses too
+        flip(path, int(positions[0]))
+        with pytest.raises(ArchiveError, match="differ from the checksum"):
+            archive.reindex()
+        assert searcher.search(record.id, k=2).slides  # the store itself is intact
+        flip(path, int(positions[0]))
+        assert archive.check() == []
+
+
+def test_a_feature_file_swapped_for_another_slides_is_caught(copy):
+    with Archive.open(copy) as archive:
+        aca, scc = (
+            next(r for r in archive.slides() if r.name.startswith(prefix))
+            for prefix in ("lung_aca", "lung_scc")
+        )
+    shutil.copyfile(copy / aca.feature_file, copy / scc.feature_file)
+    with Archive.open(copy) as archive:
+        problems = archive.check()
+        assert [p.path for p in problems] == [str(copy / scc.feature_file)]
+        assert f"holds another slide ({aca.path})" in problems[0].reason
+        # a reindex, which rebuilds from the feature files, refuses rather than rank on it
+        with pytest.raises(ArchiveError, match=f"feature file of {scc.name} differ"):
+            archive.reindex()
+        problems = archive.check(repair=True)
+        assert not problems[0].repaired and f"index {scc.path} again" in problems[0].done
+        assert scc.id not in {r.id for r in archive.slides()}
+        assert (copy / (scc.feature_file + ".damaged")).is_file()
+        assert archive.check() == []
+        hits = Searcher(archive).search(aca.id, k=3).slides
+        assert scc.name not in [h.record.name for h in hits]
+
+
+@pytest.mark.parametrize("stem", ["reducer", "index", "calibration"])
+def test_a_changed_or_deleted_derived_file_is_refused_then_rebuilt(built, copy, stem):
+    with Archive.open(built) as archive:
+        expected = results(archive)
+    for damage in ("flip", "delete"):
+        with Archive.open(copy) as archive:
+            path = archive.path(stem, ".faiss" if stem == "index" else ".npz")
+            if damage == "flip":
+                flip(path, path.stat().st_size // 2)
+            else:
+                path.unlink()
+            with pytest.raises(ArchiveError, match=path.name):
+                Searcher(archive).search(1, k=3, mode="patches")
+            problems = archive.check()
+            assert any(p.path == str(path) for p in problems), problems
+            assert all(p.repairable for p in problems)
+            archive.check(repair=True)
+            assert archive.check() == []
+            assert results(archive) == expected  # percentiles too: none is null
+
+
+def test_repair_keeps_ids_and_marks_and_says_what_it_could_not(copy):
+    with Archive.open(copy) as archive:
+        ids = {r.path: r.id for r in archive.slides()}
+        add_mark(archive.catalog, Mark("q", "slides", result_slide=7, relevant=True))
+        marks = archive.catalog.marks()
+    db = sqlite3.connect(copy / "catalog.sqlite")
+    with db:
+        db.execute("DROP TABLE slides")  # a catalog that lost its slides
+    db.close()
+    problems, _ = check_archive(copy, repair=True)
+    assert problems[0].repaired and "1 relevance marks kept" in problems[0].done
+    with Archive.open(copy) as archive:
+        assert {r.path: r.id for r in archive.slides()} == ids
+        assert archive.catalog.marks() == marks
+        assert archive.check() == []
+    # nothing left to rebuild from: said, not called repaired
+    for feature in (copy / "features").glob("*.h5"):
+        feature.write_bytes(b"")
+    problems, description = check_archive(copy, repair=True)
+    assert problems and not any(p.repaired for p in problems)
+    assert description.startswith("0 slides")
+
+
+def test_searches_during_a_reindex_are_all_answered_from_one_generation(built, copy):
+    with Archive.open(built) as archive:
+        expected = results(archive)
+    answers, errors, done = [], [], threading.Event()
+
+    def search() -> None:
+        with Archive.open(copy) as archive:
+            searcher = Searcher(archive)
+            while not done.is_set():
+                for mode in ("slides", "patches"):
+                    try:
+                        hits = searcher.search(2, k=3, mode=mode).to_dict()["results"]
+                    except Exception as error:  # every refusal is a failure
+                        errors.append(error)
+                        continue
+                    found = [(h["slide"], round(h["similarity"], 4), h["percentile"]) for h in hits]
+                    answers.append((mode, found))
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    try:
+        with Archive.open(copy) as archive:
+            name = archive.get(2).name
+            for _ in range(4):
+                archive.reindex()
+    finally:
+        done.set()
+        thread.join()
+    assert errors == []
+    assert len(answers) > 4
+    assert all(found == expected[name, mode] for mode, found in answers)
