@@ -355,9 +355,14 @@ def check(
 
     problems, description = check_archive(archive_dir, repair)
     for problem in problems:
-        mark = "[green]repaired[/green]" if problem.repaired else "[red]x[/red]"
-        hint = "" if problem.repaired or not problem.repairable else " (--repair mends it)"
-        console.print(f"  {mark} {problem.path}: {problem.reason}{hint}", highlight=False)
+        if problem.repaired:
+            mark, after = "[green]repaired[/green]", f" ({problem.done})"
+        elif problem.done:
+            mark, after = "[yellow]not repaired[/yellow]", f" ({problem.done})"
+        else:
+            mark = "[red]x[/red]"
+            after = f" (--repair: {problem.fix})" if problem.fix and not repair else ""
+        console.print(f"  {mark} {problem.path}: {problem.reason}{after}", highlight=False)
     console.print(f"archive: {description}", highlight=False)
     if any(not p.repaired for p in problems):
         raise typer.Exit(1)
