@@ -219,6 +219,44 @@ def test_search_with_a_bad_query_file(tmp_path: Path, capsys):
         _assert_one_line_each(output, [(bad, path)])
 
 
+def _image(name: str, mode: str, size: int, colour) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        from PIL import Image
+
+        Image.new(mode, (size, size), colour).save(tmp / name)
+        return tmp / name
+
+    return make
+
+
+# Images that decode but hold nothing to search by (thresholds: tissue.MIN_PATCH_SIDE, the
+# contrast MIN_CONTRAST), as patches and as queries.
+DEGENERATE = [
+    Bad("1x1 PNG", _image("dot.png", "RGB", 1, "red"), r"1x1 px, under the 32 px"),
+    Bad(
+        "8x8 black TIFF",
+        _image("black.tif", "RGB", 8, "black"),
+        r"slide is 2x2 px at 5x, smaller than one tile",
+    ),
+    Bad("white PNG", _image("white.png", "RGB", 224, "white"), r"no tissue: .* flat colour"),
+    Bad("transparent PNG", _image("clear.png", "RGBA", 224, (0, 0, 0, 0)), r"no tissue: .*flat"),
+    Bad("flat CMYK JPEG", _image("cmyk.jpg", "CMYK", 400, (0, 0, 0, 0)), r"no tissue: .*flat"),
+]
+
+
+def test_degenerate_images_are_refused_as_patches_and_as_queries(tmp_path: Path, capsys):
+    made = _made(tmp_path, DEGENERATE)
+    archive = tmp_path / "archive"
+    index = ["index", *[p for _, p in made], *PATCHES[:3], "--archive", archive]
+    code, output = run([*index, "--encoder", "color-histogram", "--mpp", "0.5"], capsys)
+    assert code == 1 and f"{len(made)} of {len(made) + 3} failed" in output, output
+    _assert_one_line_each(output, made)
+    for bad, path in made:
+        code, output = run(["search", path, "--archive", archive, "--mpp", "0.5"], capsys)
+        assert code == 1, (bad.name, output)
+        _assert_one_line_each(output, [(bad, path)])
+
+
 QUERY_KINDS = {
     "truncated JPEG",
     "zero-byte file",

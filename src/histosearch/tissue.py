@@ -124,3 +124,30 @@ def make_detector(name: str, **params: float) -> TissueDetector:
 def is_tissue(rgb: np.ndarray, detector: TissueDetector) -> bool:
     """Whether one tile, read whole, holds tissue."""
     return bool(detector.detect(rgb, block=rgb.shape[:2])[1][0, 0])
+
+
+# A patch image must be at least this many pixels on each side (smaller ones, scaled up to the
+# encoder's input, are embedded as blur), and its grey levels must vary by at least this
+# standard deviation (0-255): a flat image (blank, white, black, transparent) holds no tissue.
+MIN_PATCH_SIDE = 32
+MIN_CONTRAST = 2.0
+
+
+def blank_reason(rgb: np.ndarray) -> str | None:
+    """Why an image holds no tissue at all (one flat colour), or None."""
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    if float(grey.std()) < MIN_CONTRAST:
+        colour = ", ".join(str(round(c)) for c in rgb.reshape(-1, 3).mean(axis=0))
+        return (
+            f"no tissue: the image is one flat colour (RGB {colour}; grey levels vary by "
+            f"{grey.std():.1f}, under the {MIN_CONTRAST:g} an image needs)"
+        )
+    return None
+
+
+def patch_reason(rgb: np.ndarray) -> str | None:
+    """Why an image cannot be a patch (too small, or no tissue), or None."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_PATCH_SIDE:
+        return f"the image is {w}x{h} px, under the {MIN_PATCH_SIDE} px a patch needs on each side"
+    return blank_reason(rgb)

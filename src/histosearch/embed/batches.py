@@ -13,9 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histosearch.encoders import Encoder
-from histosearch.errors import HistosearchError, SlideReadError
+from histosearch.errors import HistosearchError, NoTissueError, SlideReadError
 from histosearch.slide import IMAGE_SUFFIXES, Slide, open_slide, read_image
 from histosearch.tiling import TileGrid
+from histosearch.tissue import patch_reason
 
 
 class TileDataset(Dataset):
@@ -57,6 +58,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> np.ndarray:
         rgb = read_image(self.paths[index])
+        if reason := patch_reason(rgb):
+            raise NoTissueError(self.paths[index], reason)
         if rgb.shape[:2] != (self.size, self.size):
             interpolation = cv2.INTER_AREA if rgb.shape[0] > self.size else cv2.INTER_LINEAR
             rgb = cv2.resize(rgb, (self.size, self.size), interpolation=interpolation)

@@ -15,8 +15,9 @@ from histosearch.encoders import Encoder
 from histosearch.errors import NoTissueError
 from histosearch.inputs import Item
 from histosearch.mosaic import mosaic_tiles
-from histosearch.slide import open_slide
+from histosearch.slide import IMAGE_SUFFIXES, open_slide, read_image
 from histosearch.tiling import Tiling, tile_slide
+from histosearch.tissue import blank_reason
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ def embed_file(
     coordinate (0, 0). A slide smaller than one tile at the magnification is refused, saying
     so."""
     size = tiling.tile_size
+    plain = Path(path).suffix.lower() in IMAGE_SUFFIXES and not is_patch_file(Path(path), size)
+    # a plain image larger than a tile: a blank one is refused before its scale is asked for
+    if plain and (reason := blank_reason(read_image(path))):
+        raise NoTissueError(path, reason)
     with open_slide(path, mpp=options.mpp, objective_power=options.objective_power) as slide:
         if slide.backend == "pillow" and max(slide.dimensions) <= size:
             features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
