@@ -119,8 +119,7 @@ class Searcher:
     def refresh(self) -> None:
         """Pick up slides committed since the last query (cheap when nothing changed)."""
         with self._lock:
-            key = (self._generation(), self.archive.catalog.stored_end())
-            if self._loaded is None or self._loaded.key != key:
+            if self._loaded is None or self._loaded.key != self._key():
                 self._loaded = self._load()
             if pending := self.archive.catalog.pending():
                 raise SearchError(
@@ -131,22 +130,25 @@ class Searcher:
                 )
 
     def _load(self) -> _Loaded:
-        """Load the current generation; one that a reindex retires while it is being read
-        (its files deleted) is read again as the new one."""
+        """Load the current state. A writer that moves the archive on while it is being read
+        (a reindex retiring the generation's files, an add saving a longer patch index) makes
+        it read again, as the new state."""
         for _ in range(3):
-            generation = self._generation()
+            key = self._key()
             try:
                 loaded = _Loaded(self.archive)
             except HistosearchError:
-                if self._generation() == generation:
+                if self._key() == key:
                     raise
                 continue
-            if loaded.index_error is None or self._generation() == generation:
+            if loaded.index_error is None or self._key() == key:
                 return loaded
         return _Loaded(self.archive)
 
-    def _generation(self) -> int:
-        return int(self.archive.catalog.settings().get("generation", 0))
+    def _key(self) -> tuple[int, int]:
+        """What identifies the searchable state: the store generation and its committed rows."""
+        settings = self.archive.catalog.settings()
+        return int(settings.get("generation", 0)), self.archive.catalog.stored_end()
 
     @property
     def encoder(self) -> Encoder:
