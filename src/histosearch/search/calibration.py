@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from histosearch.search.similarity import similarity_matrix
+from histosearch.search.two_stage import rank_slides
 
 if TYPE_CHECKING:
     from histosearch.archive.view import SearchView
@@ -31,8 +32,10 @@ def measure_calibration(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted similarities of sampled patches and slides to their nearest neighbour in
-    another slide (patches through the patch index, slides by the WSI measure among a sample
-    of at most `max_slides`)."""
+    another slide of the whole archive: patches through the patch index; slides by the WSI
+    measure, all against all when the archive has at most `max_slides` slides, else each of
+    `max_slides` sampled slides ranked against every other by the two-stage search (the
+    nearest among a sample would read low, and percentiles high, in a large archive)."""
     rng = np.random.default_rng(seed)
     n = len(view.vectors)
     rows = np.sort(rng.choice(n, min(n, max_patches), replace=False))
@@ -42,14 +45,25 @@ def measure_calibration(
     patch_nn = np.sort(patch_nn[np.isfinite(patch_nn)])
 
     n_slides = len(view.records)
-    chosen = np.sort(rng.choice(n_slides, min(n_slides, max_slides), replace=False))
-    if len(chosen) < 2:
+    if n_slides < 2:
         return patch_nn, np.empty(0)
-    blocks = [np.asarray(view.vectors[view.offsets[s] : view.offsets[s + 1]]) for s in chosen]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blocks])])
-    matrix = similarity_matrix(np.concatenate(blocks), offsets, torch.float32)
-    np.fill_diagonal(matrix, -np.inf)
-    return patch_nn, np.sort(matrix.max(axis=1))
+    if n_slides <= max_slides:
+        matrix = similarity_matrix(np.asarray(view.vectors), view.offsets, torch.float32)
+        np.fill_diagonal(matrix, -np.inf)
+        return patch_nn, np.sort(matrix.max(axis=1))
+    chosen = np.sort(rng.choice(n_slides, max_slides, replace=False))
+    slide_nn = [
+        rank_slides(
+            view.vectors,
+            view.offsets,
+            np.asarray(view.vectors[view.offsets[s] : view.offsets[s + 1]], np.float32),
+            1,
+            [s],
+            index,
+        )[1][0]
+        for s in chosen
+    ]
+    return patch_nn, np.sort(np.asarray(slide_nn))
 
 
 def percentile(similarity: float, reference: np.ndarray) -> float | None:

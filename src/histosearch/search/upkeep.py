@@ -15,9 +15,11 @@ from histosearch.archive.view import SearchView
 from histosearch.search.calibration import measure_calibration
 from histosearch.search.patch_index import PatchIndex
 
-# Percentiles are measured on at most this many slides and patches of the archive.
+# Percentiles are measured on at most this many slides and patches of the archive (each
+# against the whole archive), again whenever the store has grown by this factor.
 CALIBRATION_SLIDES = 200
 CALIBRATION_PATCHES = 2000
+RECALIBRATE_GROWTH = 1.1
 
 
 def _read_index(archive: ArchiveFolder, path: Path) -> PatchIndex:
@@ -86,10 +88,11 @@ class SearchFiles:
                 index.add(view.vectors[index.ntotal :])
             archive.write_derived(path, index.to_bytes())
         try:
-            measured = load_calibration(archive, view.generation)["rows"]
+            measured = int(load_calibration(archive, view.generation)["rows"])
         except ArchiveError:  # missing or damaged: measured again
-            measured = None
-        if measured != len(view.vectors):  # grown since measured
+            measured = 0
+        # measured again when the archive has grown by a tenth since (or shrunk: reindexed)
+        if not measured <= len(view.vectors) <= RECALIBRATE_GROWTH * measured:
             self._calibrate(archive, view, index)
 
     @staticmethod
