@@ -122,12 +122,18 @@ def tile_colours(slide: Slide, grid: TileGrid) -> np.ndarray:
     thumb = slide.read_overview((grid.cols * px, grid.rows * px), span / px)
     tiles = thumb[: grid.rows * px, : grid.cols * px, :3].reshape(grid.rows, px, grid.cols, px, 3)
     tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(grid.rows * grid.cols, px * px, 3)
-    bins = tiles[grid.is_tissue].astype(np.int64) * HIST_BINS // 256  # (n, px*px, 3)
-    n = len(bins)
+    return rgb_histograms(tiles[grid.is_tissue])
+
+
+def rgb_histograms(tiles: np.ndarray) -> np.ndarray:
+    """The RGB histogram of each of `tiles` (n x pixels x 3, uint8): HIST_BINS bins per
+    channel, as shares of the tile's pixels (n x 3 * HIST_BINS)."""
+    bins = tiles.reshape(len(tiles), -1, 3).astype(np.int64) * HIST_BINS // 256
+    n, pixels = bins.shape[:2]
     # one bincount over every (tile, channel, bin) at once
     cells = (np.arange(n)[:, None, None] * 3 + np.arange(3)) * HIST_BINS + bins
     hist = np.bincount(cells.ravel(), minlength=n * 3 * HIST_BINS)
-    return hist.reshape(n, 3 * HIST_BINS).astype(np.float32) / (px * px)
+    return hist.reshape(n, 3 * HIST_BINS).astype(np.float32) / pixels
 
 
 def mosaic_tiles(slide: Slide, grid: TileGrid, mosaic: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from histosearch.cli.bench import (
     bench_serve_command,
     bench_tiling_command,
     bench_tissue_command,
+    bench_mosaic_command,
 )
 from histosearch.cli.common import error_console
 from histosearch.cli.encoders import encoders_command
@@ -46,6 +47,7 @@ bench_app.command("tiling")(bench_tiling_command)
 bench_app.command("search")(bench_search_command)
 bench_app.command("extract")(bench_extract_command)
 bench_app.command("tissue")(bench_tissue_command)
+bench_app.command("mosaic")(bench_mosaic_command)
 bench_app.command("resume")(bench_resume_command)
 bench_app.command("api")(bench_api_command)
 bench_app.command("scale")(bench_scale_command)

@@ -408,3 +408,47 @@ def bench_serve_command(
             f"{row.per_s:.1f}",
         )
     console.print(table)
+
+
+def bench_mosaic_command(
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    encoder_name: Annotated[str, typer.Option("--encoder", help=ENCODER_HELP)] = "color-histogram",
+    min_patches: Annotated[
+        int, typer.Option("--min-patches", min=1, help="Slides with at least this many patches.")
+    ] = 32,
+    json_out: Annotated[Path, typer.Option("--json", help="Write the figures here.")] = Path(
+        "docs/bench-mosaic.json"
+    ),
+    plot: Annotated[Path, typer.Option("--plot", help="Write the plot here.")] = Path(
+        "docs/bench-mosaic.png"
+    ),
+) -> None:
+    """Slide retrieval, storage per slide and extraction time with mosaics of 5/10/20% and
+    16/32/64 tiles against every tile, on the IDC dev set's slides (leave one case out)."""
+    from histosearch.bench.mosaic import bench_mosaic, plot_mosaic, write_mosaic_json
+
+    rows = bench_mosaic(
+        data,
+        encoder_name,
+        min_patches=min_patches,
+        on_mosaic=lambda m: console.print(f"mosaic {m}"),
+    )
+    table = Table(title=f"Mosaics on {rows[0].slides} IDC slides ({encoder_name})")
+    for column in ("mosaic", "tiles/slide", "store KB/slide", "select CPU s", "embed CPU s"):
+        table.add_column(column, justify="right")
+    for metric in rows[0].metrics:
+        table.add_column(metric, justify="right")
+    for r in rows:
+        table.add_row(
+            r.mosaic,
+            f"{r.tiles_per_slide:.1f}",
+            f"{r.store_kb_per_slide:.1f}",
+            f"{r.select_cpu_s:.2f}",
+            f"{r.embed_cpu_s:.2f}",
+            *(f"{v:.3f}" for v in r.metrics.values()),
+        )
+    console.print(table)
+    meta = {"encoder": encoder_name, "min_patches": min_patches, "set": "idc-breast-dev"}
+    write_mosaic_json(rows, meta, json_out)
+    plot_mosaic(rows, plot)
+    console.print(f"wrote {json_out} and {plot}")
