@@ -274,4 +274,6 @@ def _expand(path: Path, group_by: str | None) -> list[Item]:
         if not files:
             raise ManifestError(path, "a folder without slide or image files")
         return [Item(catalog_key(p), p.name, [p]) for p in files]
+    if not path.exists() and not is_dicomweb(str(path)):
+        raise ManifestError(path, "no such file or folder")
     return [Item(catalog_key(path), path.name, [path])]

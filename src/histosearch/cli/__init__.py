@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 from rich.markup import escape
 
@@ -18,7 +21,7 @@ from histosearch.cli.bench import (
     bench_tissue_command,
     bench_mosaic_command,
 )
-from histosearch.cli.common import error_console
+from histosearch.cli.common import INTERRUPTED, error_console
 from histosearch.cli.encoders import encoders_command
 from histosearch.cli.evaluation import eval_command
 from histosearch.cli.interchange import export
@@ -66,3 +69,9 @@ def main() -> None:
             f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
         )
         raise SystemExit(error.exit_code) from None
+    except SystemExit as stop:
+        if stop.code == INTERRUPTED:  # the work is committed and closed, and the message out:
+            sys.stdout.flush()  # skip the seconds torch's teardown takes, a Ctrl-C is a hurry
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
+        raise

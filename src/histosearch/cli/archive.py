@@ -15,9 +15,11 @@ from rich.table import Table
 from histosearch.cli.common import (
     DEFAULT_ENCODER,
     ENCODER_HELP,
+    INTERRUPTED,
     SHARED_DATA,
     Edges,
     Exclude,
+    FirstInterrupt,
     IndexMetric,
     Level,
     Mode,
@@ -101,6 +103,9 @@ def index(
 ) -> None:
     """Embed slides and patches into an archive (incremental; an interrupted run resumes), or
     import the features of a TRIDENT or CLAM folder (--features)."""
+    from histosearch.encoders.names import check_encoder
+
+    check_encoder(encoder_name, weights)  # before torch, the model and the slides
     from histosearch.archive.settings import ArchiveSettings
     from histosearch.embed.options import EmbedOptions
 
@@ -142,34 +147,53 @@ def build_archive(
     group_by: str | None = None,
     ray: bool | str = False,
 ) -> IndexReport:
-    """`index` without the exit: create or open the archive, add the inputs, print a summary."""
+    """`index` without the exit: create or open the archive, add the inputs, print a summary.
+    The inputs and an existing archive's settings are checked before torch is imported and
+    the model built."""
     from histosearch.archive.archive import Archive
-    from histosearch.embed.batches import default_device
-    from histosearch.encoders import create_encoder
     from histosearch.inputs import collect_items
 
     unreadable: list[tuple[str, str]] = []
     items = collect_items(inputs, group_by, unreadable)
     if not items:  # nothing to index: say why before the model loads or an archive begins
         report_failures(unreadable, len(inputs))
+    _refuse_other_settings(archive_dir, settings)
+    from histosearch.embed.batches import default_device
+    from histosearch.encoders import create_encoder
+
     encoder = create_encoder(settings.encoder, weights).to(default_device())
-    with Archive.create(archive_dir, settings, encoder) as archive, progress() as bar:
-        tasks = {"slides": bar.add_task("slides", total=None)}
-        tasks["patches"] = bar.add_task("patches", total=None)
+    try:
+        with (
+            FirstInterrupt() as interrupt,
+            Archive.create(archive_dir, settings, encoder) as archive,
+            progress() as bar,
+        ):
+            tasks = {"slides": bar.add_task("slides", total=None)}
+            tasks["patches"] = bar.add_task("patches", total=None)
 
-        def on_progress(stage: str, done: int, total: int | None) -> None:
-            bar.update(tasks[stage], completed=done, total=total)
+            def on_progress(stage: str, done: int, total: int | None) -> None:
+                interrupt.check()  # after each batch and each stored slide
+                bar.update(tasks[stage], completed=done, total=total)
 
-        report = archive.add(
-            items,
-            group_by=group_by,
-            encoder=encoder,
-            weights=weights,
-            options=options,
-            on_progress=on_progress,
-            ray=ray,
+            report = archive.add(
+                items,
+                group_by=group_by,
+                encoder=encoder,
+                weights=weights,
+                options=options,
+                on_progress=on_progress,
+                ray=ray,
+            )
+            description = archive.describe()
+    except KeyboardInterrupt:
+        with Archive.open(archive_dir) as archive:
+            stored = {record.path for record in archive.slides()}
+        done = sum(item.key in stored for item in items)
+        error_console.print(
+            f"interrupted: {done} of {len(items)} stored; run the same command to resume",
+            highlight=False,
         )
-        description = archive.describe()
+        raise typer.Exit(INTERRUPTED) from None
     report.failures[:0] = unreadable
     console.print(
         f"added {report.added} ({report.patches} patches), {report.skipped} already there; "
@@ -177,6 +201,22 @@ def build_archive(
         highlight=False,
     )
     return report
+
+
+def _refuse_other_settings(archive_dir: Path, settings: ArchiveSettings) -> None:
+    """Refuse to add to an archive that holds slides built with other settings (the encoder's
+    output size and weights are compared once the model is built)."""
+    from histosearch.archive.archive import Archive
+    from histosearch.archive.catalog import CATALOG
+
+    if not (archive_dir / CATALOG).is_file():
+        return
+    wanted = settings.as_catalog()
+    if settings.reduction == "none":  # the archive keeps the encoder's dimension
+        del wanted["n_features"]
+    with Archive.open(archive_dir) as archive:
+        if archive.slides():
+            archive.check_settings(**wanted)
 
 
 def search(
@@ -247,11 +287,15 @@ def search(
     """Rank the archive's slides (WSI measure), cases or patches (FAISS) by similarity to
     QUERY, with the consensus of the top k."""
     from histosearch.archive.archive import Archive
-    from histosearch.search.searcher import Searcher
 
     with Archive.open(archive_dir) as archive:
         if encoder_name is not None:
             archive.check_settings(encoder=encoder_name)
+        from histosearch.encoders.names import check_encoder
+
+        check_encoder(archive.settings["encoder"], weights)
+        from histosearch.search.searcher import Searcher
+
         searcher = Searcher(archive, weights=weights)
         run_search(
             searcher,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -15,9 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from histosearch.archive.reduce import REDUCERS
 from histosearch.errors import HistosearchError
-from histosearch.tissue import DETECTORS
 from histosearch.train import METHODS
 
 console = Console()
@@ -166,6 +165,50 @@ def progress() -> Progress | LogProgress:
     )
 
 
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED = 130
+
+
+class FirstInterrupt:
+    """Within `with`, a Ctrl-C raises KeyboardInterrupt where the work is, as Python does, and
+    is remembered: should something swallow it (one raised inside a finaliser is only
+    printed, and the work went on), `check()` raises it again at the next batch."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous: object = None
+        self._hook = sys.unraisablehook
+
+    def __enter__(self) -> FirstInterrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._ask)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+            self._previous = None
+            return self
+        self._hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        return self
+
+    def _unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        # the swallowed Ctrl-C is not printed ("Exception ignored in ..."): check() raises it
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._hook(unraisable)
+
+    def _ask(self, *_: object) -> None:
+        self.asked = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C came (at a point where it is not swallowed)."""
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._hook
+
+
 def run_batch(items: Iterable[T], work: Callable[[T], None], label: str) -> list[tuple[T, str]]:
     """Run `work` on each item, collecting one-line failures instead of stopping."""
     items = list(items)
@@ -197,9 +240,9 @@ def report_failures(failures: list[tuple[T, str]], total: int | None, what: str 
 # Choices checked before a command runs; a wrong value is named with the valid ones. The
 # values of modules that import FAISS or torch are spelled out (a test keeps them equal) so
 # that `histosearch --help` does not load those.
-Tissue = Literal[tuple(DETECTORS)]
-SlideReduction = Literal[tuple(REDUCERS)]
-Reduction = Literal[(*REDUCERS, "none")]
+Tissue = Literal["otsu", "histogram"]  # tissue.DETECTORS
+SlideReduction = Literal["cov", "pca"]  # archive.reduce.REDUCERS
+Reduction = Literal["cov", "pca", "none"]
 IndexMetric = Literal["cosine", "l2"]  # archive.INDEX_METRICS
 Metric = Literal["cosine", "l2"]
 Mode = Literal["auto", "slides", "patches"]

@@ -23,9 +23,11 @@ def encoders_command(
         locate_weights,
         weights_home,
     )
+    from histosearch.encoders.names import builtin_weights
 
     rows = []
     for info in BUILTINS:
+        found = builtin_weights(info.name)
         rows.append(
             {
                 "name": info.name,
@@ -37,9 +39,9 @@ def encoders_command(
                 "hub": None,
                 "params": None,
                 "precision": "float32",
-                "weights_found": True,
-                "weights": info.weights,
-                "looked_up": None,
+                "weights_found": found is not None,
+                "weights": info.weights if found is None or isinstance(found, str) else str(found),
+                "looked_up": None if found else f"the Hugging Face cache {hub_cache_dir()}",
             }
         )
     for model in MODELS:
@@ -68,8 +70,10 @@ def encoders_command(
     for column in ("name", "dim", "input", "licence", "gated", "hub repository", "weights"):
         table.add_column(column, justify="right" if column in ("dim", "input") else "left")
     for row in rows:
-        if row["kind"] == "built-in":
+        if row["kind"] == "built-in" and row["weights_found"]:
             weights = row["weights"]
+        elif row["kind"] == "built-in":
+            weights = f"not found ({row['weights']})"
         else:
             weights = f"[green]{row['weights']}[/green]" if row["weights"] else "not found"
         table.add_row(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 
 from histosearch.cli.common import (
@@ -16,6 +15,9 @@ from histosearch.cli.common import (
     progress,
     report_failures,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def train(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,11 @@ def _collate(
     return (torch.stack(good) if good else None), bad
 
 
+def _ignore_interrupts(_: int) -> None:
+    """A reader process leaves Ctrl-C to the main process, which stops the run cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def embed_dataset(
     dataset: Dataset,
     encoder: Encoder,
@@ -134,6 +140,7 @@ def embed_dataset(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
+        worker_init_fn=_ignore_interrupts,
         pin_memory=torch.cuda.is_available(),
     )
     out = np.empty((len(dataset), encoder.dim), np.float32)

