@@ -100,16 +100,23 @@ def test_a_failed_first_index_locks_no_settings(tmp_path: Path):
     # the archive holds no slide: other settings are taken, not refused
     built = runner.invoke(app, ["index", str(CMU), *common, "--tile-size", "112"])
     assert built.exit_code == 0, built.output
-    assert "added 1" in built.output
+    # a readable summary naming the archive's absolute path, no settings JSON
+    summary = " ".join(built.output.split())
+    assert "added 1 (" in summary and f"archive {archive.resolve()}: 1 slides," in summary
+    assert "color-histogram (512-d, pca to 128) on 112 px tiles at 2.5x, otsu tissue" in summary
     # now that it holds one, other settings are refused before the model is built
     status, output, imported = run_cli("index", str(TCGA), *common, "--objective-power", "20")
-    assert status == 1 and "built with other settings; asked for tile_size 224 (archive: 112)"
-    assert "tile_size 224 (archive: 112)" in output and "torch" not in imported
+    assert (
+        status == 1
+        and "built with other settings; asked for tile_size 224 (archive: 112)" in output
+    )
+    assert "torch" not in imported
 
 
 INDEX = [str(CMU), str(TCGA), "--objective-power", "20", "--mag", "5", "--batch-size", "4"]
 
 
+@pytest.mark.slow  # three index runs: about 35 s on the shared 2 cores
 def test_one_ctrl_c_stops_index_cleanly_and_the_resumed_archive_is_the_same(tmp_path: Path):
     from histosearch.bench.resume import snapshot
 
@@ -154,3 +161,10 @@ def test_the_cli_s_spelled_out_choices_are_the_modules():
     assert set(get_args(Tissue)) == set(DETECTORS)
     assert set(get_args(SlideReduction)) == set(REDUCERS)
     assert set(get_args(Reduction)) == {*REDUCERS, "none"}
+
+
+def test_command_help_is_one_line_per_paragraph():
+    from histosearch.cli import app, bench_app
+
+    for info in (*app.registered_commands, *bench_app.registered_commands):
+        assert info.help and all("\n" not in p for p in info.help.split("\n\n")), info.name

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import zlib
 from collections.abc import Iterator, Mapping
@@ -232,11 +231,18 @@ class ArchiveFolder:
         """One line: what the archive holds and how it was built."""
         records = self.slides()
         pending = sum(r.row_start is None for r in records)
-        settings = json.dumps({k: self.settings.get(k) for k in MATCHED_KEYS if k != "weights"})
+        s = self.settings
+        reduced = (
+            "unreduced"
+            if s.get("reduction") == "none"
+            else f"{s.get('reduction')} to {s.get('n_features')}"
+        )
         return (
             f"{len(records)} slides, {sum(r.n_patches for r in records)} patches"
             + (f" ({pending} not yet searchable)" if pending else "")
-            + f", {settings}"
+            + f"; {s.get('encoder')} ({s.get('dim')}-d, {reduced}) on {s.get('tile_size')} px "
+            f"tiles at {s.get('magnification')}x, {s.get('tissue')} tissue, "
+            f"{s.get('index_metric')} index"
         )
 
     # -- writing ---------------------------------------------------------------------------

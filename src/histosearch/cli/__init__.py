@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -56,6 +57,10 @@ bench_app.command("api")(bench_api_command)
 bench_app.command("scale")(bench_scale_command)
 bench_app.command("scale-plot")(bench_scale_plot_command)
 bench_app.command("serve")(bench_serve_command)
+# A docstring's paragraphs as one line each: the command list shows no wrapped source lines.
+for info in (*app.registered_commands, *bench_app.registered_commands):
+    paragraphs = inspect.cleandoc(info.callback.__doc__ or "").split("\n\n")
+    info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
 app.add_typer(bench_app, name="bench")
 
 

@@ -197,7 +197,7 @@ def build_archive(
     report.failures[:0] = unreadable
     console.print(
         f"added {report.added} ({report.patches} patches), {report.skipped} already there; "
-        f"archive: {description}",
+        f"archive {archive_dir.resolve()}: {description}",
         highlight=False,
     )
     return report

@@ -63,7 +63,8 @@ def serve(
         )
     shown = f"[{host}]" if ":" in host else host
     console.print(
-        f"histosearch: serving {archive_dir} at http://{shown}:{port}/ (API docs at /docs)",
+        f"histosearch: serving {archive_dir.resolve()} at http://{shown}:{port}/ "
+        "(API docs at /docs)",
         highlight=False,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
