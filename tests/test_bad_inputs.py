@@ -232,7 +232,7 @@ def _image(name: str, mode: str, size: int, colour) -> Callable[[Path], Path]:
 # Images that decode but hold nothing to search by (thresholds: tissue.MIN_PATCH_SIDE, the
 # contrast MIN_CONTRAST), as patches and as queries.
 DEGENERATE = [
-    Bad("1x1 PNG", _image("dot.png", "RGB", 1, "red"), r"1x1 px, under the 32 px"),
+    Bad("1x1 PNG", _image("dot.png", "RGB", 1, "red"), r"1x1 px, under the 16 px"),
     Bad(
         "8x8 black TIFF",
         _image("black.tif", "RGB", 8, "black"),

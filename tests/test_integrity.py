@@ -5,8 +5,11 @@ is never seen half-done by the searches running beside it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -228,3 +231,40 @@ def test_searches_during_a_reindex_are_all_answered_from_one_generation(built, c
     assert errors == []
     assert len(answers) > 4
     assert all(found == expected[name, mode] for mode, found in answers)
+
+
+@pytest.fixture
+def read_only(copy: Path) -> Path:
+    """The archive copy, read-only: by permissions, or (as root, whom permissions do not stop)
+    through a read-only bind mount."""
+    if os.geteuid() != 0:
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        yield copy
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return
+    mount = copy.with_name("read-only")
+    mount.mkdir()
+    bind = ["mount", "--bind", str(copy), str(mount)]
+    if subprocess.run(bind, capture_output=True).returncode:
+        pytest.skip("root without mount rights: no way to make a folder read-only here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_index_on_a_read_only_archive_is_one_line(read_only):
+    cli = [sys.executable, "-m", "histosearch.cli", "index", str(CMU), "--archive", str(read_only)]
+    done = subprocess.run(
+        [*cli, "--encoder", "color-histogram", "--n-features", "32"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write to the archive" in lines[0], done.stderr
+    with Archive.open(read_only) as archive:  # searches still read it
+        assert Searcher(archive).search(1, k=2).slides

@@ -126,10 +126,11 @@ def is_tissue(rgb: np.ndarray, detector: TissueDetector) -> bool:
     return bool(detector.detect(rgb, block=rgb.shape[:2])[1][0, 0])
 
 
-# A patch image must be at least this many pixels on each side (smaller ones, scaled up to the
-# encoder's input, are embedded as blur), and its grey levels must vary by at least this
+# A patch image archived or searched by must be at least this many pixels on each side
+# (smaller ones, scaled up to the encoder's input, are embedded as blur; IDC holds 50 x 1 px
+# edge patches: a group loses them, named), and its grey levels must vary by at least this
 # standard deviation (0-255): a flat image (blank, white, black, transparent) holds no tissue.
-MIN_PATCH_SIDE = 32
+MIN_PATCH_SIDE = 16
 MIN_CONTRAST = 2.0
 
 

@@ -123,7 +123,7 @@ def index_items(
         paths = [p for item in run for p in item.paths]
         bad: dict[int, str] = {}  # one unreadable patch costs only itself
         features = embed_dataset(
-            ImageDataset(paths, encoder.input_size),
+            ImageDataset(paths, encoder.input_size, refuse_blank=True),
             encoder,
             options.batch_size,
             options.num_workers,

@@ -9,6 +9,7 @@ first batch has fitted the reduction, once its searchable vectors are in the sto
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,9 +142,15 @@ class Catalog:
         self._lock = threading.Lock()  # one connection, shared by a server's threads
         if not create and not self.path.is_file():
             raise ArchiveError(root, "no archive here (build one with histosearch index)")
+        # A folder that cannot be written (a read-only disk or mount, a shared archive): the
+        # catalog is read as it is (no WAL, which needs its -shm file written; no migration).
+        self.read_only = self.path.is_file() and not os.access(root, os.W_OK)
         try:
             # autocommit off: writes go through `with self._db:` transactions
-            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            target = f"file:{self.path}?mode=ro&immutable=1" if self.read_only else self.path
+            self._db = sqlite3.connect(
+                target, timeout=30, check_same_thread=False, uri=self.read_only
+            )
             tables = {
                 row[0]
                 for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -155,11 +162,14 @@ class Catalog:
                     "not a histosearch catalog (empty or damaged); "
                     "run histosearch check --archive DIR --repair",
                 )
-            self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            self._db.executescript(SCHEMA)
+            if not self.read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(slides)")}
         except sqlite3.DatabaseError as error:
             raise self._damaged(error) from None
+        if self.read_only:
+            return
         for column, kind in ADDED_COLUMNS.items():
             if column not in columns:  # an archive from before the column
                 with self._db:

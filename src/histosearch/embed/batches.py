@@ -45,10 +45,12 @@ class TileDataset(Dataset):
 
 
 class ImageDataset(Dataset):
-    """Whole images (patches), each resized to the encoder's input size."""
+    """Whole images (patches), each resized to the encoder's input size; with `refuse_blank`
+    (an archive's patches, queries), an image too small or of one flat colour to be searched
+    by (`tissue.patch_reason`) is refused (evaluation sets keep their tiny edge patches)."""
 
-    def __init__(self, paths: Sequence[str | Path], size: int) -> None:
-        self.paths, self.size = list(paths), size
+    def __init__(self, paths: Sequence[str | Path], size: int, refuse_blank: bool = False) -> None:
+        self.paths, self.size, self.refuse_blank = list(paths), size, refuse_blank
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,7 +61,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> np.ndarray:
         rgb = read_image(self.paths[index])
-        if reason := patch_reason(rgb):
+        if self.refuse_blank and (reason := patch_reason(rgb)):
             raise NoTissueError(self.paths[index], reason)
         if rgb.shape[:2] != (self.size, self.size):
             interpolation = cv2.INTER_AREA if rgb.shape[0] > self.size else cv2.INTER_LINEAR

@@ -49,7 +49,8 @@ def embed_file(
         raise NoTissueError(path, reason)
     with open_slide(path, mpp=options.mpp, objective_power=options.objective_power) as slide:
         if slide.backend == "pillow" and max(slide.dimensions) <= size:
-            features = embed_dataset(ImageDataset([path], encoder.input_size), encoder, 1, 0)
+            dataset = ImageDataset([path], encoder.input_size, refuse_blank=True)
+            features = embed_dataset(dataset, encoder, 1, 0)
             return EmbeddedFile(features, np.zeros((1, 2), np.int64), slide.mpp, None)
         grid = tile_slide(slide, tiling.magnification, size, tiling.tissue, tiling.edges)
         if len(grid) == 0:
@@ -88,7 +89,7 @@ def embed_item(
     """One item embedded as an archive stores it: a patch group's images whole, a slide by
     its tissue tiles."""
     if is_patch_item(item, tiling.tile_size):
-        dataset = ImageDataset(item.paths, encoder.input_size)
+        dataset = ImageDataset(item.paths, encoder.input_size, refuse_blank=True)
         features = embed_dataset(
             dataset, encoder, options.batch_size, options.num_workers, on_batch
         )
