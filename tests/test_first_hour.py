@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from data_paths import CMU, TCGA, WSI
+from data_paths import CMU, LC, TCGA, WSI
 from typer.testing import CliRunner
 
 from histosearch.cli import app
@@ -168,3 +168,38 @@ def test_command_help_is_one_line_per_paragraph():
 
     for info in (*app.registered_commands, *bench_app.registered_commands):
         assert info.help and all("\n" not in p for p in info.help.split("\n\n")), info.name
+
+
+def _image_folder(root: Path, per_class: int = 3) -> Path:
+    """An ImageFolder layout (root/CLASS/IMAGE) of LC25000 patches, linked, not copied."""
+    import csv
+
+    with (LC / "manifest.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    for label in sorted({r["label"] for r in rows}):
+        (root / label).mkdir(parents=True)
+        for row in [r for r in rows if r["label"] == label][:per_class]:
+            (root / label / Path(row["path"]).name).symlink_to((LC / row["path"]).resolve())
+    return root
+
+
+def test_class_sub_folders_are_labels_for_index_and_eval(tmp_path: Path):
+    from histosearch.archive.archive import Archive
+    from histosearch.evaluation.labelled import LabelledSetError, read_labelled_manifest
+
+    folder = _image_folder(tmp_path / "classes")
+    archive = tmp_path / "archive"
+    built = runner.invoke(
+        app, ["index", str(folder), "--archive", str(archive), "--encoder", "color-histogram"]
+    )
+    assert built.exit_code == 0, built.output
+    with Archive.open(archive) as opened:
+        labels = {r.name: r.label for r in opened.slides()}
+    assert len(labels) == 9 and sorted(set(labels.values())) == ["lung_aca", "lung_n", "lung_scc"]
+    assert all(name.startswith(label.replace("_", "")) for name, label in labels.items())
+    labelled = read_labelled_manifest(folder)
+    assert labelled.labels.count("lung_n") == 3 and len(labelled.paths) == 9
+    # files beside the class folders: no labels for index, refused by eval
+    (folder / "loose.jpeg").symlink_to(labelled.paths[0].resolve())
+    with pytest.raises(LabelledSetError, match="not a folder of class sub-folders"):
+        read_labelled_manifest(folder)

@@ -264,16 +264,27 @@ def collect_items(
     return items
 
 
+def folder_files(folder: Path) -> dict[Path, str | None]:
+    """The slide and image files of `folder` (searched recursively, one per DICOM series),
+    each with its label: the name of its class sub-folder when every file lies in one
+    (`DIR/CLASS/IMAGE`, the ImageFolder layout), else none."""
+    files = one_per_series(
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
+    )
+    if not files:
+        raise ManifestError(folder, "a folder without slide or image files")
+    classes = all(len(p.relative_to(folder).parts) == 2 for p in files)
+    return {p: p.parent.name if classes else None for p in files}
+
+
 def _expand(path: Path, group_by: str | None) -> list[Item]:
     if path.suffix.lower() == ".csv":
         return read_manifest(path, group_by)
     if path.is_dir():
-        files = one_per_series(
-            sorted(p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES)
-        )
-        if not files:
-            raise ManifestError(path, "a folder without slide or image files")
-        return [Item(catalog_key(p), p.name, [p]) for p in files]
+        return [
+            Item(catalog_key(p), p.name, [p], label=label)
+            for p, label in folder_files(path).items()
+        ]
     if not path.exists() and not is_dicomweb(str(path)):
         raise ManifestError(path, "no such file or folder")
     return [Item(catalog_key(path), path.name, [path])]

@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 def eval_command(
     manifest: Annotated[
-        Path | None, typer.Argument(help="Manifest CSV: path,label[,group,patient,slide,x,y].")
+        Path | None,
+        typer.Argument(
+            help="Manifest CSV (path,label[,group,patient,slide,x,y]), or a folder of class "
+            "sub-folders."
+        ),
     ] = None,
     archive_dir: Annotated[
         Path | None, typer.Option("--archive", help="Evaluate an archive's labelled slides.")

@@ -11,7 +11,7 @@ import numpy as np
 from histosearch.errors import HistosearchError
 from histosearch.evaluation.metrics import majority_vote
 from histosearch.evaluation.settings import METADATA_COLUMNS
-from histosearch.inputs import read_manifest_rows
+from histosearch.inputs import folder_files, read_manifest_rows
 
 MANIFEST_COLUMNS = ("path", "label", *METADATA_COLUMNS, "x", "y")
 
@@ -35,8 +35,21 @@ class LabelledSet:
         return self.columns.get(name)
 
 
+def read_labelled_folder(folder: Path) -> LabelledSet:
+    """The images of a folder of class sub-folders (`DIR/CLASS/IMAGE`), labelled by them."""
+    files = folder_files(folder)
+    if None in files.values():
+        raise LabelledSetError(
+            folder, "not a folder of class sub-folders (DIR/CLASS/IMAGE, as ImageFolder reads)"
+        )
+    return LabelledSet(source=str(folder), paths=list(files), labels=list(files.values()))
+
+
 def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSet:
-    """Check a manifest before any heavy work: columns, files, classes."""
+    """Check a manifest (or a folder of class sub-folders) before any heavy work: columns,
+    files, classes."""
+    if path.is_dir():
+        return read_labelled_folder(path)
     rows, header, missing = read_manifest_rows(path)
     unknown = [c for c in header if c not in MANIFEST_COLUMNS]
     if unknown or "label" not in header:
