@@ -11,9 +11,11 @@ from histosearch.bench.mosaic import bench_mosaic, idc_slides, plot_mosaic, writ
 
 
 def test_bench_mosaic_on_real_slides(tmp_path: Path):
-    slides = idc_slides(DATA, 100)
+    slides, dropped = idc_slides(DATA, 100)
+    assert dropped > 0  # the set's edge patches, under 32 px a side
     assert len(slides) == 4 and all(len(s.paths) >= 100 for s in slides)
-    rows = bench_mosaic(DATA, mosaics=("all", "16"), min_patches=100, repeats=1)
+    rows, refused = bench_mosaic(DATA, mosaics=("all", "16"), min_patches=100, repeats=1)
+    assert refused == dropped
     full, sixteen = rows
     assert full.tiles_per_slide == sum(len(s.paths) for s in slides) / len(slides)
     assert sixteen.tiles_per_slide == 16 and sixteen.embed_cpu_s < full.embed_cpu_s

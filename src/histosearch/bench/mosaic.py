@@ -12,13 +12,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from histosearch.embed.batches import ImageDataset, embed_dataset
-from histosearch.encoders import create_encoder
+from histosearch.encoders import Encoder, create_encoder
 from histosearch.evaluation.protocols import evaluate_slides
 from histosearch.fileio import atomic_path
 from histosearch.mosaic import COLOUR_PX, choose_mosaic, mosaic_size, parse_mosaic, rgb_histograms
+from histosearch.slide import read_image
+from histosearch.tissue import patch_reason
 
 MOSAICS = ("all", "5%", "10%", "20%", "16", "32", "64")
 # what the archive's store keeps per patch: a 128-d float16 vector and two int32 coordinates
@@ -49,14 +53,20 @@ class MosaicRow:
     metrics: dict[str, float]
 
 
-def idc_slides(data: Path, min_patches: int) -> list[BenchSlide]:
-    """The IDC dev set's slides (patient x label) with at least `min_patches` patches."""
+def idc_slides(data: Path, min_patches: int) -> tuple[list[BenchSlide], int]:
+    """The IDC dev set's slides (patient x label) with at least `min_patches` patches that
+    an archive accepts (tissue.patch_reason: the set's edge patches under 32 px a side and
+    flat ones are refused), and how many patches were left out so."""
     root = data / "idc-breast-dev"
     groups: dict[tuple[str, str], list[dict[str, str]]] = {}
+    dropped = 0
     with (root / "manifest.csv").open(newline="") as file:
         for row in csv.DictReader(file):
+            if patch_reason(read_image(root / row["path"])):
+                dropped += 1
+                continue
             groups.setdefault((row["patient"], row["label"]), []).append(row)
-    return [
+    slides = [
         BenchSlide(
             [root / r["path"] for r in rows],
             np.array([[int(r["x"]), int(r["y"])] for r in rows]),
@@ -66,6 +76,7 @@ def idc_slides(data: Path, min_patches: int) -> list[BenchSlide]:
         for (patient, label), rows in sorted(groups.items())
         if len(rows) >= min_patches
     ]
+    return slides, dropped
 
 
 def patch_colours(paths: Sequence[Path]) -> np.ndarray:
@@ -84,16 +95,32 @@ def bench_mosaic(
     min_patches: int = 32,
     repeats: int = REPEATS,
     on_mosaic: Callable[[str], None] | None = None,
-) -> list[MosaicRow]:
+) -> tuple[list[MosaicRow], int]:
     """Leave-one-out slide search (other cases only) of every slide with each mosaic of its
     patches: only the mosaic's patches are read and embedded, and both are timed in CPU
     seconds of this process (steadier than wall time on a shared CPU; embedding as the best
     of `repeats`; the choice reads every patch small, for its colour; the files are read once
-    beforehand)."""
-    slides = idc_slides(data, min_patches)
-    for path in (p for s in slides for p in s.paths):
-        path.read_bytes()  # the files in the page cache: every mosaic reads them warm
+    beforehand, by `idc_slides`). With the rows, the number of patches refused."""
+    slides, refused = idc_slides(data, min_patches)  # every file read once: all mosaics read warm
     encoder = create_encoder(encoder_name)
+    threads = torch.get_num_threads()
+    # one thread (torch, and k-means' OpenMP): CPU time that other processes do not inflate
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _bench(slides, encoder, mosaics, repeats, on_mosaic), refused
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(
+    slides: list[BenchSlide],
+    encoder: Encoder,
+    mosaics: Sequence[str],
+    repeats: int,
+    on_mosaic: Callable[[str], None] | None,
+) -> list[MosaicRow]:
+    """The rows of `bench_mosaic`, one per mosaic."""
     embed_dataset(ImageDataset(slides[0].paths, encoder.input_size), encoder, 64, 0)  # warm-up
     rows = []
     for mosaic in (parse_mosaic(m) for m in mosaics):

@@ -427,7 +427,7 @@ def bench_mosaic_command(
     16/32/64 tiles against every tile, on the IDC dev set's slides (leave one case out)."""
     from histosearch.bench.mosaic import bench_mosaic, plot_mosaic, write_mosaic_json
 
-    rows = bench_mosaic(
+    rows, refused = bench_mosaic(
         data,
         encoder_name,
         min_patches=min_patches,
@@ -448,7 +448,9 @@ def bench_mosaic_command(
             *(f"{v:.3f}" for v in r.metrics.values()),
         )
     console.print(table)
+    console.print(f"{refused} patches refused as an archive refuses them (under 32 px, flat)")
     meta = {"encoder": encoder_name, "min_patches": min_patches, "set": "idc-breast-dev"}
+    meta["patches_refused"] = refused
     write_mosaic_json(rows, meta, json_out)
     plot_mosaic(rows, plot)
     console.print(f"wrote {json_out} and {plot}")
