@@ -13,6 +13,7 @@ from histosearch.cli.archive import annotate, check, demo, index, reindex, searc
 from histosearch.cli.bench import (
     bench_api_command,
     bench_extract_command,
+    bench_mosaic_command,
     bench_resume_command,
     bench_scale_command,
     bench_scale_plot_command,
@@ -20,7 +21,6 @@ from histosearch.cli.bench import (
     bench_serve_command,
     bench_tiling_command,
     bench_tissue_command,
-    bench_mosaic_command,
 )
 from histosearch.cli.common import INTERRUPTED, error_console
 from histosearch.cli.encoders import encoders_command
