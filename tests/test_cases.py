@@ -41,7 +41,9 @@ def cases_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifests = write_cases_manifests(root, lc_groups=24, idc_patients=12)
     with Archive.create(root / "archive", SETTINGS) as archive:
         report = archive.add(manifests, group_by="group")
-    assert not report.failures and report.added == len(archive_slides(root / "archive"))
+    # IDC holds a few flat or sliver edge patches: each is left out of its group, named
+    assert all("no tissue" in why or "px a patch needs" in why for _, why in report.failures)
+    assert report.added == len(archive_slides(root / "archive"))
     return root / "archive"
 
 

@@ -13,6 +13,7 @@ the archive keeps its reduced vectors; no HDF5 files, no encoder over N patches.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histosearch.archive.checksums import array_checksum
 from histosearch.archive.reduce import PCAReducer
 from histosearch.bench.common import peak_rss_gb
 from histosearch.fileio import atomic_path
@@ -41,6 +43,7 @@ SCALE_KEYS = (
     "add_one_s",
     "slide_query_p50_s",
     "slide_query_p95_s",
+    "verified_query_p50_s",
     "exact_query_p50_s",
     "patch_query_p50_s",
     "top5_agreement",
@@ -59,6 +62,9 @@ class ScaleResult:
     add_one_s: float
     slide_query_p50_s: float
     slide_query_p95_s: float
+    # the same two-stage queries with the store rows of every slide measured verified against
+    # their checksums first, as a Searcher does (SearchView.verify)
+    verified_query_p50_s: float
     exact_query_p50_s: float
     patch_query_p50_s: float
     top5_agreement: float
@@ -225,12 +231,23 @@ def bench_scale(
         fresh.slide(int(fresh.rng.integers(*QUERY_PATCHES))).astype(np.float16).astype(np.float32)
         for _ in range(queries)
     ]
-    fast_times, fast_results = [], []
+    checksums = [array_checksum(store[a:b]) for a, b in itertools.pairwise(offsets)]
+
+    def verify(slides: np.ndarray) -> None:
+        for slide in slides:
+            if array_checksum(store[offsets[slide] : offsets[slide + 1]]) != checksums[slide]:
+                raise RuntimeError(f"store rows of slide {slide} changed")
+
+    # each query without and with verification in turn, so both meet the same machine
+    fast_times, fast_results, verified_times = [], [], []
     for query in query_set:
         start = time.perf_counter()
         slides, _ = rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates)
         fast_times.append(time.perf_counter() - start)
         fast_results.append(slides)
+        start = time.perf_counter()
+        rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates, verify=verify)
+        verified_times.append(time.perf_counter() - start)
     exact_queries = queries if exact_queries is None else min(exact_queries, queries)
     exact_times, top5, top1 = [], 0, 0
     for query, fast in zip(query_set[:exact_queries], fast_results, strict=False):
@@ -262,6 +279,7 @@ def bench_scale(
         add_one_s=add_one_s,
         slide_query_p50_s=float(np.percentile(fast_times, 50)),
         slide_query_p95_s=float(np.percentile(fast_times, 95)),
+        verified_query_p50_s=float(np.percentile(verified_times, 50)),
         exact_query_p50_s=float(np.percentile(exact_times, 50)),
         patch_query_p50_s=float(np.percentile(patch_times, 50)),
         top5_agreement=top5 / exact_queries,
