@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from histosearch.encoders import Encoder
 
 LOCK = ".writer.lock"
+# What an archive built before a setting was recorded was built with.
+BEFORE_RECORDED = {"mosaic": "all"}
 FILE_STEM_BYTES = 120
 
 
@@ -109,7 +111,9 @@ class ArchiveFolder:
         return cls(root, _create=wanted)
 
     def _check(self, stored: dict[str, str], wanted: dict[str, str]) -> None:
-        # a key the archive lacks (one built before it was recorded) cannot be checked
+        # a key the archive lacks was recorded after it was built: it has the key's old
+        # meaning where there is one (every tile before mosaics), else it cannot be checked
+        stored = {**BEFORE_RECORDED, **stored}
         different = [
             f"{key} {wanted[key]} (archive: {stored[key]})"
             for key in MATCHED_KEYS
