@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from data_paths import CMU, LC, TCGA, WSI
+from data_paths import CMU, DATA, LC, TCGA, WSI
 from typer.testing import CliRunner
 
 from histosearch.cli import app
@@ -203,3 +203,29 @@ def test_class_sub_folders_are_labels_for_index_and_eval(tmp_path: Path):
     (folder / "loose.jpeg").symlink_to(labelled.paths[0].resolve())
     with pytest.raises(LabelledSetError, match="not a folder of class sub-folders"):
         read_labelled_manifest(folder)
+
+
+def test_manifest_rows_give_their_own_magnification(tmp_path: Path):
+    # BreakHis' own manifest: a 40X and a 400X image (700x460 PNGs recording no resolution)
+    from histosearch.archive.archive import Archive
+
+    breakhis = DATA / "fixtures" / "breakhis-samples-fixture"
+    lines = (breakhis / "manifest.csv").read_text().splitlines()
+    rows = [lines[0], *(line for line in lines[1:] if "22549AB" in line)]  # 40X, 400X
+    manifest = tmp_path / "breakhis.csv"
+    manifest.write_text("\n".join(r.replace(r.split(",")[0], str(breakhis / r.split(",")[0]), 1)
+                                  if i else r for i, r in enumerate(rows)) + "\n")  # fmt: skip
+    archive = tmp_path / "archive"
+    args = ["index", str(manifest), "--archive", str(archive), "--encoder", "color-histogram"]
+    result = runner.invoke(app, [*args, "--mag", "20", "--tile-size", "112"])
+    text = " ".join(result.output.split())
+    # 40X read at 20x: 350x230 px, 3x2 tiles; 400X at 20x: 35x23 px, smaller than a tile
+    assert result.exit_code == 1 and "added 1 (" in text, text
+    assert "the slide is 35x23 px at 20x, smaller than one tile" in text
+    with Archive.open(archive) as opened:
+        (record,) = opened.slides()
+    assert record.name.endswith("-40-001.png") and record.mpp == pytest.approx(0.25)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"path,label,mpp\n{breakhis / rows[1].split(',')[0]},a,fast\n")
+    refused = runner.invoke(app, ["index", str(bad), "--archive", str(tmp_path / "b")])
+    assert refused.exit_code == 1 and "mpp 'fast' is not a positive number" in refused.output

@@ -64,6 +64,10 @@ class Item:
     group: str | None = None
     is_group: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    # the resolution a manifest row gives for a file that records none (as --mpp, and the
+    # scan's objective power as --objective-power)
+    mpp: float | None = None
+    objective_power: float | None = None
 
 
 # Encodings tried in turn: UTF-8 (with or without the BOM Excel writes), then Windows-1252,
@@ -74,7 +78,9 @@ FALLBACK_ENCODING = "cp1252"
 REQUIRED_COLUMNS = ("path", "label")
 # The manifest columns histosearch reads itself (x, y: a patch's position, for eval); every
 # other column is a slide's metadata.
-READ_COLUMNS = frozenset({"path", "label", "patient", "group", "slide", "x", "y"})
+READ_COLUMNS = frozenset(
+    {"path", "label", "patient", "group", "slide", "x", "y", "mpp", "magnification"}
+)
 log = logging.getLogger("histosearch")
 
 
@@ -216,6 +222,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
 
     def item(key: str, name: str, members: list[dict[str, str]], is_group: bool) -> Item:
         first = members[0]
+        mpp, objective_power = _resolution(manifest, first)
         return Item(
             key=key,
             name=name,
@@ -228,6 +235,8 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
             metadata={
                 c: first[c] for c in extra if first[c] and all(m[c] == first[c] for m in members)
             },
+            mpp=mpp,
+            objective_power=objective_power,
         )
 
     if group_by is None:
@@ -242,6 +251,26 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
         item(f"{manifest.resolve()}::{group_by}={value}", value, members, True)
         for value, members in groups.items()
     ]
+
+
+def _resolution(manifest: Path, row: dict[str, str]) -> tuple[float | None, float | None]:
+    """A row's `mpp` (um per pixel) and `magnification` (the scan's: 40, 40x or 40X)."""
+    values: list[float | None] = []
+    for column in ("mpp", "magnification"):
+        text = row.get(column) or ""
+        if not text:
+            values.append(None)
+            continue
+        try:
+            number = float(text.rstrip("xX"))
+        except ValueError:
+            number = float("nan")
+        if not 0 < number < float("inf"):
+            raise ManifestError(
+                manifest, f"{row['path']}: {column} {text!r} is not a positive number"
+            )
+        values.append(number)
+    return values[0], values[1]
 
 
 def collect_items(

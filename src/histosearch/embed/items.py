@@ -4,7 +4,7 @@ tiles, an image no larger than a tile (or a group of patch images) whole."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,4 +94,10 @@ def embed_item(
             dataset, encoder, options.batch_size, options.num_workers, on_batch
         )
         return EmbeddedFile(features, np.zeros((len(features), 2), np.int64), None, None)
+    if item.mpp is not None or item.objective_power is not None:  # the manifest row's own
+        options = replace(
+            options,
+            mpp=item.mpp or options.mpp,
+            objective_power=item.objective_power or options.objective_power,
+        )
     return embed_file(item.paths[0], encoder, tiling, options, on_batch)
