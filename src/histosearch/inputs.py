@@ -314,6 +314,6 @@ def _expand(path: Path, group_by: str | None) -> list[Item]:
             Item(catalog_key(p), p.name, [p], label=label)
             for p, label in folder_files(path).items()
         ]
-    if not path.exists() and not is_dicomweb(str(path)):
+    if not os.path.lexists(path) and not is_dicomweb(str(path)):  # a bad link: its reader says
         raise ManifestError(path, "no such file or folder")
     return [Item(catalog_key(path), path.name, [path])]
