@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
             assert "heat map" in page.inner_text("#status")
             page.wait_for_timeout(800)
             page.screenshot(path=str(screenshots / "serve-side-by-side.png"))
+
+            # the result's matched tiles downloaded for QuPath: one outline per match
+            with page.expect_download() as download:
+                page.click("#btn-qupath")
+            geojson = json.loads(Path(download.value.path()).read_text())
+            assert download.value.suggested_filename.endswith("-matches.geojson")
+            assert geojson["type"] == "FeatureCollection"
+            assert len(geojson["features"]) >= matches
 
             # mark it relevant
             results.first.get_by_text("relevant", exact=True).click()

@@ -113,7 +113,7 @@ def test_search_qupath_writes_the_files_from_the_command_line(archive, tmp_path:
     out = tmp_path / "cli.geojson"
     saved = sys.argv
     sys.argv = ["histosearch", "search", str(CMU), "--archive", str(archive.root), "-k", "1"]
-    sys.argv += ["--region", *map(str, REGION), "--qupath", str(out)]
+    sys.argv += ["--region", *map(str, REGION), "--geojson", str(out)]
     try:
         with pytest.raises(SystemExit) as done:
             main()

@@ -279,6 +279,7 @@ def search(
         Path | None,
         typer.Option(
             "--qupath",
+            "--geojson",
             help="QuPath GeoJSON of the matched tiles: OUT for the query, OUT-RANK-NAME.geojson "
             "for each result slide.",
         ),

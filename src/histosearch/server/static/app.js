@@ -520,6 +520,7 @@ function closeResult() {
   state.selected = null;
   $("result-pane").hidden = true;
   $("btn-heatmap").disabled = true;
+  $("btn-qupath").disabled = true;
   setHeatmapButton(false);
   if (resultViewer) resultViewer.close();
 }
@@ -559,6 +560,7 @@ function openResult(hit) {
   queryViewer.forceRedraw();
   const gallery = $("result-gallery");
   $("btn-heatmap").disabled = !hit.viewable;
+  $("btn-qupath").disabled = !hit.viewable;
   setHeatmapButton(false);
   if (hit.viewable) {
     gallery.hidden = true;
@@ -592,6 +594,7 @@ function openPatch(hit) {
   $("result-pane").hidden = false;
   $("result-title").textContent = `${hit.slide} · x=${hit.tile.x}, y=${hit.tile.y}`;
   $("btn-heatmap").disabled = true;
+  $("btn-qupath").disabled = true;
   $("result-gallery").hidden = true;
   $("viewer-result").hidden = false;
   openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
@@ -602,6 +605,25 @@ function openPatch(hit) {
       hit.tile.x - hit.tile.size, hit.tile.y - hit.tile.size, 3 * hit.tile.size,
       3 * hit.tile.size), true);
   });
+}
+
+// The selected slide result's matched tiles as a QuPath GeoJSON file, fetched with the token.
+async function downloadQupath() {
+  const hit = state.selected;
+  if (!hit) return;
+  let response;
+  try {
+    response = await api(`/api/queries/${state.response.query_id}/qupath/${hit.slide_id}`);
+  } catch (error) {
+    setStatus(error.message, true);
+    return;
+  }
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = (disposition.match(/filename="([^"]+)"/) || [])[1] || "matches.geojson";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href));
 }
 
 // ---- heat map -----------------------------------------------------------------------------
@@ -688,6 +710,7 @@ function start() {
   $("btn-draw").addEventListener("click", () => setDrawing(!state.drawing));
   $("btn-whole").addEventListener("click", () => searchSlide());
   $("btn-heatmap").addEventListener("click", toggleHeatmap);
+  $("btn-qupath").addEventListener("click", downloadQupath);
   $("upload-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const file = $("upload-file").files[0];
