@@ -268,3 +268,37 @@ def test_index_on_a_read_only_archive_is_one_line(read_only):
     assert len(lines) == 1 and "cannot write to the archive" in lines[0], done.stderr
     with Archive.open(read_only) as archive:  # searches still read it
         assert Searcher(archive).search(1, k=2).slides
+
+
+def test_a_server_under_load_answers_every_search_through_reindexes(copy):
+    import httpx
+
+    from histosearch.bench.serve import running_server
+
+    statuses, answers, done = [], [], threading.Event()
+
+    def client(mode: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not done.is_set():
+                response = http.post("/api/search", json={"slide": 2, "k": 3, "mode": mode})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    hits = response.json()["results"]
+                    answers.append((mode, [(h["slide"], round(h["similarity"], 4)) for h in hits]))
+
+    with running_server(copy) as (url, _):
+        threads = [threading.Thread(target=client, args=(m,)) for m in ("slides", "patches")]
+        for thread in threads:
+            thread.start()
+        try:
+            with Archive.open(copy) as archive:
+                for _ in range(3):
+                    archive.reindex()
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join()
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert len(answers) > 6
+    for mode in ("slides", "patches"):
+        assert len({str(found) for m, found in answers if m == mode}) == 1  # one answer throughout
