@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from data_paths import CMU, DATA
+from data_paths import CMU, DATA, LC, write_manifest
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,3 +64,19 @@ def served_archive(tmp_path_factory: pytest.TempPathFactory, ome_tiff: Path) -> 
     finally:
         archive.close()
     return root / "archive"
+
+
+@pytest.fixture(scope="session")
+def lc_cmu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding `lc.csv` (3 LC25000 source tiles per class, grouped) and `archive/`,
+    those 9 groups and the CMU-1 slide indexed with the colour histogram reduced to 32-d.
+    Tests read it or copy it; none changes it."""
+    from histosearch import Archive, ArchiveSettings
+
+    root = tmp_path_factory.mktemp("lc-cmu")
+    manifest = write_manifest(root / "lc.csv", LC, "group", 3)
+    settings = ArchiveSettings(encoder="color-histogram", n_features=32)
+    with Archive.create(root / "archive", settings) as archive:
+        report = archive.add([manifest, CMU], group_by="group")
+        assert report.added == 10 and not report.failures
+    return root

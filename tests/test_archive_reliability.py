@@ -25,16 +25,6 @@ OUTSIDE = LC / (LC / "manifest.csv").read_text().splitlines()[-1].split(",")[0]
 SETTINGS = ArchiveSettings(encoder="color-histogram", n_features=32)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("built")
-    manifest = write_manifest(root / "lc.csv", LC, "group", 3)
-    with Archive.create(root / "archive", SETTINGS) as archive:
-        report = archive.add([manifest, CMU], group_by="group")
-        assert report.added == 10 and not report.failures
-    return root
-
-
 def results(archive_dir: Path) -> dict:
     """Every slide's top-3 slides and top-3 patches, as names and rounded similarities."""
     with Archive.open(archive_dir) as archive:
@@ -48,14 +38,14 @@ def results(archive_dir: Path) -> dict:
 
 
 @pytest.fixture
-def copy(built: Path, tmp_path: Path) -> Path:
+def copy(lc_cmu: Path, tmp_path: Path) -> Path:
     target = tmp_path / "archive"
-    shutil.copytree(built / "archive", target)
+    shutil.copytree(lc_cmu / "archive", target)
     return target
 
 
-def test_a_killed_first_batch_is_refused_then_finished_by_the_next_index(built, copy):
-    expected = results(built / "archive")
+def test_a_killed_first_batch_is_refused_then_finished_by_the_next_index(lc_cmu, copy):
+    expected = results(lc_cmu / "archive")
     # the state of a run killed after the last catalog row, before the store and index:
     # the slides are catalogued, embedded, not searchable
     db = sqlite3.connect(copy / "catalog.sqlite")
@@ -70,7 +60,7 @@ def test_a_killed_first_batch_is_refused_then_finished_by_the_next_index(built, 
         app,
         [
             "index",
-            str(built / "lc.csv"),
+            str(lc_cmu / "lc.csv"),
             str(CMU),
             "--archive",
             str(copy),
@@ -87,8 +77,8 @@ def test_a_killed_first_batch_is_refused_then_finished_by_the_next_index(built, 
     assert results(copy) == expected
 
 
-def test_a_missing_or_behind_index_and_an_uncommitted_store_tail(built, copy):
-    expected = results(built / "archive")
+def test_a_missing_or_behind_index_and_an_uncommitted_store_tail(lc_cmu, copy):
+    expected = results(lc_cmu / "archive")
     # rows appended to the store by a killed add, never committed: ignored by readers
     with (copy / "store" / "vectors-0.f16").open("ab") as file:
         file.write(b"\x00" * 64 * 7)
@@ -120,7 +110,7 @@ def test_a_missing_or_behind_index_and_an_uncommitted_store_tail(built, copy):
         "half-catalog",
     ],
 )
-def test_damage_is_named_and_check_repair_mends_it(built, copy, damage):
+def test_damage_is_named_and_check_repair_mends_it(lc_cmu, copy, damage):
     feature = sorted((copy / "features").glob("*.h5"))[0]
     if damage == "delete-feature-file":
         feature.unlink()
@@ -167,7 +157,7 @@ def test_damage_is_named_and_check_repair_mends_it(built, copy, damage):
         assert list(copy.glob("catalog.sqlite*.damaged"))  # kept, never deleted
 
 
-def test_one_writer_at_a_time(built, copy):
+def test_one_writer_at_a_time(lc_cmu, copy):
     with Archive.open(copy) as archive, archive.writing():
         done = subprocess.run(
             [
@@ -193,8 +183,8 @@ def test_one_writer_at_a_time(built, copy):
     assert not (copy / ".writer.pid").exists()
 
 
-def test_concurrent_searches_equal_serial_ones(built):
-    with Archive.open(built / "archive") as archive:
+def test_concurrent_searches_equal_serial_ones(lc_cmu):
+    with Archive.open(lc_cmu / "archive") as archive:
         searcher = Searcher(archive)
         queries = [(r.id, mode) for r in archive.slides() for mode in ("slides", "patches")]
         serial = [searcher.search(q, k=3, mode=m).to_dict() for q, m in queries]
@@ -205,7 +195,7 @@ def test_concurrent_searches_equal_serial_ones(built):
         assert parallel == serial
 
 
-def test_searches_during_an_add_see_only_committed_slides(built, tmp_path):
+def test_searches_during_an_add_see_only_committed_slides(lc_cmu, tmp_path):
     archive_dir = tmp_path / "growing"
     first = write_manifest(tmp_path / "first.csv", LC, "group", 2)
     more = write_manifest(tmp_path / "more.csv", LC, "group", 6)

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from data_paths import CMU, LC, write_manifest
+from data_paths import CMU
 
 from histosearch import Archive, ArchiveError, ArchiveSettings, Searcher
 from histosearch.archive.archive import check_archive
@@ -26,20 +26,10 @@ SETTINGS = ArchiveSettings(encoder="color-histogram", n_features=32)
 FLIPS = 24  # sampled byte positions per file
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("integrity")
-    manifest = write_manifest(root / "lc.csv", LC, "group", 3)
-    with Archive.create(root / "archive", SETTINGS) as archive:
-        report = archive.add([manifest, CMU], group_by="group")
-        assert report.added == 10 and not report.failures
-    return root / "archive"
-
-
 @pytest.fixture
-def copy(built: Path, tmp_path: Path) -> Path:
+def copy(lc_cmu: Path, tmp_path: Path) -> Path:
     target = tmp_path / "archive"
-    shutil.copytree(built, target)
+    shutil.copytree(lc_cmu / "archive", target)
     return target
 
 
@@ -86,8 +76,8 @@ def test_every_sampled_byte_flip_in_the_store_is_caught(copy):
         assert archive.check() == []
 
 
-def test_store_damage_is_rebuilt_from_the_feature_files(built, copy):
-    with Archive.open(built) as archive:
+def test_store_damage_is_rebuilt_from_the_feature_files(lc_cmu, copy):
+    with Archive.open(lc_cmu / "archive") as archive:
         expected = results(archive)
     path = copy / "store" / "vectors-0.f16"
     for position in (5, 1000, path.stat().st_size - 3):
@@ -157,8 +147,8 @@ def test_a_feature_file_swapped_for_another_slides_is_caught(copy):
 
 
 @pytest.mark.parametrize("stem", ["reducer", "index", "calibration"])
-def test_a_changed_or_deleted_derived_file_is_refused_then_rebuilt(built, copy, stem):
-    with Archive.open(built) as archive:
+def test_a_changed_or_deleted_derived_file_is_refused_then_rebuilt(lc_cmu, copy, stem):
+    with Archive.open(lc_cmu / "archive") as archive:
         expected = results(archive)
     for damage in ("flip", "delete"):
         with Archive.open(copy) as archive:
@@ -200,8 +190,8 @@ def test_repair_keeps_ids_and_marks_and_says_what_it_could_not(copy):
     assert description.startswith("0 slides")
 
 
-def test_searches_during_a_reindex_are_all_answered_from_one_generation(built, copy):
-    with Archive.open(built) as archive:
+def test_searches_during_a_reindex_are_all_answered_from_one_generation(lc_cmu, copy):
+    with Archive.open(lc_cmu / "archive") as archive:
         expected = results(archive)
     answers, errors, done = [], [], threading.Event()
 
