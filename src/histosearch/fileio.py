@@ -29,3 +29,31 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(array: object) -> None:
+    """Unmap the whole pages under a read-only memory map's slice from this process.
+
+    A pass over a memory-mapped file larger than memory would otherwise count every page it
+    read in the process's resident size; the pages stay in the page cache (nothing is lost),
+    only the mapping is dropped, and a later read maps them again. Anything but a read-only
+    `np.memmap` (where dropping pages would lose data) is left alone, as are other systems.
+    """
+    import ctypes
+    import sys
+
+    import numpy as np
+
+    if not (isinstance(array, np.memmap) and array.mode == "r" and sys.platform == "linux"):
+        return
+    start = array.ctypes.data
+    first = -(-start // _PAGE) * _PAGE  # whole pages only: neighbours may still be in use
+    last = (start + array.nbytes) // _PAGE * _PAGE
+    if last > first:
+        ctypes.CDLL(None).madvise(
+            ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from histosearch.fileio import atomic_path
+from histosearch.fileio import atomic_path, release_pages
 from histosearch.search.similarity import l2_normalize
 
 METRICS = ("cosine", "l2")
@@ -29,6 +29,11 @@ ADD_CHUNK = 1 << 18
 # allows. Measured on the 2-core machine with `histosearch bench scale` (see the README).
 FLAT_BELOW = 200_000
 PQ_FROM = 2_000_000
+# From HNSW_FROM rows on, the coarse quantiser is an HNSW graph over more, shorter lists:
+# assigning 10^8 vectors to 8,192 lists by a flat scan costs 2 * 10^14 flops; the graph visits a
+# few hundred centroids per vector.
+HNSW_FROM = 20_000_000
+MAX_NLIST, MAX_NLIST_HNSW = 2048, 8192
 # Training points per IVF list: FAISS wants at least 39; more buys little and costs k-means time.
 TRAIN_PER_LIST = 48
 # Lists probed per query: recall of the voting stage against the probe's cost (README).
@@ -54,13 +59,17 @@ def choose_factory(n: int, dim: int) -> str:
     """The `faiss.index_factory` string for an archive of `n` vectors of `dim` dimensions."""
     if n < FLAT_BELOW:
         return "Flat"
-    # about 2 sqrt(n) lists, a power of two, at most 2048 (beyond, assigning 10^7 vectors to
-    # the lists costs more build time than the shorter lists save at query time)
-    nlist = int(np.clip(2 ** round(np.log2(2 * np.sqrt(n))), 256, 2048))
+    # about 2 sqrt(n) lists, a power of two, at most MAX_NLIST (beyond, assigning 10^7 vectors
+    # to the lists by a flat scan costs more build time than the shorter lists save at query
+    # time) or, with the graph quantiser, about sqrt(n) and at most MAX_NLIST_HNSW
+    if n < HNSW_FROM:
+        nlist, quantiser = int(np.clip(2 ** round(np.log2(2 * np.sqrt(n))), 256, MAX_NLIST)), ""
+    else:
+        nlist, quantiser = int(min(2 ** round(np.log2(np.sqrt(n))), MAX_NLIST_HNSW)), "_HNSW32"
     if n < PQ_FROM:
         return f"IVF{nlist},Flat"
     m = next(m for m in (dim // 4, dim // 2, dim) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist}{quantiser},PQ{m}"
 
 
 def _prepared(vectors: np.ndarray, metric: str) -> np.ndarray:
@@ -90,18 +99,35 @@ class PatchIndex:
     ) -> PatchIndex:
         """Train (on a sample, when the type needs training) and fill an index with `vectors`
         (any float dtype, a memory map included); `kind` is a factory string or `auto`."""
-        n, dim = vectors.shape
+        index = cls.trained(vectors, len(vectors), metric, kind, nprobe=nprobe, seed=seed)
+        index.add(vectors)
+        return index
+
+    @classmethod
+    def trained(
+        cls,
+        sample: np.ndarray,
+        n: int,
+        metric: str = "cosine",
+        kind: str = "auto",
+        *,
+        nprobe: int = DEFAULT_NPROBE,
+        seed: int = 0,
+    ) -> PatchIndex:
+        """An empty index of the type for `n` vectors, trained (when the type needs it) on
+        rows of `sample` (all of them, or as many as the type wants, drawn at random)."""
+        dim = sample.shape[1]
         factory = choose_factory(n, dim) if kind == "auto" else kind
         faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         index = faiss.index_factory(dim, factory, faiss_metric)
         patch_index = cls(index, metric)
         if not index.is_trained:
             ivf = faiss.extract_index_ivf(index)
-            size = min(n, TRAIN_PER_LIST * ivf.nlist)
-            rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-            index.train(_prepared(vectors[rows], metric))
+            size = min(len(sample), TRAIN_PER_LIST * ivf.nlist)
+            rows = np.sort(np.random.default_rng(seed).choice(len(sample), size, replace=False))
+            index.train(_prepared(sample[rows], metric))
+            release_pages(sample)
         patch_index.nprobe = nprobe
-        patch_index.add(vectors)
         return patch_index
 
     @property
@@ -130,7 +156,9 @@ class PatchIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected (n, {self.dim}) vectors, got {vectors.shape}")
         for start in range(0, len(vectors), ADD_CHUNK):
-            self.index.add(_prepared(vectors[start : start + ADD_CHUNK], self.metric))
+            chunk = vectors[start : start + ADD_CHUNK]
+            self.index.add(_prepared(chunk, self.metric))
+            release_pages(chunk)  # a store larger than memory is read once, not held
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None

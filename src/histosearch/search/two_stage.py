@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 import faiss
 import numpy as np
 
+from histosearch.fileio import release_pages
 from histosearch.search.patch_index import PatchIndex, faiss_threads
 from histosearch.search.similarity import l2_normalize, slide_similarities
 
@@ -87,11 +88,13 @@ def slide_votes(
     patch = np.broadcast_to(np.arange(len(rows))[:, None], hits.shape)[valid]
     slide = np.searchsorted(offsets, hits[valid], side="right") - 1
     sims = sims[valid]
-    # each query patch votes once per slide, with its best similarity into that slide
-    order = np.lexsort((-sims, slide, patch))
-    pair = patch[order].astype(np.int64) * len(offsets) + slide[order]
-    first = np.concatenate([[True], pair[1:] != pair[:-1]])
-    chosen = order[first]
+    # each query patch votes once per slide, with its best similarity into that slide: FAISS
+    # lists each patch's hits best first, so a stable sort by (patch, slide) puts every pair's
+    # best hit first
+    pair = patch.astype(np.int64) * len(offsets) + slide
+    order = np.argsort(pair, kind="stable")
+    pair = pair[order]
+    chosen = order[np.concatenate([[True], pair[1:] != pair[:-1]])]
     return np.bincount(
         slide[chosen], weights=sims[chosen] * weights[patch[chosen]], minlength=len(offsets) - 1
     )
@@ -149,7 +152,7 @@ def shortlist_slides(
     return reached[np.argsort(-scores, kind="stable")][:n_candidates]
 
 
-def _exact_scan(
+def exact_similarities(
     store: np.ndarray, offsets: np.ndarray, query: np.ndarray, slides: np.ndarray
 ) -> np.ndarray:
     """The WSI measure of the query against `slides` (ascending indices), reading only their
@@ -168,6 +171,7 @@ def _exact_scan(
             block = np.concatenate([store[offsets[s] : offsets[s + 1]] for s in run])
         local = np.concatenate([[0], np.cumsum(offsets[run + 1] - offsets[run])])
         sims[start:stop] = slide_similarities(query, block, local)
+        release_pages(block)  # a scan of a store larger than memory does not hold it
         start = stop
     return sims
 
@@ -209,6 +213,6 @@ def rank_slides(
         slides = np.setdiff1d(np.arange(n_slides), np.fromiter(skip, np.int64, len(skip)))
     if verify is not None:
         verify(slides)
-    sims = _exact_scan(store, offsets, query, slides)
+    sims = exact_similarities(store, offsets, query, slides)
     order = np.argsort(-sims, kind="stable")[:k]  # ties: the lower slide index first
     return slides[order], sims[order]
