@@ -9,15 +9,22 @@ from pathlib import Path
 import numpy as np
 from data_paths import DATA
 
+from histosearch.archive.checksums import array_checksum
 from histosearch.bench.scale import (
+    EXACT_BLOCK_ROWS,
     MAX_SLIDE,
     MIN_SLIDE,
     SCALE_KEYS,
+    SCREEN_WIDTH,
+    SlideMaker,
     bench_scale,
+    exact_rankings,
     open_store,
     plot_latency,
     write_results,
+    write_store,
 )
+from histosearch.search.two_stage import rank_slides
 
 
 def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
@@ -53,3 +60,21 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     # the store holds float16 vectors around the real (PCA-projected) embeddings
     store = open_store(tmp_path / "store.f16", 32)
     assert store.dtype == np.float16 and np.isfinite(store[:1000].astype(np.float32)).all()
+
+
+def test_the_blocked_exact_pass_equals_the_exact_scan_of_each_query(tmp_path: Path):
+    """`exact_rankings` (one pass, a bfloat16 screen, float32 on the screened slides) gives
+    every query the top k of the exact scan that a search runs, across several blocks."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((60, 16)).astype(np.float32)
+    maker = SlideMaker(centres, np.repeat(np.arange(20), 3), np.zeros(20, int), seed=1)
+    offsets, checksums = write_store(tmp_path / "store.f16", maker, 150_000, None)
+    store = open_store(tmp_path / "store.f16", 16)
+    assert checksums[3] == array_checksum(store[offsets[3] : offsets[4]])
+    queries = [maker.slide(300).astype(np.float16).astype(np.float32) for _ in range(6)]
+    passed = exact_rankings(tmp_path / "store.f16", 16, offsets, queries, 5)
+    assert len(offsets) - 1 > 100 and offsets[-1] > 2 * EXACT_BLOCK_ROWS
+    for query, ranking in zip(queries, passed.rankings, strict=True):
+        slides, _ = rank_slides(store, offsets, query, 5, exact=True)
+        assert ranking.tolist() == slides.tolist()
+    assert 5 * SCREEN_WIDTH <= passed.screened < len(offsets) - 1

@@ -13,8 +13,8 @@ the archive keeps its reduced vectors; no HDF5 files, no encoder over N patches.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,6 +34,12 @@ MIN_SLIDE, MAX_SLIDE = 200, 5_000
 # log-normal slide sizes: median 800 patches (a slide at 20x is a few hundred to thousands)
 SIZE_MEDIAN, SIZE_SIGMA = 800, 0.8
 QUERY_PATCHES = (200, 400)
+# The blocked exact pass (`exact_rankings`): rows read per block, the first screen's width (in
+# multiples of k), and the bound on a bfloat16 slide similarity's error: inputs and cosines
+# rounded to 8 significant bits move a cosine of unit vectors by at most 3 * 2^-9 = 0.006.
+EXACT_BLOCK_ROWS = 1 << 16
+SCREEN_WIDTH = 8
+BF16_ERROR = 0.01
 # real sources embedded per dataset, and patches per source
 SOURCES_PER_SET, PATCHES_PER_SOURCE = 40, 12
 SCALE_KEYS = (
@@ -79,6 +85,10 @@ class ScaleResult:
     # per `--filter-keep` fraction: the slides kept, the two-stage and exact p50 latency of
     # slide queries restricted to them, and the top-5 agreement of the two
     filtered: list[dict[str, float]] = field(default_factory=list)
+    # the blocked exact pass that gave the agreement's exact answers: its seconds for all
+    # `exact_queries`, and the slides it measured in float32 per query (`exact_rankings`)
+    exact_pass_s: float = 0.0
+    exact_screened: float = 0.0
 
     def figures(self) -> dict[str, float | int]:
         return {key: asdict(self)[key] for key in SCALE_KEYS}
@@ -154,24 +164,91 @@ class SlideMaker:
 
 def write_store(
     path: Path, maker: SlideMaker, n_patches: int, on_progress: Callable[[int], None] | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[int]]:
     """Write slides of `maker` into a float16 store file of about `n_patches` rows (the last
-    slide is cut to fit); returns the slides' row offsets."""
-    sizes = []
+    slide is cut to fit); returns the slides' row offsets and the checksum of each slide's
+    rows (as the catalog records them)."""
+    sizes, checksums = [], []
     with path.open("wb") as file:
         total = 0
         while total < n_patches:
-            n = min(maker.size(), n_patches - total)
-            file.write(maker.slide(max(n, 1)).astype(np.float16).tobytes())
-            sizes.append(max(n, 1))
-            total += sizes[-1]
+            n = max(min(maker.size(), n_patches - total), 1)
+            rows = maker.slide(n).astype(np.float16)
+            file.write(rows.tobytes())
+            checksums.append(array_checksum(rows))
+            sizes.append(n)
+            total += n
             if on_progress is not None:
-                on_progress(sizes[-1])
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+                on_progress(n)
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), checksums
 
 
 def open_store(path: Path, dim: int) -> np.ndarray:
     return np.memmap(path, dtype=np.float16, mode="r").reshape(-1, dim)
+
+
+@dataclass(frozen=True)
+class ExactPass:
+    """The exact top k of many slide queries from one blocked pass over the store."""
+
+    rankings: np.ndarray  # (queries, k) slide indices, best first
+    seconds: float
+    # slides measured in float32 per query, on average (the screen's final width)
+    screened: float
+
+
+def exact_rankings(
+    path: Path,
+    dim: int,
+    offsets: np.ndarray,
+    queries: list[np.ndarray],
+    k: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> ExactPass:
+    """The exact scan of every query at once, for stores too big to scan once per query.
+
+    The store is read once, EXACT_BLOCK_ROWS rows (whole slides) at a time and not memory
+    mapped, and the WSI measure of every query against every slide is taken in bfloat16 (three
+    times float32's speed here). Each query's best slides by that screen are then measured in
+    float32 as the search measures them; the screen widens until the k-th float32 similarity
+    clears the best left-out screen score by BF16_ERROR, which bounds the bfloat16 error.
+    """
+    import torch
+
+    from histosearch.search.similarity import many_slide_similarities
+    from histosearch.search.two_stage import exact_similarities
+
+    start = time.perf_counter()
+    n_slides = len(offsets) - 1
+    screen = np.empty((len(queries), n_slides), np.float32)
+    with path.open("rb") as file:
+        first = 0
+        while first < n_slides:
+            last = int(np.searchsorted(offsets, offsets[first] + EXACT_BLOCK_ROWS, "right")) - 1
+            last = min(max(last, first + 1), n_slides)
+            file.seek(int(offsets[first]) * dim * 2)
+            count = int(offsets[last] - offsets[first]) * dim
+            block = np.fromfile(file, np.float16, count).reshape(-1, dim)
+            local = offsets[first : last + 1] - offsets[first]
+            screen[:, first:last] = many_slide_similarities(queries, block, local, torch.bfloat16)
+            if on_progress is not None:
+                on_progress(int(local[-1]))
+            first = last
+    store = open_store(path, dim)
+    rankings, widths = np.empty((len(queries), k), np.int64), []
+    for q, (query, scores) in enumerate(zip(queries, screen, strict=True)):
+        order = np.argsort(-scores, kind="stable")
+        width = min(SCREEN_WIDTH * k, n_slides)
+        while True:
+            kept = np.sort(order[:width])
+            sims = exact_similarities(store, offsets, query, kept)
+            best = np.argsort(-sims, kind="stable")[:k]
+            left_out = scores[order[width]] if width < n_slides else -np.inf
+            if sims[best[-1]] >= left_out + BF16_ERROR:  # always true once all are kept
+                break
+            width = min(width * 4, n_slides)
+        rankings[q], widths = kept[best], [*widths, width]
+    return ExactPass(rankings, time.perf_counter() - start, float(np.mean(widths)))
 
 
 def bench_scale(
@@ -183,6 +260,7 @@ def bench_scale(
     *,
     queries: int = 40,
     exact_queries: int | None = None,
+    exact_timed: int = 10,
     k: int = 5,
     kind: str = "auto",
     nprobe: int | None = None,
@@ -203,8 +281,8 @@ def bench_scale(
     on_stage(f"writing {n_patches:,} patches")
     start = time.perf_counter()
     store_path = workdir / "store.f16"
-    last = maker.slide(maker.size())  # the slide added at the end
-    offsets = write_store(store_path, maker, n_patches - len(last), on_progress)
+    last = maker.slide(maker.size()).astype(np.float16)  # the slide added at the end
+    offsets, checksums = write_store(store_path, maker, n_patches - len(last), on_progress)
     generate_s = time.perf_counter() - start
 
     on_stage("building the patch index")
@@ -218,11 +296,12 @@ def bench_scale(
     on_stage("adding one slide")
     start = time.perf_counter()
     with store_path.open("ab") as file:
-        file.write(last.astype(np.float16).tobytes())
+        file.write(last.tobytes())
     store = open_store(store_path, dim)
     offsets = np.append(offsets, offsets[-1] + len(last))
     index.add(store[offsets[-2] :])
     add_one_s = time.perf_counter() - start
+    checksums.append(array_checksum(last))
     np.save(workdir / "offsets.npy", offsets)  # the store's slides, to look into a run later
 
     on_stage("slide queries")
@@ -231,16 +310,16 @@ def bench_scale(
         fresh.slide(int(fresh.rng.integers(*QUERY_PATCHES))).astype(np.float16).astype(np.float32)
         for _ in range(queries)
     ]
-    checksums = [array_checksum(store[a:b]) for a, b in itertools.pairwise(offsets)]
 
     def verify(slides: np.ndarray) -> None:
         for slide in slides:
             if array_checksum(store[offsets[slide] : offsets[slide + 1]]) != checksums[slide]:
                 raise RuntimeError(f"store rows of slide {slide} changed")
 
-    # each query without and with verification in turn, so both meet the same machine
-    fast_times, fast_results, verified_times = [], [], []
-    for query in query_set:
+    # each query without and with verification, and (the first `exact_timed`) by the exact
+    # scan as a search runs it, in turn, so that all meet the same machine
+    fast_times, fast_results, verified_times, exact_times = [], [], [], []
+    for i, query in enumerate(query_set):
         start = time.perf_counter()
         slides, _ = rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates)
         fast_times.append(time.perf_counter() - start)
@@ -248,14 +327,16 @@ def bench_scale(
         start = time.perf_counter()
         rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates, verify=verify)
         verified_times.append(time.perf_counter() - start)
+        if i < exact_timed:
+            start = time.perf_counter()
+            rank_slides(store, offsets, query, k, exact=True)
+            exact_times.append(time.perf_counter() - start)
     exact_queries = queries if exact_queries is None else min(exact_queries, queries)
-    exact_times, top5, top1 = [], 0, 0
-    for query, fast in zip(query_set[:exact_queries], fast_results, strict=False):
-        start = time.perf_counter()
-        exact, _ = rank_slides(store, offsets, query, k, exact=True)
-        exact_times.append(time.perf_counter() - start)
-        top5 += set(exact.tolist()) == set(fast.tolist())
-        top1 += exact[0] == fast[0]
+    on_stage(f"exact scan of {exact_queries} queries")
+    exact = exact_rankings(store_path, dim, offsets, query_set[:exact_queries], k, on_progress)
+    pairs = list(zip(exact.rankings, fast_results, strict=False))
+    top5 = sum(set(e.tolist()) == set(f.tolist()) for e, f in pairs)
+    top1 = sum(e[0] == f[0] for e, f in pairs)
 
     filtered = [
         _filtered_queries(store, offsets, index, query_set, k, keep, n_candidates, seed)
@@ -280,7 +361,7 @@ def bench_scale(
         slide_query_p50_s=float(np.percentile(fast_times, 50)),
         slide_query_p95_s=float(np.percentile(fast_times, 95)),
         verified_query_p50_s=float(np.percentile(verified_times, 50)),
-        exact_query_p50_s=float(np.percentile(exact_times, 50)),
+        exact_query_p50_s=float(np.percentile(exact_times, 50)) if exact_times else math.nan,
         patch_query_p50_s=float(np.percentile(patch_times, 50)),
         top5_agreement=top5 / exact_queries,
         top1_agreement=top1 / exact_queries,
@@ -292,6 +373,8 @@ def bench_scale(
         store_gb=store_path.stat().st_size / 1e9,
         index_gb=index_path.stat().st_size / 1e9,
         filtered=filtered,
+        exact_pass_s=exact.seconds,
+        exact_screened=exact.screened,
     )
 
 

@@ -296,8 +296,17 @@ def bench_scale_command(
     queries: Annotated[int, typer.Option("--queries", min=1, help="Slide queries.")] = 40,
     exact_queries: Annotated[
         int | None,
-        typer.Option("--exact-queries", help="Of those, how many also run the exact scan."),
+        typer.Option(
+            "--exact-queries",
+            help="Of those, how many are compared with the exact answers (one blocked pass).",
+        ),
     ] = None,
+    exact_timed: Annotated[
+        int,
+        typer.Option(
+            "--exact-timed", min=0, help="Of those, how many are also timed by the exact scan."
+        ),
+    ] = 10,
     kind: Annotated[
         str, typer.Option("--kind", help="FAISS factory string, or auto (by archive size).")
     ] = "auto",
@@ -333,11 +342,13 @@ def bench_scale_command(
                 encoder_name,
                 queries=queries,
                 exact_queries=exact_queries,
+                exact_timed=exact_timed,
                 kind=kind,
                 nprobe=nprobe,
                 n_candidates=candidates,
                 filter_keep=tuple(filter_keep or ()),
-                on_stage=lambda stage: bar.update(task, description=stage),
+                # writing the store and the exact pass each count the patches they pass
+                on_stage=lambda stage: bar.update(task, description=stage, completed=0),
                 on_progress=lambda n: bar.advance(task, n),
             )
         table = Table(title=f"Scale: {result.patches:,} patches, {result.slides:,} slides, {dim}-d")
@@ -345,7 +356,8 @@ def bench_scale_command(
         table.add_column("value", justify="right")
         for key, value in result.figures().items():
             table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
-        for key in ("index", "queries", "exact_queries", "generate_s", "store_gb", "index_gb"):
+        details = ("index", "queries", "exact_queries", "exact_pass_s", "exact_screened")
+        for key in (*details, "generate_s", "store_gb", "index_gb"):
             value = getattr(result, key)
             table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
         for row in result.filtered:

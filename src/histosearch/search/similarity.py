@@ -12,6 +12,7 @@ matrix, slide k owning rows offsets[k]:offsets[k+1].
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -80,9 +81,21 @@ def slide_similarities(
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """sim(query slide, slide k) for every slide k of a back-to-back feature matrix."""
+    return many_slide_similarities([query], features, offsets, dtype)[0]
+
+
+def many_slide_similarities(
+    queries: Sequence[np.ndarray],
+    features: np.ndarray,
+    offsets: np.ndarray,
+    dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """sim(query q, slide k) for every query and every slide, (queries x slides): the
+    features are normalised and converted once for all the queries."""
     offsets = np.asarray(offsets)
-    return _similarities(
-        _as_tensor(query, dtype), _as_tensor(features, dtype), offsets, 0, len(offsets) - 1
+    tensor = _as_tensor(features, dtype)
+    return np.stack(
+        [_similarities(_as_tensor(q, dtype), tensor, offsets, 0, len(offsets) - 1) for q in queries]
     )
 
 
