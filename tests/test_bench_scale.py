@@ -24,7 +24,7 @@ from histosearch.bench.scale import (
     write_results,
     write_store,
 )
-from histosearch.search.two_stage import rank_slides
+from histosearch.search.two_stage import Shortlist, rank_slides
 
 
 def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
@@ -42,8 +42,8 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     offsets_sizes = result.patches / result.slides
     assert result.patches == len(open_store(tmp_path / "store.f16", 32))
     assert result.patches >= 30_000 and MIN_SLIDE <= offsets_sizes <= MAX_SLIDE
-    assert result.index == "IndexFlat" and result.exact_queries == 4
-    # the Flat index and 64 candidates of ~30 slides: the two-stage ranking is the exact one
+    assert result.index == "IndexFlatIP" and result.exact_queries == 4 and not result.reused
+    # the exact index and ~30 slides: the two-stage ranking is the exact one
     assert result.top5_agreement == result.top1_agreement == 1.0
     # filtered: the kept share of the slides, and the filtered search equals the exact scan
     kept = [max(1, round(result.slides * share)) for share in (0.5, 0.05)]
@@ -57,6 +57,26 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     assert figures["patches"] == result.patches and figures["details"]["queries"] == 4
     plot_latency([tmp_path / "r.json", tmp_path / "r.json"], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    # --reuse: the same build and exact answers, other stage-1 knobs
+    again = bench_scale(
+        30_000,
+        32,
+        tmp_path,
+        DATA,
+        "color-histogram",
+        queries=4,
+        exact_timed=0,
+        shortlist=Shortlist(candidates=3, sketch_rows=8),
+        seed=3,
+        reuse=True,
+    )
+    assert again.reused and (again.build_s, again.patches) == (result.build_s, result.patches)
+    assert again.exact_pass_s == result.exact_pass_s and np.isnan(again.exact_query_p50_s)
+    assert again.shortlist["candidates"] == 3 and again.shortlist["sketch_rows"] == 8
+    # another seed is another archive: built again
+    assert not bench_scale(
+        30_000, 32, tmp_path, DATA, "color-histogram", queries=2, seed=4, reuse=True
+    ).reused
     # the store holds float16 vectors around the real (PCA-projected) embeddings
     store = open_store(tmp_path / "store.f16", 32)
     assert store.dtype == np.float16 and np.isfinite(store[:1000].astype(np.float32)).all()

@@ -13,7 +13,7 @@ from histosearch.archive.archive import Archive
 from histosearch.cli import app
 from histosearch.search.patch_index import PatchIndex, choose_factory
 from histosearch.search.similarity import slide_similarities
-from histosearch.search.two_stage import query_mosaic, rank_slides, shortlist_slides
+from histosearch.search.two_stage import Shortlist, query_mosaic, rank_slides, shortlist_slides
 from histosearch.search.upkeep import load_patch_index
 
 runner = CliRunner()
@@ -136,9 +136,11 @@ def test_two_stage_ranking_equals_the_exact_scan(store, kind: str):
             skip |= set(first.tolist())
         exact, exact_sims = rank_slides(vectors, offsets, query, 5, skip, exact=True)
         fast, fast_sims = rank_slides(
-            vectors, offsets, query, 5, skip, index, n_candidates=12, neighbours=16
+            vectors, offsets, query, 5, skip, index, Shortlist(12, neighbours=16)
         )
-        shortlist = shortlist_slides(index, vectors, offsets, query, 12, skip, neighbours=16)
+        shortlist = shortlist_slides(
+            index, vectors, offsets, query, 12, skip, Shortlist(neighbours=16)
+        )
         # (a shortlist shorter than k makes rank_slides scan every slide)
         assert len(shortlist) <= 12 and not skip & set(shortlist.tolist())
         if len(shortlist) >= 5:
@@ -169,7 +171,12 @@ def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store
     # so every slide is scanned
     index = PatchIndex.build(vectors)
     pair = query[:2]
-    assert len(shortlist_slides(index, vectors, offsets, pair, 64, neighbours=1)) <= 2
-    fallback = rank_slides(vectors, offsets, pair, 5, index=index, neighbours=1)[0]
+    assert (
+        len(shortlist_slides(index, vectors, offsets, pair, 64, shortlist=Shortlist(neighbours=1)))
+        <= 2
+    )
+    fallback = rank_slides(
+        vectors, offsets, pair, 5, index=index, shortlist=Shortlist(neighbours=1)
+    )[0]
     assert np.array_equal(fallback, rank_slides(vectors, offsets, pair, 5, exact=True)[0])
     assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])

@@ -18,7 +18,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from histosearch.archive.reduce import PCAReducer
 from histosearch.bench.common import peak_rss_gb
 from histosearch.fileio import atomic_path
 from histosearch.search.patch_index import PatchIndex
-from histosearch.search.two_stage import rank_slides
+from histosearch.search.two_stage import DEFAULT_SHORTLIST, Shortlist, rank_slides
 
 MIN_SLIDE, MAX_SLIDE = 200, 5_000
 # log-normal slide sizes: median 800 patches (a slide at 20x is a few hundred to thousands)
@@ -89,6 +89,10 @@ class ScaleResult:
     # `exact_queries`, and the slides it measured in float32 per query (`exact_rankings`)
     exact_pass_s: float = 0.0
     exact_screened: float = 0.0
+    # stage 1's knobs (`Shortlist`), and whether the store, index and exact answers were
+    # those of an earlier run in the same workdir (`--reuse`)
+    shortlist: dict[str, int | None] = field(default_factory=dict)
+    reused: bool = False
 
     def figures(self) -> dict[str, float | int]:
         return {key: asdict(self)[key] for key in SCALE_KEYS}
@@ -251,6 +255,96 @@ def exact_rankings(
     return ExactPass(rankings, time.perf_counter() - start, float(np.mean(widths)))
 
 
+@dataclass(frozen=True)
+class Built:
+    """The synthetic archive of a run, as `build.json` in its workdir records it."""
+
+    patches: int
+    dim: int
+    seed: int
+    encoder: str
+    kind: str
+    generate_s: float
+    build_s: float
+    add_one_s: float
+
+    def same_archive(self, other: Built) -> bool:
+        return astuple(self)[:5] == astuple(other)[:5]  # all but the timings
+
+
+def _build(
+    maker: SlideMaker,
+    n_patches: int,
+    workdir: Path,
+    wanted: Built,
+    on_stage: Callable[[str], None],
+    on_progress: Callable[[int], None] | None,
+) -> Built:
+    """Write the store, build and save its index, add one slide; records it in build.json."""
+    on_stage(f"writing {n_patches:,} patches")
+    start = time.perf_counter()
+    store_path = workdir / "store.f16"
+    last = maker.slide(maker.size()).astype(np.float16)  # the slide added at the end
+    offsets, checksums = write_store(store_path, maker, n_patches - len(last), on_progress)
+    generate_s = time.perf_counter() - start
+
+    on_stage("building the patch index")
+    store = open_store(store_path, wanted.dim)
+    start = time.perf_counter()
+    index = PatchIndex.build(store, kind=wanted.kind)
+    build_s = time.perf_counter() - start
+
+    on_stage("adding one slide")
+    start = time.perf_counter()
+    with store_path.open("ab") as file:
+        file.write(last.tobytes())
+    store = open_store(store_path, wanted.dim)
+    offsets = np.append(offsets, offsets[-1] + len(last))
+    index.add(store[offsets[-2] :])
+    add_one_s = time.perf_counter() - start
+    checksums.append(array_checksum(last))
+
+    index.save(workdir / "index.faiss")
+    np.save(workdir / "offsets.npy", offsets)
+    np.save(workdir / "checksums.npy", np.array(checksums, np.uint32))
+    built = replace(wanted, generate_s=generate_s, build_s=build_s, add_one_s=add_one_s)
+    with atomic_path(workdir / "build.json") as tmp:
+        tmp.write_text(json.dumps(asdict(built), indent=2) + "\n")
+    return built
+
+
+def _earlier_build(workdir: Path, wanted: Built) -> Built | None:
+    """The build recorded in `workdir` when it is the archive `wanted` describes."""
+    record = workdir / "build.json"
+    if not record.is_file():
+        return None
+    built = Built(**json.loads(record.read_text()))
+    return built if built.same_archive(wanted) else None
+
+
+def _exact_pass(
+    workdir: Path,
+    dim: int,
+    offsets: np.ndarray,
+    queries: list[np.ndarray],
+    k: int,
+    reuse: bool,
+    on_progress: Callable[[int], None] | None,
+) -> ExactPass:
+    """The exact answers of `queries`, from `exact-Q-kK.npz` of an earlier run when `reuse`
+    (the queries are drawn from the seed, so Q and k name them), else from a blocked pass."""
+    cache = workdir / f"exact-{len(queries)}-k{k}.npz"
+    if reuse and cache.is_file():
+        with np.load(cache) as stored:
+            return ExactPass(
+                stored["rankings"], float(stored["seconds"]), float(stored["screened"])
+            )
+    exact = exact_rankings(workdir / "store.f16", dim, offsets, queries, k, on_progress)
+    with atomic_path(cache) as tmp, tmp.open("wb") as file:
+        np.savez(file, rankings=exact.rankings, seconds=exact.seconds, screened=exact.screened)
+    return exact
+
+
 def bench_scale(
     n_patches: int,
     dim: int,
@@ -264,45 +358,36 @@ def bench_scale(
     k: int = 5,
     kind: str = "auto",
     nprobe: int | None = None,
-    n_candidates: int | None = None,
+    shortlist: Shortlist = DEFAULT_SHORTLIST,
     filter_keep: tuple[float, ...] = (),
     seed: int = 0,
+    reuse: bool = False,
     on_stage: Callable[[str], None] = lambda _: None,
     on_progress: Callable[[int], None] | None = None,
 ) -> ScaleResult:
     """Build a synthetic archive of `n_patches` in `workdir`, index it, grow it by one slide,
     and time slide queries (two-stage and exact, and restricted to a random `filter_keep`
-    fraction of the slides, as a `--where` filter restricts them) and patch queries."""
+    fraction of the slides, as a `--where` filter restricts them) and patch queries. With
+    `reuse`, the store, index and exact answers an earlier run left in `workdir` for the same
+    archive (size, dimension, seed, encoder, index kind) are used again, so that stage 1's
+    knobs can be compared on one large archive built once."""
     on_stage("embedding the real sources")
     features, source, dataset = real_embeddings(data, encoder_name, workdir / "sources.npz")
     centres = PCAReducer(dim).fit(features).transform(features)
     maker = SlideMaker(centres, source, dataset, seed)
 
-    on_stage(f"writing {n_patches:,} patches")
-    start = time.perf_counter()
+    wanted = Built(n_patches, dim, seed, encoder_name, kind, 0.0, 0.0, 0.0)
+    built = _earlier_build(workdir, wanted) if reuse else None
+    reused = built is not None
+    if built is None:
+        built = _build(maker, n_patches, workdir, wanted, on_stage, on_progress)
     store_path = workdir / "store.f16"
-    last = maker.slide(maker.size()).astype(np.float16)  # the slide added at the end
-    offsets, checksums = write_store(store_path, maker, n_patches - len(last), on_progress)
-    generate_s = time.perf_counter() - start
-
-    on_stage("building the patch index")
     store = open_store(store_path, dim)
-    start = time.perf_counter()
-    index = PatchIndex.build(store, kind=kind)
-    build_s = time.perf_counter() - start
+    index = PatchIndex.load(workdir / "index.faiss")
+    offsets = np.load(workdir / "offsets.npy")
+    checksums = np.load(workdir / "checksums.npy")
     if nprobe is not None:
         index.nprobe = nprobe
-
-    on_stage("adding one slide")
-    start = time.perf_counter()
-    with store_path.open("ab") as file:
-        file.write(last.tobytes())
-    store = open_store(store_path, dim)
-    offsets = np.append(offsets, offsets[-1] + len(last))
-    index.add(store[offsets[-2] :])
-    add_one_s = time.perf_counter() - start
-    checksums.append(array_checksum(last))
-    np.save(workdir / "offsets.npy", offsets)  # the store's slides, to look into a run later
 
     on_stage("slide queries")
     fresh = SlideMaker(centres, source, dataset, seed + 1)
@@ -321,11 +406,11 @@ def bench_scale(
     fast_times, fast_results, verified_times, exact_times = [], [], [], []
     for i, query in enumerate(query_set):
         start = time.perf_counter()
-        slides, _ = rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates)
+        slides, _ = rank_slides(store, offsets, query, k, index=index, shortlist=shortlist)
         fast_times.append(time.perf_counter() - start)
         fast_results.append(slides)
         start = time.perf_counter()
-        rank_slides(store, offsets, query, k, index=index, n_candidates=n_candidates, verify=verify)
+        rank_slides(store, offsets, query, k, index=index, shortlist=shortlist, verify=verify)
         verified_times.append(time.perf_counter() - start)
         if i < exact_timed:
             start = time.perf_counter()
@@ -333,13 +418,13 @@ def bench_scale(
             exact_times.append(time.perf_counter() - start)
     exact_queries = queries if exact_queries is None else min(exact_queries, queries)
     on_stage(f"exact scan of {exact_queries} queries")
-    exact = exact_rankings(store_path, dim, offsets, query_set[:exact_queries], k, on_progress)
+    exact = _exact_pass(workdir, dim, offsets, query_set[:exact_queries], k, reuse, on_progress)
     pairs = list(zip(exact.rankings, fast_results, strict=False))
     top5 = sum(set(e.tolist()) == set(f.tolist()) for e, f in pairs)
     top1 = sum(e[0] == f[0] for e, f in pairs)
 
     filtered = [
-        _filtered_queries(store, offsets, index, query_set, k, keep, n_candidates, seed)
+        _filtered_queries(store, offsets, index, query_set, k, keep, shortlist, seed)
         for keep in filter_keep
     ]
 
@@ -351,13 +436,11 @@ def bench_scale(
         index.search(patch[None], 10)
         patch_times.append(time.perf_counter() - start)
 
-    index_path = workdir / "index.faiss"
-    index.save(index_path)
     return ScaleResult(
         patches=len(store),
         slides=len(offsets) - 1,
-        build_s=build_s,
-        add_one_s=add_one_s,
+        build_s=built.build_s,
+        add_one_s=built.add_one_s,
         slide_query_p50_s=float(np.percentile(fast_times, 50)),
         slide_query_p95_s=float(np.percentile(fast_times, 95)),
         verified_query_p50_s=float(np.percentile(verified_times, 50)),
@@ -369,12 +452,14 @@ def bench_scale(
         index=_describe(index),
         queries=queries,
         exact_queries=exact_queries,
-        generate_s=generate_s,
+        generate_s=built.generate_s,
         store_gb=store_path.stat().st_size / 1e9,
-        index_gb=index_path.stat().st_size / 1e9,
+        index_gb=(workdir / "index.faiss").stat().st_size / 1e9,
         filtered=filtered,
         exact_pass_s=exact.seconds,
         exact_screened=exact.screened,
+        shortlist=asdict(shortlist),
+        reused=reused,
     )
 
 
@@ -385,7 +470,7 @@ def _filtered_queries(
     queries: list[np.ndarray],
     k: int,
     keep: float,
-    n_candidates: int | None,
+    shortlist: Shortlist,
     seed: int,
 ) -> dict[str, float]:
     """Slide queries restricted to a random `keep` fraction of the slides: the two-stage
@@ -396,9 +481,7 @@ def _filtered_queries(
     fast_times, exact_times, top5 = [], [], 0
     for query in queries:
         start = time.perf_counter()
-        fast, _ = rank_slides(
-            store, offsets, query, k, skip, index=index, n_candidates=n_candidates
-        )
+        fast, _ = rank_slides(store, offsets, query, k, skip, index=index, shortlist=shortlist)
         fast_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         exact, _ = rank_slides(store, offsets, query, k, skip, exact=True)

@@ -312,8 +312,38 @@ def bench_scale_command(
     ] = "auto",
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists probed.")] = None,
     candidates: Annotated[
-        int | None, typer.Option("--candidates", help="Slides shortlisted by stage 1.")
+        int | None, typer.Option("--candidates", min=1, help="Slides shortlisted by stage 1.")
     ] = None,
+    neighbours: Annotated[
+        int | None,
+        typer.Option(
+            "--neighbours", min=1, help="Index neighbours per query patch (default: the search's)."
+        ),
+    ] = None,
+    sketch_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--sketch-rows",
+            min=1,
+            help="Rows per slide in the sketch measure (default: the search's).",
+        ),
+    ] = None,
+    max_sketched: Annotated[
+        int | None,
+        typer.Option(
+            "--max-sketched",
+            min=1,
+            help="Slides sketched at most per query (default: the search's).",
+        ),
+    ] = None,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse",
+            help="Use the store, index and exact answers an earlier run of the same archive "
+            "left in --workdir (to compare stage 1's knobs on one build).",
+        ),
+    ] = False,
     filter_keep: Annotated[
         list[float] | None,
         typer.Option(
@@ -330,6 +360,14 @@ def bench_scale_command(
 ) -> None:
     """Two-stage slide search, exact scan and patch search over a synthetic N-patch archive."""
     from histosearch.bench.scale import bench_scale, write_results
+    from histosearch.search.two_stage import Shortlist
+
+    knobs = dict(
+        candidates=candidates,
+        neighbours=neighbours,
+        sketch_rows=sketch_rows,
+        max_sketched=max_sketched,
+    )
 
     def run(folder: Path) -> None:
         with progress() as bar:
@@ -345,7 +383,8 @@ def bench_scale_command(
                 exact_timed=exact_timed,
                 kind=kind,
                 nprobe=nprobe,
-                n_candidates=candidates,
+                shortlist=Shortlist(**{k: v for k, v in knobs.items() if v is not None}),
+                reuse=reuse,
                 filter_keep=tuple(filter_keep or ()),
                 # writing the store and the exact pass each count the patches they pass
                 on_stage=lambda stage: bar.update(task, description=stage, completed=0),
@@ -360,6 +399,9 @@ def bench_scale_command(
         for key in (*details, "generate_s", "store_gb", "index_gb"):
             value = getattr(result, key)
             table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
+        table.add_row("stage 1", ", ".join(f"{k} {v}" for k, v in result.shortlist.items()))
+        if result.reused:
+            table.add_row("build", f"reused from {folder}")
         for row in result.filtered:
             share = f"filter keeping {row['keep']:.0%} ({row['slides']:,} slides)"
             table.add_row(f"{share}: slide query p50 s", f"{row['query_p50_s']:.4g}")

@@ -37,7 +37,7 @@ MAX_NLIST, MAX_NLIST_HNSW = 2048, 8192
 # Training points per IVF list: FAISS wants at least 39; more buys little and costs k-means time.
 TRAIN_PER_LIST = 48
 # Lists probed per query: recall of the voting stage against the probe's cost (README).
-DEFAULT_NPROBE = 16
+DEFAULT_NPROBE = 8
 # Searches of fewer query vectors than this run on one thread: OpenMP's fork and join cost
 # more than they save there, five times over on a busy machine (measured: one patch query
 # over 10^5 patches, 24 ms on one thread against 118 ms on two with the cores shared).

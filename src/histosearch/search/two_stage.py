@@ -7,13 +7,14 @@ slide's votes approximate sum_i max_j S_ij, the query-side half of the WSI measu
 the slides the votes reach are then re-scored by the whole measure taken between the mosaic
 and a sketch of each slide (SKETCH_ROWS evenly spaced rows): cheap, and symmetric like the
 measure. Stage 2: the exact measure (`slide_similarities`) on the best-sketched slides only,
-reading just their row ranges of the store. Slides are indices into `offsets` (slide k owns rows
-offsets[k]:offsets[k+1] of the store and of the index).
+reading just their row ranges of the store. `Shortlist` holds stage 1's knobs. Slides are
+indices into `offsets` (slide k owns rows offsets[k]:offsets[k+1] of the store and index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -24,12 +25,13 @@ from histosearch.search.similarity import l2_normalize, slide_similarities
 
 # Query slides with more patches than this are summarised by a mosaic of this many patches.
 MOSAIC_SIZE = 64
-# Nearest archive patches looked up per query (mosaic) patch.
-NEIGHBOURS = 2048
-# Rows of each reached slide that the sketch measure reads, and how many reached slides (by
-# votes) are sketched at most.
-SKETCH_ROWS = 64
-MAX_SKETCHED = 1024
+# Stage 1's defaults, tuned with `histosearch bench scale` at 10^6 and 10^7 patches (README,
+# "what each knob costs"): nearest archive patches looked up per query (mosaic) patch; rows
+# of each reached slide that the sketch measure reads; how many reached slides (by votes)
+# are sketched at most.
+NEIGHBOURS = 512
+SKETCH_ROWS = 128
+MAX_SKETCHED = 256
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
 # float32 copy of only one run is held at a time.
 SCAN_ROWS = 1 << 20
@@ -37,7 +39,30 @@ SCAN_ROWS = 1 << 20
 
 def default_candidates(k: int) -> int:
     """Slides kept by stage 1 for a top-k search (measured in `histosearch bench scale`)."""
-    return max(64, 10 * k)
+    return max(12, 2 * k)
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Stage 1's knobs: the slides kept for stage 2 (None: `default_candidates(k)`), the
+    neighbours looked up per query patch, the rows per slide sketched, the slides sketched."""
+
+    candidates: int | None = None
+    neighbours: int = NEIGHBOURS
+    sketch_rows: int = SKETCH_ROWS
+    max_sketched: int = MAX_SKETCHED
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "neighbours", "sketch_rows", "max_sketched"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+
+    def wanted(self, k: int) -> int:
+        return self.candidates or default_candidates(k)
+
+
+DEFAULT_SHORTLIST = Shortlist()
 
 
 def query_mosaic(query: np.ndarray, size: int = MOSAIC_SIZE, seed: int = 0):
@@ -106,13 +131,14 @@ def sketch_similarities(
     query: np.ndarray,
     slides: np.ndarray,
     mosaic_size: int = MOSAIC_SIZE,
+    sketch_rows: int = SKETCH_ROWS,
 ) -> np.ndarray:
-    """The WSI measure between the query's mosaic (weighted) and SKETCH_ROWS evenly spaced
+    """The WSI measure between the query's mosaic (weighted) and `sketch_rows` evenly spaced
     rows of each of `slides`: one read and one product for all of them."""
     rows, weights = query_mosaic(query, mosaic_size)
     mosaic, weights = l2_normalize(query[rows]), weights / weights.sum()
     sizes = offsets[slides + 1] - offsets[slides]
-    taken = np.minimum(sizes, SKETCH_ROWS)
+    taken = np.minimum(sizes, sketch_rows)
     picks = np.concatenate(
         [
             offsets[s] + np.linspace(0, n - 1, t).astype(np.int64)
@@ -136,19 +162,20 @@ def shortlist_slides(
     query: np.ndarray,
     n_candidates: int,
     skip: Iterable[int] = (),
-    neighbours: int = NEIGHBOURS,
+    shortlist: Shortlist = DEFAULT_SHORTLIST,
     mosaic_size: int = MOSAIC_SIZE,
 ) -> np.ndarray:
     """Stage 1: up to `n_candidates` slides (indices), best first: the slides the votes reach
-    (at most MAX_SKETCHED, most votes first), ranked by their sketch similarity when there are
-    more than `n_candidates`; slides in `skip` and slides without votes are never listed."""
+    (at most `shortlist.max_sketched`, most votes first), ranked by their sketch similarity
+    when there are more than `n_candidates`; slides in `skip` and slides without votes are
+    never listed."""
     offsets = np.asarray(offsets)
-    votes = slide_votes(index, offsets, query, skip, neighbours, mosaic_size)
+    votes = slide_votes(index, offsets, query, skip, shortlist.neighbours, mosaic_size)
     reached = np.flatnonzero(votes > 0)
-    reached = reached[np.argsort(-votes[reached], kind="stable")][:MAX_SKETCHED]
+    reached = reached[np.argsort(-votes[reached], kind="stable")][: shortlist.max_sketched]
     if len(reached) <= n_candidates:
         return reached
-    scores = sketch_similarities(store, offsets, query, reached, mosaic_size)
+    scores = sketch_similarities(store, offsets, query, reached, mosaic_size, shortlist.sketch_rows)
     return reached[np.argsort(-scores, kind="stable")][:n_candidates]
 
 
@@ -184,8 +211,7 @@ def rank_slides(
     skip: Iterable[int] = (),
     index: PatchIndex | None = None,
     exact: bool = False,
-    n_candidates: int | None = None,
-    neighbours: int = NEIGHBOURS,
+    shortlist: Shortlist = DEFAULT_SHORTLIST,
     mosaic_size: int = MOSAIC_SIZE,
     verify: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -199,12 +225,12 @@ def rank_slides(
     skip = set(skip)
     n_slides = len(offsets) - 1
     slides = None
-    wanted = n_candidates or default_candidates(k)
+    wanted = shortlist.wanted(k)
     # when the skips (exclusions, a filter) leave no more slides than a shortlist holds,
     # scanning them all is exact and costs no more than stage 2 alone
     if not exact and index is not None and n_slides - len(skip) > wanted:
         shortlist = shortlist_slides(
-            index, store, offsets, query, wanted, skip, neighbours, mosaic_size
+            index, store, offsets, query, wanted, skip, shortlist, mosaic_size
         )
         # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
         if len(shortlist) >= min(k, n_slides - len(skip)):
