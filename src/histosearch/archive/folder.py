@@ -61,6 +61,10 @@ class ArchiveFolder:
     """An archive folder: its catalog, feature files, search store and reduction, the writer
     lock, and the snapshot searches read (`view`). `Archive` adds adding, upkeep and checks."""
 
+    # The lowest id a new slide may get: a shard of a sharded archive starts where the shard
+    # before it ended, so that ids stay unique across the shards.
+    first_id = 1
+
     def __init__(self, root: str | Path, *, _create: dict[str, str] | None = None) -> None:
         """Open the archive at `root` (use `Archive.open` / `Archive.create`)."""
         self.root = Path(root)
@@ -101,14 +105,7 @@ class ArchiveFolder:
         """A new archive at `root` built with `settings` (an existing one is opened if it was
         built the same way, and refused otherwise). `encoder` gives its dimension and weights'
         fingerprint; without it the encoder is created to read them."""
-        if encoder is None:
-            from histosearch.encoders import create_encoder
-
-            encoder = create_encoder(settings.encoder)
-        wanted = {**settings.as_catalog(), **encoder_settings(encoder)}
-        if settings.reduction == "none":
-            wanted["n_features"] = str(encoder.dim)
-        return cls(root, _create=wanted)
+        return cls(root, _create=catalog_settings(settings, encoder))
 
     def _check(self, stored: dict[str, str], wanted: dict[str, str]) -> None:
         # a key the archive lacks was recorded after it was built: it has the key's old
@@ -235,18 +232,10 @@ class ArchiveFolder:
         """One line: what the archive holds and how it was built."""
         records = self.slides()
         pending = sum(r.row_start is None for r in records)
-        s = self.settings
-        reduced = (
-            "unreduced"
-            if s.get("reduction") == "none"
-            else f"{s.get('reduction')} to {s.get('n_features')}"
-        )
         return (
             f"{len(records)} slides, {sum(r.n_patches for r in records)} patches"
             + (f" ({pending} not yet searchable)" if pending else "")
-            + f"; {s.get('encoder')} ({s.get('dim')}-d, {reduced}) on {s.get('tile_size')} px "
-            f"tiles at {s.get('magnification')}x, {s.get('tissue')} tissue, "
-            f"{s.get('index_metric')} index"
+            + f"; {describe_settings(self.settings)}"
         )
 
     # -- writing ---------------------------------------------------------------------------
@@ -325,7 +314,7 @@ class ArchiveFolder:
         feature_file = f"features/{stem}-{digest}.h5"
         target = self.root / feature_file
         # enough to rebuild the catalog from the feature files, ids kept (check --repair)
-        slide_id = self.catalog.next_slide_id()
+        slide_id = max(self.catalog.next_slide_id(), self.first_id)
         attrs = {
             "id": slide_id,
             "slide": key,
@@ -474,6 +463,33 @@ class ArchiveFolder:
     def pending(self) -> list[SlideRecord]:
         """Slides embedded but not yet in the search store (an unfinished add)."""
         return [r for r in self.slides() if r.row_start is None]
+
+
+def catalog_settings(settings: ArchiveSettings, encoder: Encoder | None = None) -> dict[str, str]:
+    """What the catalog of an archive built with `settings` records: them and the encoder's
+    dimension and weights' fingerprint (`encoder` is created to read them when not given)."""
+    if encoder is None:
+        from histosearch.encoders import create_encoder
+
+        encoder = create_encoder(settings.encoder)
+    wanted = {**settings.as_catalog(), **encoder_settings(encoder)}
+    if settings.reduction == "none":
+        wanted["n_features"] = str(encoder.dim)
+    return wanted
+
+
+def describe_settings(s: Mapping[str, str]) -> str:
+    """How an archive was built, in words, from its catalog settings."""
+    reduced = (
+        "unreduced"
+        if s.get("reduction") == "none"
+        else f"{s.get('reduction')} to {s.get('n_features')}"
+    )
+    return (
+        f"{s.get('encoder')} ({s.get('dim')}-d, {reduced}) on {s.get('tile_size')} px "
+        f"tiles at {s.get('magnification')}x, {s.get('tissue')} tissue, "
+        f"{s.get('index_metric')} index"
+    )
 
 
 def searchable(features: np.ndarray, reducer: Reducer | None) -> np.ndarray:

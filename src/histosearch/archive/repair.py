@@ -5,6 +5,7 @@ derived files, even the catalog) rebuilt from intact sources."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,20 +118,24 @@ def _set_aside(path: Path) -> None:
         path.rename(path.with_name(path.name + DAMAGED))
 
 
-def check_archive(root: str | Path, repair: bool = False) -> tuple[list[Problem], str]:
+def check_archive(
+    root: str | Path, repair: bool = False, folder: Callable[..., ArchiveFolder] = ArchiveFolder
+) -> tuple[list[Problem], str]:
     """`check` that also meets a catalog too damaged to open: with `repair`, the catalog is
     rebuilt from the feature files (the damaged one is kept beside it). Returns the problems
-    and a description of the archive as it is afterwards."""
+    and a description of the archive as it is afterwards. `folder(root)` opens the archive
+    (`folder(root, _create=settings)` for a new catalog): a shard's keeps its archive's
+    reduction."""
     root = Path(root)
     try:
-        archive = ArchiveFolder.open(root)
+        archive = folder(root)
     except ArchiveError as error:
         if not (root / "features").is_dir():
             raise
         problem = Problem(error.path or str(root), error.reason, "rebuild the catalog")
         if not repair:
             return [problem], "catalog unreadable"
-        archive, notes = rebuild_catalog(root)
+        archive, notes = rebuild_catalog(root, folder)
         problem.done, problem.repaired = "; ".join(["rebuilt", *notes]), True
         problems = [problem]
     else:
@@ -140,7 +145,9 @@ def check_archive(root: str | Path, repair: bool = False) -> tuple[list[Problem]
         return problems, archive.describe()
 
 
-def rebuild_catalog(root: Path) -> tuple[ArchiveFolder, list[str]]:
+def rebuild_catalog(
+    root: Path, folder: Callable[..., ArchiveFolder] = ArchiveFolder
+) -> tuple[ArchiveFolder, list[str]]:
     """A new catalog from the settings, ids and slide metadata (built-in columns and the
     rest) every intact feature file carries, and the relevance marks the damaged catalog still
     yields; the damaged catalog is renamed, never deleted, and so is a feature file whose
@@ -166,7 +173,7 @@ def rebuild_catalog(root: Path) -> tuple[ArchiveFolder, list[str]]:
         damaged = catalog.with_name(catalog.name + suffix)
         if damaged.exists():
             damaged.rename(catalog.with_name(catalog.name + DAMAGED + suffix))
-    archive = ArchiveFolder(root, _create=settings)
+    archive = folder(root, _create=settings)
     with archive.writing():
         for derived in (*root.glob("store/*"), *root.glob("*-[0-9]*.npz"), *root.glob("*.faiss")):
             derived.unlink()

@@ -100,6 +100,15 @@ def index(
         str | None,
         typer.Option("--ray-address", help="Embed on the Ray cluster at this address."),
     ] = None,
+    shard_slides: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-slides",
+            min=1,
+            help="Make the archive a sharded one: at most this many slides per shard (new "
+            "slides go to the newest shard, then to a new one).",
+        ),
+    ] = None,
 ) -> None:
     """Embed slides and patches into an archive (incremental; an interrupted run resumes), or
     import the features of a TRIDENT or CLAM folder (--features)."""
@@ -133,6 +142,7 @@ def index(
         weights=weights,
         group_by=group_by,
         ray=ray_address or ray,
+        shard_slides=shard_slides,
     )
     report_failures(report.failures, report.total)
 
@@ -146,11 +156,12 @@ def build_archive(
     weights: Path | None = None,
     group_by: str | None = None,
     ray: bool | str = False,
+    shard_slides: int | None = None,
 ) -> IndexReport:
     """`index` without the exit: create or open the archive, add the inputs, print a summary.
     The inputs and an existing archive's settings are checked before torch is imported and
-    the model built."""
-    from histosearch.archive.archive import Archive
+    the model built. `shard_slides` makes a new archive a sharded one."""
+    from histosearch.archive.shards import create_archive, open_archive
     from histosearch.inputs import collect_items
 
     unreadable: list[tuple[str, str]] = []
@@ -165,7 +176,7 @@ def build_archive(
     try:
         with (
             FirstInterrupt() as interrupt,
-            Archive.create(archive_dir, settings, encoder) as archive,
+            create_archive(archive_dir, settings, encoder, shard_slides) as archive,
             progress() as bar,
         ):
             tasks = {"slides": bar.add_task("slides", total=None)}
@@ -186,7 +197,7 @@ def build_archive(
             )
             description = archive.describe()
     except KeyboardInterrupt:
-        with Archive.open(archive_dir) as archive:
+        with open_archive(archive_dir) as archive:
             stored = {record.path for record in archive.slides()}
         done = sum(item.key in stored for item in items)
         error_console.print(
@@ -206,15 +217,15 @@ def build_archive(
 def _refuse_other_settings(archive_dir: Path, settings: ArchiveSettings) -> None:
     """Refuse to add to an archive that holds slides built with other settings (the encoder's
     output size and weights are compared once the model is built)."""
-    from histosearch.archive.archive import Archive
     from histosearch.archive.catalog import CATALOG
+    from histosearch.archive.shards import is_sharded, open_archive
 
-    if not (archive_dir / CATALOG).is_file():
+    if not (archive_dir / CATALOG).is_file() and not is_sharded(archive_dir):
         return
     wanted = settings.as_catalog()
     if settings.reduction == "none":  # the archive keeps the encoder's dimension
         del wanted["n_features"]
-    with Archive.open(archive_dir) as archive:
+    with open_archive(archive_dir) as archive:
         if archive.slides():
             archive.check_settings(**wanted)
 
@@ -284,41 +295,60 @@ def search(
             "for each result slide.",
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="A sharded archive: search its shards as Ray actors on this cluster (local: "
+            "a local Ray instance); else in threads.",
+        ),
+    ] = None,
+    shard_deadline: Annotated[
+        float | None,
+        typer.Option(
+            "--shard-deadline", min=0.1, help="Seconds a shard may take to answer (default 60)."
+        ),
+    ] = None,
 ) -> None:
     """Rank the archive's slides (WSI measure), cases or patches (FAISS) by similarity to
     QUERY, with the consensus of the top k."""
-    from histosearch.archive.archive import Archive
+    from histosearch.archive.shards import open_archive
 
-    with Archive.open(archive_dir) as archive:
+    with open_archive(archive_dir) as archive:
         if encoder_name is not None:
             archive.check_settings(encoder=encoder_name)
         from histosearch.encoders.names import check_encoder
 
         check_encoder(archive.settings["encoder"], weights)
-        from histosearch.search.searcher import Searcher
+        from histosearch.search.shards import searcher_for
 
-        searcher = Searcher(archive, weights=weights)
-        run_search(
-            searcher,
-            query,
-            k=k,
-            exclude=exclude,
-            mode=mode,
-            region=region,
-            patient=patient,
-            group=group,
-            mpp=mpp,
-            objective_power=objective_power,
-            exact=exact,
-            where=where or [],
-            vote_on=vote_on,
-            level=level,
-            case_column=case_column,
-            as_json=as_json,
-            gallery=gallery,
-            qupath=qupath,
-            show=show or [],
+        searcher = searcher_for(
+            archive, weights=weights, ray_address=ray_address, deadline_s=shard_deadline
         )
+        try:
+            run_search(
+                searcher,
+                query,
+                k=k,
+                exclude=exclude,
+                mode=mode,
+                region=region,
+                patient=patient,
+                group=group,
+                mpp=mpp,
+                objective_power=objective_power,
+                exact=exact,
+                where=where or [],
+                vote_on=vote_on,
+                level=level,
+                case_column=case_column,
+                as_json=as_json,
+                gallery=gallery,
+                qupath=qupath,
+                show=show or [],
+            )
+        finally:
+            searcher.close()
 
 
 def run_search(
@@ -343,6 +373,13 @@ def run_search(
         for column in show:
             value_getter(column, metadata, f"--show {column}")
     result = searcher.search(query, k=k, exclude=exclude, **options)
+    for shard, reason in result.missing_shards.items():
+        error_console.print(
+            f"[yellow]warning:[/yellow] shard {shard} did not answer, its slides are not "
+            f"ranked: {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     available = len(searcher.archive.slides())
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
@@ -396,9 +433,9 @@ def check(
     ] = False,
 ) -> None:
     """Verify every part of an archive: catalog, feature files, search store, index."""
-    from histosearch.archive.archive import check_archive
+    from histosearch.archive.shards import check_any
 
-    problems, description = check_archive(archive_dir, repair)
+    problems, description = check_any(archive_dir, repair)
     for problem in problems:
         if problem.repaired:
             mark, after = "[green]repaired[/green]", f" ({problem.done})"
@@ -417,10 +454,11 @@ def check(
 def reindex(
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
 ) -> None:
-    """Refit the reduction on every slide and rebuild the search store and index."""
-    from histosearch.archive.archive import Archive
+    """Refit the reduction on every slide and rebuild the search store and index (a sharded
+    archive keeps its one reduction)."""
+    from histosearch.archive.shards import open_archive
 
-    with Archive.open(archive_dir) as archive, progress() as bar:
+    with open_archive(archive_dir) as archive, progress() as bar:
         task = bar.add_task("slides", total=None)
         archive.reindex(lambda _, done, total: bar.update(task, completed=done, total=total))
         description = archive.describe()

@@ -38,6 +38,14 @@ def serve(
     max_upload_mb: Annotated[
         int, typer.Option("--max-upload-mb", min=1, help="Largest upload accepted.")
     ] = 512,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="A sharded archive: search its shards as Ray actors on this cluster (local: "
+            "a local Ray instance); else in threads.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the archive: the search API (docs at /docs) and the viewer page at /."""
     if not is_local_host(host) and not token:
@@ -53,7 +61,7 @@ def serve(
 
     from histosearch.server.app import OPENSEADRAGON, create_app
 
-    app = create_app(archive_dir, token=token, max_upload_mb=max_upload_mb)
+    app = create_app(archive_dir, token=token, max_upload_mb=max_upload_mb, ray_address=ray_address)
     if not (OPENSEADRAGON / "openseadragon.min.js").is_file():
         error_console.print(
             "[yellow]warning:[/yellow] the page's viewer (OpenSeadragon) is not installed: "

@@ -59,7 +59,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
-def _connect(address: str | None, num_cpus: int | None) -> bool:
+def connect_ray(address: str | None, num_cpus: int | None) -> bool:
     """Start a local Ray instance or connect to `address`; True when this call started Ray."""
     try:
         import ray
@@ -109,7 +109,7 @@ def embed_items_on_ray(
     items = list(items)
     if not items:
         return
-    started = _connect(address, num_workers)
+    started = connect_ray(address, num_workers)
     import ray
 
     try:

@@ -113,6 +113,8 @@ class SearchResult:
     where: list[str] = field(default_factory=list)
     consensus: Consensus | None = None
     metadata: dict[int, dict[str, str]] = field(default_factory=dict)
+    # shards of a sharded archive that did not answer (name: why): their slides are not ranked
+    missing_shards: dict[str, str] = field(default_factory=dict)
 
     @property
     def hits(self) -> list[SlideMatch] | list[PatchMatch]:
@@ -171,4 +173,5 @@ class SearchResult:
             "where": self.where,
             "consensus": None if self.consensus is None else self.consensus.to_dict(),
             "results": results,
+            "missing_shards": self.missing_shards,
         }

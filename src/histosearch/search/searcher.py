@@ -74,12 +74,18 @@ class _Loaded:
         self.calibration: dict[str, np.ndarray] = {}
         self._index: PatchIndex | None = None
         self.index_error: ArchiveError | None = None
+        self.missing: dict[str, str] = {}  # shards that did not answer: none in one archive
         if self.view.records:
             self.calibration = load_calibration(archive, self.view.generation)
             try:  # loaded now, before a reindex can retire this generation's files
                 self._index = load_patch_index(archive, self.view)
             except ArchiveError as error:  # the exact scan needs none
                 self.index_error = error
+
+    @property
+    def records(self) -> list[SlideRecord]:
+        """The searchable slides, in store order."""
+        return self.view.records
 
     @property
     def index(self) -> PatchIndex:
@@ -144,6 +150,9 @@ class Searcher:
             if loaded.index_error is None or self._key() == key:
                 return loaded
         return _Loaded(self.archive)
+
+    def close(self) -> None:
+        """Stop what the searcher started (nothing, for one archive: see `ShardedSearcher`)."""
 
     def _key(self) -> tuple[int, int]:
         """What identifies the searchable state: the store generation and its committed rows."""
@@ -213,11 +222,10 @@ class Searcher:
             )
         if k < 1:
             raise SearchError(None, f"k must be at least 1, not {k}")
-        self.refresh()
-        loaded = self._loaded
-        if not loaded.view.records:
+        loaded = self._snapshot()
+        records = loaded.records
+        if not records:
             raise SearchError(self.archive.root, "the archive is empty")
-        records = loaded.view.records
         metadata = self.archive.metadata()
         vote = value_getter(vote_on, metadata, f"--vote-on {vote_on}")
         case_of = value_getter(case_column, metadata, f"--case-column {case_column}")
@@ -253,6 +261,7 @@ class Searcher:
             )
         result = SearchResult(found.info, "patches" if use_patches else "slides", level=level)
         result.where = where
+        result.missing_shards = dict(loaded.missing)
         if use_patches:
             result.patches = self._patch_hits(loaded, found, k, skip)
         elif level == "case":
@@ -265,6 +274,22 @@ class Searcher:
         result.consensus = Consensus.of(vote_on, [vote(hit.record) for hit in result.hits])
         result.metadata = {hit.record.id: metadata.of_slide(hit.record.id) for hit in result.hits}
         return result
+
+    def _snapshot(self) -> _Loaded:
+        """The state one search reads throughout (refreshed first)."""
+        self.refresh()
+        return self._loaded
+
+    def _archived_vectors(
+        self, loaded: _Loaded, record: SlideRecord
+    ) -> tuple[SlideRecord, np.ndarray, np.ndarray]:
+        """An archived query slide's searchable record, vectors and coordinates, its store rows
+        verified."""
+        record = loaded.record(record)
+        loaded.view.verify([loaded.position[record.id]])
+        rows = record.rows
+        vectors = np.asarray(loaded.view.vectors[rows.start : rows.stop], np.float32)
+        return record, vectors, np.asarray(loaded.view.coords[rows.start : rows.stop])
 
     def _query(
         self,
@@ -283,11 +308,7 @@ class Searcher:
             if record is None and str(query).isdigit() and not Path(query).exists():
                 record = self.archive.get(int(query))
         if record is not None:
-            record = loaded.record(record)
-            loaded.view.verify([loaded.position[record.id]])
-            rows = record.rows
-            vectors = np.asarray(loaded.view.vectors[rows.start : rows.stop], np.float32)
-            coords = np.asarray(loaded.view.coords[rows.start : rows.stop])
+            record, vectors, coords = self._archived_vectors(loaded, record)
             name, tile_l0, label = record.name, record.tile_l0, record.label
         elif os.path.lexists(query) or is_dicomweb(query):  # a file, a folder, a DICOMweb URL
             from histosearch.embed.items import embed_file
@@ -312,9 +333,17 @@ class Searcher:
     def _slide_hits(
         self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int], exact: bool
     ) -> list[SlideMatch]:
-        view, hits = loaded.view, []
         index = None if exact else loaded.index
-        for position, similarity in rank_slides(view, index, query.vectors, k, skip, exact):
+        ranked = rank_slides(loaded.view, index, query.vectors, k, skip, exact)
+        return self._slide_matches(loaded, query, ranked)
+
+    def _slide_matches(
+        self, loaded: _Loaded, query: _QueryVectors, ranked: Iterable[tuple[int, float]]
+    ) -> list[SlideMatch]:
+        """The matches of slides (by view position) with their WSI similarity: every query
+        tile's best tile there, and every tile's best cosine to the query."""
+        view, hits = loaded.view, []
+        for position, similarity in ranked:
             record = view.records[position]
             start, stop = view.offsets[position], view.offsets[position + 1]
             reference = np.asarray(view.vectors[start:stop], np.float32)

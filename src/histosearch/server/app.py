@@ -21,14 +21,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import SlideRecord
 from histosearch.archive.feedback import Mark, add_mark
+from histosearch.archive.shards import open_archive
 from histosearch.errors import HistosearchError
 from histosearch.search.filters import describe_columns
 from histosearch.search.qupath import collection, file_stem, match_features
 from histosearch.search.result import SearchResult
-from histosearch.search.searcher import Searcher
+from histosearch.search.shards import searcher_for
 from histosearch.server.errors import install_error_handlers
 from histosearch.server.limits import JsonLimits
 from histosearch.server.models import (
@@ -333,14 +333,17 @@ def _jpeg(data: bytes, max_age: int = 0) -> Response:
 
 
 def create_app(
-    archive_dir: str | Path, token: str | None = None, max_upload_mb: int = 512
+    archive_dir: str | Path,
+    token: str | None = None,
+    max_upload_mb: int = 512,
+    ray_address: str | None = None,
 ) -> FastAPI:
     """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
     loaded now, so that a bad archive fails here and not on the first request."""
-    archive = Archive.open(archive_dir)
+    archive = open_archive(archive_dir)
     state = ServerState(
         archive=archive,
-        searcher=Searcher(archive),
+        searcher=searcher_for(archive, ray_address=ray_address),
         slides=SlideCache(),
         token=token or None,
         max_upload_bytes=max_upload_mb * 2**20,
@@ -350,6 +353,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.slides.close()
+        state.searcher.close()
         archive.close()
 
     app = FastAPI(

@@ -181,6 +181,10 @@ class SearchResponse(BaseModel):
     where: list[str]
     consensus: ConsensusOut | None
     results: list[ResultRow]
+    missing_shards: dict[str, str] = Field(
+        description="A sharded archive's shards that did not answer (name: why): their slides "
+        "are not ranked. Empty when every shard answered, and for a plain archive."
+    )
 
 
 class ColumnInfo(BaseModel):
