@@ -279,7 +279,13 @@ def bench_api_command(
     table.add_column("seconds", justify="right")
     for command, seconds in result.help_seconds.items():
         table.add_row(command, f"{seconds:.2f}")
+    table.add_row('python -c "import typer, rich"', f"{result.baseline_seconds:.2f}")
     console.print(table)
+    console.print(
+        f"histosearch --help takes {result.help_ratio:.1f}x the time of "
+        f'python -c "import typer, rich" in this run (goal: under 3x)',
+        highlight=False,
+    )
     console.print(
         f"Searcher on {archive_dir}: opened in {result.open_seconds:.2f} s; over "
         f"{result.queries} queries, patch query (an image file, embedded) p50 "
