@@ -23,6 +23,7 @@ from histosearch.evaluation.metrics import (
     retrieval_metrics,
     spatial_pairs,
 )
+from histosearch.inputs import read_manifest
 
 runner = CliRunner()
 
@@ -166,6 +167,22 @@ def test_eval_command_writes_the_report(tmp_path: Path):
     result = runner.invoke(app, [*command, "--slide-column", "group", "--pairs", "300"])
     assert result.exit_code == 0, result.output
     assert "reused" not in result.output
+    # each stage after the embedding is named as it starts (a line, without a terminal)
+    stages = [line for line in result.output.splitlines() if line.endswith(" ...")]
+    assert stages == [
+        "embedding with color-histogram ...",
+        *(
+            f"color-histogram: {stage} ..."
+            for stage in (
+                "retrieval, pairs and linear probe",
+                "slide retrieval, patches gathered by group",
+                "figures, PCA",
+                "figures, UMAP",
+                "figures, confusion matrix",
+                "figures, rank gallery",
+            )
+        ),
+    ]
     first = out / "001-color-histogram"
     payload = json.loads((first / "metrics.json").read_text())
     assert payload["settings"]["exclude"] == "group"
@@ -174,6 +191,7 @@ def test_eval_command_writes_the_report(tmp_path: Path):
     assert 0.5 < metrics["mMV@5"] <= 1 and 0 < metrics["eta_tot"] <= 1
     assert metrics["ADDR (label pairs)"] > 1
     assert 0.5 < metrics["linear probe balanced accuracy"] <= 1
+    assert metrics["verification pairs"] == 600  # 300 same-label and 300 other, each once
     assert set(payload["slide"]["slides = group"]) == {"full (512-d)", "cov 128-d"}
     assert {"pca.png", "umap.png", "confusion.png", "gallery.png"} <= {
         p.name for p in first.iterdir()
@@ -255,10 +273,6 @@ def test_eval_compares_encoders_in_one_table(tmp_path: Path):
     ("make", "message"),
     [
         (
-            lambda tmp: _with_extra_column(write_manifest(tmp / "m.csv", LC, "group", 2)),
-            "unknown: colour",
-        ),
-        (
             lambda tmp: _write(tmp, "path,label\nnope.png,a\nnada.png,b\n"),
             "2 of 2 listed files are missing",
         ),
@@ -284,6 +298,25 @@ def test_bad_manifests_fail_before_any_work(tmp_path: Path, make, message: str):
     assert result.exit_code != 0
     assert message in str(result.exception)
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_column_is_warned_about_as_index_does(tmp_path: Path, caplog):
+    from histosearch.evaluation.runner import Evaluation
+    from histosearch.evaluation.settings import EvalSettings
+
+    manifest = _with_extra_column(write_manifest(tmp_path / "m.csv", LC, "group", 2))
+    settings = EvalSettings(manifest=manifest, encoders=(("color-histogram", None),))
+    with caplog.at_level("WARNING", logger="histosearch"):
+        evaluation = Evaluation.load(settings)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "column colour is none of histosearch's (path, label, patient, group," in warning
+    assert "kept as slide metadata by index, not used by eval" in warning
+    assert len(evaluation.data.labels) == 48 and evaluation.exclude == "group"
+    # index warns the same
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="histosearch"):
+        read_manifest(manifest, "group")
+    assert [r.getMessage() for r in caplog.records] == [warning]
 
 
 def _image(index: int) -> str:

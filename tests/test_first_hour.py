@@ -4,6 +4,7 @@ Ctrl-C during `index` stopping cleanly and resuming to the same archive, a faile
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_paths import CMU, DATA, LC, TCGA, WSI
 from typer.testing import CliRunner
@@ -172,8 +174,6 @@ def test_command_help_is_one_line_per_paragraph():
 
 def _image_folder(root: Path, per_class: int = 3) -> Path:
     """An ImageFolder layout (root/CLASS/IMAGE) of LC25000 patches, linked, not copied."""
-    import csv
-
     with (LC / "manifest.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     for label in sorted({r["label"] for r in rows}):
@@ -229,3 +229,174 @@ def test_manifest_rows_give_their_own_magnification(tmp_path: Path):
     bad.write_text(f"path,label,mpp\n{breakhis / rows[1].split(',')[0]},a,fast\n")
     refused = runner.invoke(app, ["index", str(bad), "--archive", str(tmp_path / "b")])
     assert refused.exit_code == 1 and "mpp 'fast' is not a positive number" in refused.output
+
+
+def readme_python_snippet() -> str:
+    """The fenced Python block of the README's "### Python" section, as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n### Python\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_readme_python_snippet_runs_as_written(tmp_path: Path, monkeypatch, capsys):
+    # run where ../shared/data is the shared data, as beside the repository
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(DATA.resolve())
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    names: dict[str, object] = {}
+    exec(compile(readme_python_snippet(), "README.md", "exec"), names)
+    report, archive = names["report"], names["archive"]
+    # CMU-1, the TCGA slide and BreakHis' 11 patients (its patient_or_slide_id column)
+    assert report.added == 13 and report.failures == []
+    patients = {r.patient for r in archive.slides() if r.patient}
+    assert len(patients) == 11 and "14-22549AB" in patients
+    by_file = names["by_file"]  # pathml's small_HE.svs holds CMU-1's pixels
+    assert by_file.slides[0].record.name == "cmu-1-small-region.svs"
+    assert by_file.slides[0].similarity > 0.99
+    assert len(names["by_region"].query.tiles) == 3 and names["by_region"].slides
+    assert len(names["patch"].patches) == 10
+    assert (tmp_path / "work" / "matches.geojson").stat().st_size > 100
+    assert capsys.readouterr().out.rstrip().endswith("[]")  # archive.check: no problem
+
+
+def test_verification_counts_the_pairs_that_exist():
+    from histosearch.evaluation.metrics import label_pairs, pair_verification
+
+    # 36 items, 3 labels: 630 pairs, 3 x 66 = 198 of them within a label
+    labels = [f"class{i % 3}" for i in range(36)]
+    similar, dissimilar = label_pairs(labels, 5000)
+    assert (len(similar), len(dissimilar)) == (198, 432)
+    pairs = {tuple(sorted(p)) for p in [*similar.tolist(), *dissimilar.tolist()]}
+    assert len(pairs) == 630  # each once, none with itself
+    features = np.random.default_rng(0).normal(size=(36, 8))
+    assert pair_verification(features, similar, dissimilar).n_pairs == 630
+    # a large set: as many distinct pairs of each kind as asked
+    labels = [f"class{i % 3}" for i in range(3000)]
+    similar, dissimilar = label_pairs(labels, 500)
+    assert len({tuple(p) for p in similar.tolist()}) == len(similar) == 500
+
+
+BREAKHIS = DATA / "fixtures" / "breakhis-samples-fixture"
+
+
+def test_index_and_eval_read_breakhis_manifest_alike_with_a_column_mapping(tmp_path, caplog):
+    from histosearch.archive.archive import Archive
+    from histosearch.evaluation.runner import Evaluation
+    from histosearch.evaluation.settings import EvalSettings
+
+    manifest = BREAKHIS / "manifest.csv"
+
+    def evaluation(columns: dict[str, str]) -> Evaluation:
+        encoders = (("color-histogram", None),)
+        return Evaluation.load(EvalSettings(manifest=manifest, encoders=encoders, columns=columns))
+
+    # unmapped: one warning, naming the mapping that would read it as the patient
+    with caplog.at_level("WARNING", logger="histosearch"):
+        plain = evaluation({})
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "column patient_or_slide_id is none of histosearch's" in warning
+    assert warning.endswith("give --column patient=patient_or_slide_id")
+    assert plain.exclude == "none" and plain.data.xy is None  # its x, y columns are empty
+    assert plain.data.resolutions[:2] == [(None, 40.0), (None, 400.0)]
+    # mapped: no warning, the patients are excluded as neighbours
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="histosearch"):
+        mapped = evaluation({"patient": "patient_or_slide_id"})
+    assert not caplog.records and mapped.exclude == "patient"
+    assert len(set(mapped.data.column("patient"))) == 11 and len(mapped.data.labels) == 18
+
+    # index: the same warning unmapped; mapped, the option groups the patients
+    archive = tmp_path / "archive"
+    common = ["--archive", str(archive), "--encoder", "color-histogram", "--group-by", "patient"]
+    result = runner.invoke(app, ["index", str(manifest), *common])
+    assert result.exit_code == 1 and "no 'patient' column" in result.output
+    result = runner.invoke(
+        app, ["index", str(manifest), *common, "--column", "patient=patient_or_slide_id"]
+    )
+    assert result.exit_code == 0, result.output
+    with Archive.open(archive) as opened:
+        records = opened.slides()
+    assert len(records) == 11 and {r.patient for r in records} == set(mapped.data.column("patient"))
+    # each patch group records its first image's magnification, flagged against the 5x archive
+    text = " ".join(result.output.split())
+    assert "11 of 11 entries not at 5x (8 at 40x, 2 at 400x, 1 at 100x)" in text
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("labl=diagnosis", "'labl' is none of histosearch's columns (path, label, patient,"),
+        ("label", "--column takes NAME=COLUMN, e.g. label=diagnosis"),
+        ("label=diagnosis", "--column label=diagnosis: no column 'diagnosis' (path, label,"),
+        ("label=patient_or_slide_id", "the manifest has a 'label' column already"),
+    ],
+)
+def test_column_mappings_are_checked_before_torch(tmp_path: Path, option: str, message: str):
+    manifest = str(BREAKHIS / "manifest.csv")
+    archive = str(tmp_path / "archive")
+    status, output, imported = run_cli("index", manifest, "--archive", archive, "--column", option)
+    assert status == 1 and message in output and "torch" not in imported
+    result = runner.invoke(app, ["eval", manifest, "--column", option, "--out", str(tmp_path)])
+    assert result.exit_code != 0 and message in str(result.exception)
+
+
+def test_the_demo_s_measure_hit_miss_and_scale_flags(lc_cmu: Path, capsys):
+    from histosearch.archive.archive import Archive
+    from histosearch.cli.archive import _example, _print_archive_accuracy
+    from histosearch.evaluation.runner import Evaluation
+    from histosearch.evaluation.settings import EvalSettings
+    from histosearch.search.searcher import Searcher
+
+    archive_dir = lc_cmu / "archive"
+    with Archive.open(archive_dir) as archive:
+        settings = archive.settings
+        searcher = Searcher(archive)
+        groups = [(r.name, r.label) for r in archive.slides() if r.label]
+        with (LC / "manifest.csv").open() as file:
+            unseen = [  # patches of source tiles not in the archive
+                (str(LC / row["path"]), row["label"])
+                for row in csv.DictReader(file)
+                if row["group"] not in dict(groups)
+            ][:40]
+        hit, said_hit = _example(searcher, groups, True, 3, "slides")
+        miss, said_miss = _example(searcher, unseen, False, 3, "patches", exclude=[])
+        for query, said, mode in ((hit, said_hit, "slides"), (miss, said_miss, "patches")):
+            result = searcher.search(query, k=3, mode=mode, exclude=[] if miss == query else None)
+            right = result.hits[0].record.label == dict(groups + unseen)[query]
+            assert said.startswith("a hit:" if right else "a miss:")
+    assert said_hit.startswith("a hit:") and said_miss.startswith("a miss:")
+
+    # the table: eval --archive's leave-one-out on the labelled entries (CMU-1 left out)
+    _print_archive_accuracy(archive_dir, settings)
+    out = " ".join(capsys.readouterr().out.split())
+    evaluation = Evaluation.load(
+        EvalSettings(archive=archive_dir, slide_column="slide", reduction="pca", n_features=32)
+    )
+    patch = evaluation.patch_protocol(evaluation.stored)
+    assert evaluation.data.unlabelled == ["cmu-1-small-region.svs"]
+    slides = evaluation.slide_protocol(evaluation.stored)["slides = slide"]["pca 32-d"]
+    assert f"slides, WSI measure (pca 32-d) │ 9 │ {slides['Acc@1']:.1%} │" in out
+    assert f"{len(evaluation.data.labels)} │ {patch.metrics['Acc@1']:.1%} │" in out
+    assert "the 1 unlabelled entries (cmu-1-small-region.svs) are left out" in out
+
+    # search results flag the patches of unknown scale; the percentile is explained
+    query = str(next((LC / "images" / "lung_n").glob("*.jpeg")))
+    result = runner.invoke(app, ["search", query, "--archive", str(archive_dir), "-k", "3"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "│ unknown │" in text
+    assert "scale: the entry's patches are of unknown scale" in text
+    assert "Closeness, not diagnosis: a hit of another class can rank high." in text
+    assert "typical" not in text
+
+
+@pytest.mark.slow  # the demo itself: about 30 s on the shared 2 cores
+def test_the_demo_ends_with_its_archive_s_measured_accuracy(tmp_path: Path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--groups-per-class", "4"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "a hit: the top result is lung_scc, as the query" in text
+    assert "a miss: the query is lung_aca" in text
+    assert "Leave-one-out on this archive (histosearch eval --archive)" in text
+    assert "12 of 14 entries not at 5x (12 of unknown scale)" in text
+    assert text.index("a miss:") < text.index("Leave-one-out") < text.index("browse it:")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import os
+import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,9 +80,8 @@ FALLBACK_ENCODING = "cp1252"
 REQUIRED_COLUMNS = ("path", "label")
 # The manifest columns histosearch reads itself (x, y: a patch's position, for eval); every
 # other column is a slide's metadata.
-READ_COLUMNS = frozenset(
-    {"path", "label", "patient", "group", "slide", "x", "y", "mpp", "magnification"}
-)
+MANIFEST_ORDER = ("path", "label", "patient", "group", "slide", "x", "y", "mpp", "magnification")
+READ_COLUMNS = frozenset(MANIFEST_ORDER)
 log = logging.getLogger("histosearch")
 
 
@@ -159,16 +160,87 @@ def read_table(
     return columns, rows
 
 
+def column_mapping(values: Iterable[str]) -> dict[str, str]:
+    """`NAME=COLUMN` options (`label=diagnosis`) as {NAME: COLUMN}: the manifest's COLUMN is
+    read as histosearch's column NAME (one of `READ_COLUMNS`)."""
+    mapping: dict[str, str] = {}
+    for value in values:
+        name, _, column = (part.strip() for part in value.partition("="))
+        if not name or not column:
+            raise ManifestError(value, "--column takes NAME=COLUMN, e.g. label=diagnosis")
+        if name not in READ_COLUMNS:
+            raise ManifestError(
+                value, f"{name!r} is none of histosearch's columns ({_known_columns()})"
+            )
+        if name in mapping:
+            raise ManifestError(value, f"{name} is mapped twice")
+        mapping[name] = column
+    return mapping
+
+
+def _known_columns() -> str:
+    return ", ".join(sorted(READ_COLUMNS, key=MANIFEST_ORDER.index))
+
+
+def _mapped(manifest: Path, columns: list[str], mapping: Mapping[str, str]) -> list[str]:
+    """The header with each mapped COLUMN renamed to its NAME."""
+    renamed = {column: name for name, column in mapping.items()}
+    for name, column in mapping.items():
+        if column not in columns:
+            raise ManifestError(
+                manifest, f"--column {name}={column}: no column {column!r} ({', '.join(columns)})"
+            )
+        if name in columns and name not in renamed:
+            raise ManifestError(
+                manifest, f"--column {name}={column}: the manifest has a {name!r} column already"
+            )
+    return [renamed.get(column, column) for column in columns]
+
+
+def warn_unknown_columns(manifest: Path, columns: Iterable[str], also: Iterable[str] = ()) -> None:
+    """The one warning `index` and `eval` give for a manifest's columns that are none of
+    histosearch's (`index` keeps them as slide metadata, `eval` does not use them), with the
+    `--column` mapping that would read a look-alike as one of them."""
+    known = READ_COLUMNS | set(also)
+    unknown = [c for c in columns if c not in known]
+    if not unknown:
+        return
+    hints = []
+    for column in unknown:
+        words = set(re.split(r"[^a-z]+", column.lower()))
+        guess = next((n for n in MANIFEST_ORDER[1:] if n in words), None) or next(
+            iter(difflib.get_close_matches(column.lower(), MANIFEST_ORDER[1:], 1, 0.75)), None
+        )
+        if guess is not None:
+            hints.append(f"--column {guess}={column}")
+    log.warning(
+        "%s: column%s %s %s none of histosearch's (%s): kept as slide metadata by index, not "
+        "used by eval%s",
+        manifest,
+        "s" if len(unknown) > 1 else "",
+        ", ".join(unknown),
+        "are" if len(unknown) > 1 else "is",
+        _known_columns(),
+        f"; to read one as histosearch's, give {' '.join(hints)}" if hints else "",
+    )
+
+
 def read_manifest_rows(
-    manifest: Path, required: Sequence[str] = ()
+    manifest: Path, required: Sequence[str] = (), mapping: Mapping[str, str] | None = None
 ) -> tuple[list[dict[str, str]], list[str], list[str]]:
     """A CSV manifest's rows, its columns, and the listed `path`s (relative to the CSV) that
-    are not files.
+    are not files; `mapping` maps histosearch's column names to the manifest's
+    (`column_mapping`), whose values are then read under histosearch's names.
 
     Read as `read_table` reads it. Refused, naming the line numbers: rows without a `path`, a
     `label` (when the column exists) or another `required` value. Rows listing a file already
     listed are dropped with a warning (the first is kept)."""
-    columns, records = read_table(manifest)
+    header, records = read_table(manifest)
+    columns = _mapped(manifest, header, mapping or {})
+    if columns != header:
+        records = [
+            (number, dict(zip(columns, row.values(), strict=True))) for number, row in records
+        ]
     if "path" not in columns:
         shown = ", ".join(c[:40] for c in columns[:10])
         raise ManifestError(manifest, f"no 'path' column (columns: {shown})")
@@ -204,15 +276,19 @@ def read_manifest_rows(
     return rows, columns, missing
 
 
-def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
+def read_manifest(
+    manifest: Path, group_by: str | None, mapping: Mapping[str, str] | None = None
+) -> list[Item]:
     """Items of a CSV with a `path` column (relative to the CSV) and optional metadata (every
-    column but `READ_COLUMNS`); `group_by` names a column whose values gather patches into one
-    archive slide.
+    column but `READ_COLUMNS`, with a warning); `group_by` names a column whose values gather
+    patches into one archive slide; `mapping` renames columns (`read_manifest_rows`).
 
     Listed files that do not exist stay in, to be reported one by one when they are read;
     a manifest none of whose files exist is refused."""
-    rows, columns, missing = read_manifest_rows(manifest, () if group_by is None else (group_by,))
-    extra = [c for c in columns if c not in READ_COLUMNS and c != group_by]
+    required = () if group_by is None else (group_by,)
+    rows, header, missing = read_manifest_rows(manifest, required, mapping)
+    warn_unknown_columns(manifest, header, required)
+    extra = [c for c in header if c not in READ_COLUMNS and c != group_by]
     if rows and len(missing) == len(rows):
         raise ManifestError(
             manifest,
@@ -222,7 +298,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
 
     def item(key: str, name: str, members: list[dict[str, str]], is_group: bool) -> Item:
         first = members[0]
-        mpp, objective_power = _resolution(manifest, first)
+        mpp, objective_power = row_resolution(manifest, first)
         return Item(
             key=key,
             name=name,
@@ -253,7 +329,7 @@ def read_manifest(manifest: Path, group_by: str | None) -> list[Item]:
     ]
 
 
-def _resolution(manifest: Path, row: dict[str, str]) -> tuple[float | None, float | None]:
+def row_resolution(manifest: Path, row: dict[str, str]) -> tuple[float | None, float | None]:
     """A row's `mpp` (um per pixel) and `magnification` (the scan's: 40, 40x or 40X)."""
     values: list[float | None] = []
     for column in ("mpp", "magnification"):
@@ -277,15 +353,17 @@ def collect_items(
     inputs: list[Path],
     group_by: str | None = None,
     failures: list[tuple[str, str]] | None = None,
+    mapping: Mapping[str, str] | None = None,
 ) -> list[Item]:
-    """Expand slide files, folders (searched recursively) and manifest CSVs into items.
+    """Expand slide files, folders (searched recursively) and manifest CSVs (their columns
+    renamed by `mapping`, as `read_manifest_rows` does) into items.
 
     With a `failures` list, an input that gives nothing (a manifest refused, a folder without
     slides) is recorded there as (name, message) and the others go on; without, it raises."""
     items: list[Item] = []
     for path in inputs:
         try:
-            items.extend(_expand(path, group_by))
+            items.extend(_expand(path, group_by, mapping))
         except HistosearchError as error:
             if failures is None:
                 raise
@@ -306,9 +384,9 @@ def folder_files(folder: Path) -> dict[Path, str | None]:
     return {p: p.parent.name if classes else None for p in files}
 
 
-def _expand(path: Path, group_by: str | None) -> list[Item]:
+def _expand(path: Path, group_by: str | None, mapping: Mapping[str, str] | None) -> list[Item]:
     if path.suffix.lower() == ".csv":
-        return read_manifest(path, group_by)
+        return read_manifest(path, group_by, mapping)
     if path.is_dir():
         return [
             Item(catalog_key(p), p.name, [p], label=label)

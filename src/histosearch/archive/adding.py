@@ -40,6 +40,9 @@ class IndexReport:
 def store_item(archive: ArchiveFolder, item: Item, embedded: EmbeddedFile) -> None:
     """Store one embedded item in the archive (the caller holds its writer lock)."""
     patches = is_patch_item(item, archive.tiling.tile_size)
+    mpp = embedded.mpp
+    if patches and mpp is None:  # the scale a manifest row gives, recorded, not used
+        mpp = item.mpp or (10.0 / item.objective_power if item.objective_power else None)
     archive.store_slide(
         item.key,
         embedded.features,
@@ -48,7 +51,7 @@ def store_item(archive: ArchiveFolder, item: Item, embedded: EmbeddedFile) -> No
         label=item.label,
         patient=item.patient,
         group=item.group,
-        mpp=embedded.mpp,
+        mpp=mpp,
         tile_l0=embedded.tile_l0,
         paths=[str(p) for p in item.paths] if patches else None,
         metadata=item.metadata,

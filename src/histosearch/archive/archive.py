@@ -3,7 +3,7 @@ kept whole and checked. The jobs live in their own modules; this class is their 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,11 +48,13 @@ class Archive(ArchiveFolder):
         options: EmbedOptions = DEFAULT_OPTIONS,
         on_progress: Callable[[str, int, int | None], None] | None = None,
         ray: bool | str = False,
+        columns: Mapping[str, str] | None = None,
     ) -> IndexReport:
         """Embed and store the slides, folders of slides and manifests in `inputs` (or items
         collected from them) that the archive does not hold yet; failures are collected in the
         report, not raised. `options` gives the resolution of files that record none and the
-        batching.
+        batching; `columns` reads a manifest's columns under histosearch's names
+        ({"label": "diagnosis"}: its `diagnosis` column is the label).
 
         `on_progress(stage, done, total)` is called as slides ("slides") and patches
         ("patches") are done. `ray` spreads the embedding over Ray workers: True starts a
@@ -64,7 +66,7 @@ class Archive(ArchiveFolder):
         # with the failures and the others go on; items collected already are taken as given
         unreadable: list[tuple[str, str]] = []
         items = [i for i in inputs if isinstance(i, Item)] + collect_items(
-            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
+            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable, columns
         )
         if encoder is None:
             from histosearch.embed.batches import default_device

@@ -19,6 +19,8 @@ from pathlib import Path
 from histosearch.errors import HistosearchError
 
 CATALOG = "catalog.sqlite"
+# A patch recorded within this fraction of the archive's magnification is at its scale.
+SCALE_TOLERANCE = 0.1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS slides (
@@ -126,12 +128,40 @@ class SlideRecord:
     features_crc: int | None = None
     store_crc: int | None = None
 
+    def scale_note(self, magnification: float) -> str | None:
+        """How the entry's scale differs from the archive's `magnification`: "unknown" for
+        patch images that record none (embedded whole, whatever their scale), "40x" for
+        patches recorded at another; None for a slide, tiled at the magnification."""
+        if self.tile_l0 is not None:
+            return None
+        if self.mpp is None:
+            return "unknown"
+        own = 10.0 / self.mpp  # the nominal magnification, as slide.base reckons it
+        return None if abs(own / magnification - 1) <= SCALE_TOLERANCE else f"{own:.3g}x"
+
     @property
     def rows(self) -> range:
         """The slide's rows in the search store."""
         if self.row_start is None:
             raise ArchiveError(self.name, "not yet in the search store")
         return range(self.row_start, self.row_start + self.n_patches)
+
+
+def scale_summary(records: Iterable[SlideRecord], magnification: float) -> str | None:
+    """The entries whose scale is not the archive's (`SlideRecord.scale_note`), counted:
+    "60 of 62 entries not at 5x (60 of unknown scale)", or None when all are."""
+    records = list(records)
+    notes: dict[str, int] = {}
+    for record in records:
+        if (note := record.scale_note(magnification)) is not None:
+            notes[note] = notes.get(note, 0) + 1
+    if not notes:
+        return None
+    counted = ", ".join(
+        f"{n} of unknown scale" if note == "unknown" else f"{n} at {note}"
+        for note, n in sorted(notes.items(), key=lambda pair: (-pair[1], pair[0]))
+    )
+    return f"{sum(notes.values())} of {len(records)} entries not at {magnification:g}x ({counted})"
 
 
 class Catalog:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from histosearch.cli.common import (
+    COLUMN_HELP,
     DEFAULT_ENCODER,
     ENCODER_HELP,
     INTERRUPTED,
@@ -41,6 +42,14 @@ if TYPE_CHECKING:
     from histosearch.embed.options import EmbedOptions
     from histosearch.search.result import SearchResult
     from histosearch.search.searcher import Searcher
+
+
+# What a search's percentile says, and what it does not.
+PERCENTILE_LEGEND = (
+    "%ile: the similarity ranked among those of the archive's own entries to their nearest "
+    "other entry (75th: closer than 3 in 4 of them; 0th: farther than all). Closeness, not "
+    "diagnosis: a hit of another class can rank high."
+)
 
 
 def index(
@@ -89,6 +98,7 @@ def index(
         str | None,
         typer.Option("--group-by", help="Manifest column gathering patches into slides."),
     ] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help=COLUMN_HELP)] = None,
     mpp: Annotated[float | None, typer.Option("--mpp", help="For slides that lack it.")] = None,
     objective_power: Annotated[float | None, typer.Option("--objective-power")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
@@ -116,6 +126,9 @@ def index(
 
     check_encoder(encoder_name, weights)  # before torch, the model and the slides
     from histosearch.archive.settings import ArchiveSettings
+    from histosearch.inputs import column_mapping
+
+    mapping = column_mapping(column or [])
     from histosearch.embed.options import EmbedOptions
 
     try:
@@ -142,6 +155,7 @@ def index(
         weights=weights,
         group_by=group_by,
         ray=ray_address or ray,
+        mapping=mapping,
         shard_slides=shard_slides,
     )
     report_failures(report.failures, report.total)
@@ -156,16 +170,19 @@ def build_archive(
     weights: Path | None = None,
     group_by: str | None = None,
     ray: bool | str = False,
+    mapping: Mapping[str, str] | None = None,
     shard_slides: int | None = None,
 ) -> IndexReport:
-    """`index` without the exit: create or open the archive, add the inputs, print a summary.
-    The inputs and an existing archive's settings are checked before torch is imported and
-    the model built. `shard_slides` makes a new archive a sharded one."""
+    """`index` without the exit: create or open the archive, add the inputs (manifest columns
+    renamed by `mapping`), print a summary. The inputs and an existing archive's settings are
+    checked before torch is imported and the model built. `shard_slides` makes a new archive
+    a sharded one."""
+    from histosearch.archive.catalog import scale_summary
     from histosearch.archive.shards import create_archive, open_archive
     from histosearch.inputs import collect_items
 
     unreadable: list[tuple[str, str]] = []
-    items = collect_items(inputs, group_by, unreadable)
+    items = collect_items(inputs, group_by, unreadable, mapping)
     if not items:  # nothing to index: say why before the model loads or an archive begins
         report_failures(unreadable, len(inputs))
     _refuse_other_settings(archive_dir, settings)
@@ -196,6 +213,7 @@ def build_archive(
                 ray=ray,
             )
             description = archive.describe()
+            scales = scale_summary(archive.slides(), float(archive.settings["magnification"]))
     except KeyboardInterrupt:
         with open_archive(archive_dir) as archive:
             stored = {record.path for record in archive.slides()}
@@ -208,7 +226,8 @@ def build_archive(
     report.failures[:0] = unreadable
     console.print(
         f"added {report.added} ({report.patches} patches), {report.skipped} already there; "
-        f"archive {archive_dir.resolve()}: {description}",
+        f"archive {archive_dir.resolve()}: {description}"
+        + ("" if scales is None else f"; {scales}"),
         highlight=False,
     )
     return report
@@ -384,7 +403,7 @@ def run_search(
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:
-        _print_result(result, show)
+        _print_result(result, show, float(searcher.archive.settings["magnification"]))
     hits = result.hits
     if len(hits) < k:
         what = "cases" if result.level == "case" else "results"
@@ -477,6 +496,7 @@ def demo(
 ) -> None:
     """Build an archive offline from real data and search it: patch groups, patches, slides."""
     from histosearch.archive.archive import Archive
+    from histosearch.archive.catalog import scale_summary
     from histosearch.archive.settings import ArchiveSettings
     from histosearch.embed.options import EmbedOptions
     from histosearch.search.searcher import Searcher
@@ -499,21 +519,21 @@ def demo(
     )
     with Archive.open(archive_dir) as archive:
         searcher = Searcher(archive)
-        slide_query = groups["lung_scc"][0]
+        # examples that show a hit and an honest miss, each said to be one
+        scc = groups["lung_scc"][:groups_per_class]
+        slide_query, verdict = _example(searcher, [(g, "lung_scc") for g in scc], True, k, "slides")
         console.rule(f"2. slide search: group {slide_query} against the others (WSI measure)")
         run_search(searcher, slide_query, k=k, mode="slides", gallery=out / "search-slides.png")
-        patch = next(
-            lc / r["path"] for r in rows if r["group"] in held_out and r["label"] == "lung_aca"
-        )
-        console.rule(f"3. patch search: {patch.name}, a lung_aca patch not in the archive (FAISS)")
+        console.print(verdict, highlight=False)
+        unseen = [(str(lc / r["path"]), r["label"]) for r in rows if r["group"] in held_out]
+        unseen.sort(key=lambda pair: pair[1])  # lung_aca, the class most confused, first
+        patch, verdict = _example(searcher, unseen, False, k, "patches", exclude=[])
+        label = dict(unseen)[patch]
+        console.rule(f"3. patch search: {Path(patch).name}, a {label} patch not in the archive")
         run_search(
-            searcher,
-            str(patch),
-            k=k,
-            exclude=[],
-            mode="patches",
-            gallery=out / "search-patches.png",
+            searcher, patch, k=k, exclude=[], mode="patches", gallery=out / "search-patches.png"
         )
+        console.print(verdict, highlight=False)
         console.rule("4. whole-slide search: the CMU-1 skin slide against the archive")
         run_search(
             searcher,
@@ -521,6 +541,20 @@ def demo(
             k=k,
             mode="slides",
             gallery=out / "search-wsi.png",
+        )
+        console.print(
+            "no skin in the archive: the lung entries rank at low percentiles (nothing alike)",
+            highlight=False,
+        )
+        settings = archive.settings
+        scales = scale_summary(archive.slides(), float(settings["magnification"]))
+    console.rule("5. how good search is on this archive, measured")
+    _print_archive_accuracy(archive_dir, settings)
+    if scales is not None:
+        console.print(
+            f"scale: {scales}: the LC25000 patches record none and are embedded whole, the "
+            f"WSIs are tiled at {settings['magnification']}x; search compares them all the same",
+            highlight=False,
         )
     console.print(f"archive in {archive_dir}/, galleries in {out}/search-*.png")
     console.print(
@@ -530,16 +564,126 @@ def demo(
     )
 
 
-def _print_result(result: SearchResult, show: list[str]) -> None:
+def _example(
+    searcher: Searcher,
+    candidates: list[tuple[str, str]],
+    hit: bool,
+    k: int,
+    mode: str,
+    **options: object,
+) -> tuple[str, str]:
+    """The first of the (query, label) candidates whose search is a hit (`hit`) or a miss,
+    else the first, with the sentence that says which it is."""
+    found = None
+    for query, label in candidates:
+        result = searcher.search(query, k=k, mode=mode, **options)
+        labels = [h.record.label for h in result.hits]
+        right = labels.count(label)
+        if labels[0] == label:
+            verdict = f"a hit: the top result is {label}, as the query, and {right} of the top {k}"
+        else:
+            verdict = (
+                f"a miss: the query is {label}, the top result {labels[0]}; {right} of the top "
+                f"{k} are {label} (step 5 measures how often search misses on this archive)"
+            )
+        found = found or (query, verdict)
+        if (labels[0] == label) == hit:
+            return query, verdict
+    assert found is not None, "no candidate query"
+    return found
+
+
+def _print_archive_accuracy(archive_dir: Path, settings: dict[str, str]) -> None:
+    """The archive's own leave-one-out accuracy, as `eval --archive` measures it: every
+    labelled entry (and every patch) searched against the others, as a short table."""
+    from histosearch.evaluation.runner import Evaluation
+    from histosearch.evaluation.settings import EvalSettings
+
+    reduction = settings.get("reduction", "pca")
+    reduced = reduction in ("pca", "cov")
+    n_features = int(settings["n_features"]) if reduced else 128
+    evaluation = Evaluation.load(
+        EvalSettings(
+            archive=archive_dir,
+            slide_column="slide",
+            reduction=reduction if reduced else "pca",
+            n_features=n_features,
+        )
+    )
+    evaluation.check()
+    features, data = evaluation.stored, evaluation.data
+    patch = evaluation.patch_protocol(features)
+    variants = evaluation.slide_protocol(features)["slides = slide"]
+    name = f"{reduction} {n_features}-d"
+    slide_metrics = variants.get(name) if reduced else None
+    if slide_metrics is None:
+        name, slide_metrics = next(iter(variants.items()))
+    excluded = f"its own {evaluation.exclude} excluded" if evaluation.exclude != "none" else ""
+    table = Table(
+        title="Leave-one-out on this archive (histosearch eval --archive): each query "
+        "searched against all the rest",
+        highlight=False,
+    )
+    for column in ("queries", "n", "top-1", "MV@5"):
+        table.add_column(column, justify="left" if column == "queries" else "right")
+    table.add_row(
+        f"slides, WSI measure ({name})",
+        str(slide_metrics["slides"]),
+        f"{slide_metrics['Acc@1']:.1%}",
+        f"{slide_metrics['MV@5']:.1%}",
+    )
+    table.add_row(
+        f"patches, cosine ({features.shape[1]}-d), {excluded}".rstrip(", "),
+        str(len(data.labels)),
+        f"{patch.metrics['Acc@1']:.1%}",
+        f"{patch.metrics['MV@5']:.1%}",
+    )
+    for label, values in patch.per_class.items():
+        table.add_row(
+            f"  {label} patches",
+            f"{values['n']:.0f}",
+            f"{values['Acc@1']:.1%}",
+            f"{values['MV@5']:.1%}",
+        )
+    console.print(table)
+    console.print(
+        "top-1: the nearest result has the query's label; MV@5: the majority of the top 5 has",
+        style="dim",
+        highlight=False,
+    )
+    worst = min(patch.per_class, key=lambda label: patch.per_class[label]["Acc@1"])
+    labels = [str(label) for label in data.labels]
+    wrong = [
+        labels[row[0]]
+        for row, label in zip(patch.neighbours, labels, strict=True)
+        if label == worst and row[0] >= 0 and labels[row[0]] != worst
+    ]
+    confused = max(set(wrong), key=wrong.count) if wrong else None
+    console.print(
+        f"{settings['encoder']} learnt its features on ImageNet, not on histology: {worst} is "
+        f"the class it finds worst"
+        + (f", most often taken for {confused}" if confused else "")
+        + (
+            f"; the {len(data.unlabelled)} unlabelled entries ({', '.join(data.unlabelled)}) "
+            "are left out"
+            if data.unlabelled
+            else ""
+        ),
+        highlight=False,
+    )
+
+
+def _print_result(result: SearchResult, show: list[str], magnification: float) -> None:
     patches = result.mode == "patches"
     cases = result.level == "case"
     rows = result.to_dict()["results"]
-    for row in rows:  # the shown metadata columns as cells of their own
-        row |= {c: row["metadata"].get(c) for c in show if c not in row}
+    for row, hit in zip(rows, result.hits, strict=True):
+        row |= {c: row["metadata"].get(c) for c in show if c not in row}  # cells of their own
+        row["scale"] = hit.record.scale_note(magnification)
     what = "Patches" if patches else "Cases" if cases else "Slides"
     table = Table(title=f"{what} most similar to {Path(result.query.name).name}", highlight=False)
     columns = ["rank", *(["case", "slides"] if cases else []), "slide", "label", "patient"]
-    columns += ["group", "patch" if patches else "patches"]
+    columns += ["group", "patch" if patches else "patches", "scale"]
     # Columns no result has (patients of patch groups, say) are left out.
     columns = [c for c in columns if c == "slides" or any(row[c] is not None for row in rows)]
     columns += [c for c in show if c not in columns]
@@ -555,6 +699,8 @@ def _print_result(result: SearchResult, show: list[str]) -> None:
     console.print(table)
     if result.where:
         console.print(f"where {' and '.join(result.where)}", highlight=False, markup=False)
+    if result.note:
+        console.print(result.note, style="yellow", highlight=False, markup=False)
     if result.consensus is not None:
         console.print(
             f"consensus of the top {result.consensus.k}: {result.consensus.line()}",
@@ -567,12 +713,14 @@ def _print_result(result: SearchResult, show: list[str]) -> None:
             style="dim",
             highlight=False,
         )
-    console.print(
-        "%ile: the percentile where the similarity falls among the archive's own nearest-neighbour "
-        "similarities (50th = as alike as a typical archived neighbour)",
-        style="dim",
-        highlight=False,
-    )
+    if any(row["scale"] for row in rows):
+        console.print(
+            f"scale: the entry's patches are of unknown scale (images recording none, "
+            f"embedded whole) or of another than the archive's {magnification:g}x",
+            style="dim",
+            highlight=False,
+        )
+    console.print(PERCENTILE_LEGEND, style="dim", highlight=False)
 
 
 def _save_gallery(archive: Archive, query: str | int, result: SearchResult, path: Path) -> None:
@@ -598,7 +746,7 @@ def _save_gallery(archive: Archive, query: str | int, result: SearchResult, path
         GalleryItem(
             archive.patch_image(hit_record, row),
             f"{hit_record.label or hit_record.name}\n{similarity:.1%}"
-            + ("" if share is None else f" ({share:.0f}th pct)"),
+            + ("" if share is None else f" ({ordinal(round(share))} percentile)"),
             None if label is None or hit_record.label is None else hit_record.label == label,
         )
         for hit_record, row, similarity, share in pictures

@@ -253,6 +253,11 @@ Method = Literal[METHODS]
 Exclude = StrEnum("Exclude", {v: v for v in ("slide", "patient", "group")})  # ranking's
 
 
+COLUMN_HELP = (
+    "NAME=COLUMN: read the manifest's COLUMN as histosearch's NAME (label=diagnosis, "
+    "patient=patient_or_slide_id); repeat for several."
+)
+
 ENCODER_HELP = (
     "Encoder: efficientnet-lite0-imagenet (offline default), resnet50-imagenet, a foundation "
     "model (uni, virchow2, ...: `histosearch encoders`), timm:<model>."

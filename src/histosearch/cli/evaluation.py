@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from histosearch.cli.common import (
+    COLUMN_HELP,
     DEFAULT_ENCODER,
     ENCODER_HELP,
     Metric,
@@ -35,6 +36,7 @@ def eval_command(
     archive_dir: Annotated[
         Path | None, typer.Option("--archive", help="Evaluate an archive's labelled slides.")
     ] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help=COLUMN_HELP)] = None,
     encoder_names: Annotated[
         list[str] | None,
         typer.Option(
@@ -100,11 +102,13 @@ def eval_command(
     several --encoder, one comparison table and chart as well."""
     from histosearch.evaluation.runner import Evaluation, PatchRun
     from histosearch.evaluation.settings import EvalSettings, EvalSettingsError, encoder_choices
+    from histosearch.inputs import column_mapping
 
     try:
         settings = EvalSettings(
             manifest=manifest,
             archive=archive_dir,
+            columns=column_mapping(column or []),
             encoders=tuple(encoder_choices(encoder_names or [DEFAULT_ENCODER], weights)),
             out=out,
             exclude=exclude,
@@ -130,6 +134,14 @@ def eval_command(
         evaluation = Evaluation.load(settings)
         for path in evaluation.data.missing:
             error_console.print(f"[yellow]skipped missing[/yellow] {path}", highlight=False)
+        if evaluation.data.unlabelled:
+            names = evaluation.data.unlabelled
+            error_console.print(
+                f"[yellow]left out[/yellow] {len(names)} unlabelled slides: "
+                + ", ".join(names[:5])
+                + (" ..." if len(names) > 5 else ""),
+                highlight=False,
+            )
         with _Bars() as bars:
             result = evaluation.run(bars, lambda report: _print_encoder(report, out))
     except EvalSettingsError as error:
@@ -170,7 +182,8 @@ _OPTIONS = {
 
 class _Bars:
     """The runner's `on_progress(stage, done, total)` as the project's progress bars: one
-    bar a stage, gone when the stage is done (or the run ends)."""
+    bar a stage, gone when the stage is done (or the run ends); without a terminal, a line
+    as each stage starts (the stages after embedding take minutes without a count)."""
 
     def __init__(self) -> None:
         self._stage: str | None = None
@@ -186,6 +199,8 @@ class _Bars:
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage != self._stage:
             self._close()
+            if not error_console.is_terminal:
+                error_console.print(f"{stage} ...", highlight=False, markup=False)
             self._bar = progress()
             self._bar.__enter__()
             self._task = self._bar.add_task(stage, total=total)

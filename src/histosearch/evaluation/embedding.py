@@ -54,12 +54,21 @@ def embed_patches(
 
 
 def embed_slide(
-    path: Path, encoder: Encoder, magnification: float, settings: EvalSettings
+    path: Path,
+    encoder: Encoder,
+    magnification: float,
+    settings: EvalSettings,
+    resolution: tuple[float | None, float | None] = (None, None),
 ) -> np.ndarray:
-    """A slide's tissue tiles embedded at `magnification`."""
+    """A slide's tissue tiles embedded at `magnification`; `resolution`, its manifest row's
+    (mpp, magnification), stands before the run's --mpp/--objective-power for a file that
+    records none."""
     from histosearch.embed.items import embed_file
     from histosearch.embed.options import EmbedOptions
     from histosearch.tiling import Tiling
 
-    options = EmbedOptions(mpp=settings.mpp, objective_power=settings.objective_power)
+    mpp, objective_power = resolution
+    options = EmbedOptions(
+        mpp=mpp or settings.mpp, objective_power=objective_power or settings.objective_power
+    )
     return embed_file(path, encoder, Tiling(magnification, settings.tile_size), options).features

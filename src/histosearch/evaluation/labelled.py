@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +11,12 @@ import numpy as np
 from histosearch.errors import HistosearchError
 from histosearch.evaluation.metrics import majority_vote
 from histosearch.evaluation.settings import METADATA_COLUMNS
-from histosearch.inputs import folder_files, read_manifest_rows
-
-MANIFEST_COLUMNS = ("path", "label", *METADATA_COLUMNS, "x", "y")
+from histosearch.inputs import (
+    folder_files,
+    read_manifest_rows,
+    row_resolution,
+    warn_unknown_columns,
+)
 
 
 class LabelledSetError(HistosearchError):
@@ -30,6 +33,9 @@ class LabelledSet:
     columns: dict[str, list[str]] = field(default_factory=dict)
     xy: np.ndarray | None = None
     missing: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)  # an archive's slides left out
+    # each item's (mpp, magnification) from its manifest row, for files that record none
+    resolutions: list[tuple[float | None, float | None]] | None = None
 
     def column(self, name: str) -> list[str] | None:
         return self.columns.get(name)
@@ -45,18 +51,21 @@ def read_labelled_folder(folder: Path) -> LabelledSet:
     return LabelledSet(source=str(folder), paths=list(files), labels=list(files.values()))
 
 
-def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSet:
-    """Check a manifest (or a folder of class sub-folders) before any heavy work: columns,
+def read_labelled_manifest(
+    path: Path, skip_missing: bool = False, mapping: Mapping[str, str] | None = None
+) -> LabelledSet:
+    """Check a manifest (or a folder of class sub-folders) before any heavy work: columns
+    (read as `index` reads them: `mapping` renames them, unknown ones are warned about),
     files, classes."""
     if path.is_dir():
         return read_labelled_folder(path)
-    rows, header, missing = read_manifest_rows(path)
-    unknown = [c for c in header if c not in MANIFEST_COLUMNS]
-    if unknown or "label" not in header:
+    rows, header, missing = read_manifest_rows(path, (), mapping)
+    warn_unknown_columns(path, header)
+    if "label" not in header:
         raise LabelledSetError(
             path,
-            f"columns must be path,label[,{','.join(MANIFEST_COLUMNS[2:])}]; "
-            + (f"unknown: {', '.join(unknown)}" if unknown else f"got {', '.join(header)}"),
+            f"no 'label' column (columns: {', '.join(header)}); --column label=COLUMN reads "
+            "another as the label",
         )
     if missing and not skip_missing:
         listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
@@ -65,25 +74,39 @@ def read_labelled_manifest(path: Path, skip_missing: bool = False) -> LabelledSe
             f"{len(missing)} of {len(rows)} listed files are missing (--skip-missing evaluates "
             f"the rest):\n  {listed}",
         )
-    unlabelled = [line for line, r in enumerate(rows, start=2) if not (r.get("label") or "")]
-    if unlabelled:
-        lines = ", ".join(map(str, unlabelled[:10])) + (" ..." if len(unlabelled) > 10 else "")
-        raise LabelledSetError(
-            path, f"{len(unlabelled)} rows have no label: line {lines} (line 1 is the header)"
-        )
     absent = set(missing)
     rows = [r for r in rows if r["path"] not in absent]
-    xy = None
-    if "x" in header and "y" in header:
-        xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
     return LabelledSet(
         source=str(path),
         paths=[path.parent / r["path"] for r in rows],
         labels=[r["label"] for r in rows],
         columns={c: [r[c] for r in rows] for c in METADATA_COLUMNS if c in header},
-        xy=xy,
+        xy=_coordinates(path, rows, header),
         missing=missing,
+        resolutions=[row_resolution(path, r) for r in rows],
     )
+
+
+def _coordinates(path: Path, rows: list[dict[str, str]], header: list[str]) -> np.ndarray | None:
+    """The rows' x, y as an array; None without the columns or when they are all empty
+    (BreakHis' manifest has them, empty), refused when only some rows give them."""
+    if "x" not in header or "y" not in header or not any(r["x"] or r["y"] for r in rows):
+        return None
+    try:
+        return np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    except ValueError:
+        bad = next(r for r in rows if not _is_number(r["x"]) or not _is_number(r["y"]))
+        raise LabelledSetError(
+            path, f"{bad['path']}: x, y {bad['x']!r}, {bad['y']!r} are not numbers"
+        ) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_evaluable(data: LabelledSet, ks: Sequence[int], exclude: str | None) -> None:
@@ -116,23 +139,26 @@ def group_features(
 
 
 def archive_labelled_set(archive_dir: Path) -> tuple[LabelledSet, np.ndarray, str]:
-    """The patches of an archive as a labelled set (each patch carries its slide's label),
-    their stored features, and the encoder that made them."""
+    """The patches of an archive's labelled slides as a labelled set (each patch carries its
+    slide's label; the unlabelled slides are named in `unlabelled`), their stored features,
+    and the encoder that made them."""
     from histosearch.archive.archive import Archive
 
     with Archive(archive_dir) as archive:
         features, offsets, records = archive.all_features()
         encoder = archive.settings["encoder"]
-        counts = np.diff(offsets)
+        kept = [i for i, r in enumerate(records) if r.label is not None]
+        if not kept:
+            raise LabelledSetError(archive_dir, f"none of its {len(records)} slides has a label")
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in kept])
+        unlabelled = [r.name for r in records if r.label is None]
+        records = [records[i] for i in kept]
+        features = features[rows]
+        counts = np.array([r.n_patches for r in records])
         paths: list[Path] = []
         for record in records:
             stored = archive.read(record, with_features=False).paths
             paths += [Path(p) for p in stored] if stored else [Path(record.path)] * record.n_patches
-    unlabelled = [r.name for r in records if r.label is None]
-    if unlabelled:
-        raise LabelledSetError(
-            archive_dir, f"{len(unlabelled)} slides have no label, e.g. {unlabelled[0]}"
-        )
 
     def per_patch(values: list[str | None]) -> list[str]:
         return [str(v) for v, n in zip(values, counts, strict=True) for _ in range(n)]
@@ -144,5 +170,6 @@ def archive_labelled_set(archive_dir: Path) -> tuple[LabelledSet, np.ndarray, st
     ):
         if all(v is not None for v in values):
             columns[name] = per_patch(values)
-    data = LabelledSet(str(archive_dir), paths, per_patch([r.label for r in records]), columns)
+    labels = per_patch([r.label for r in records])
+    data = LabelledSet(str(archive_dir), paths, labels, columns, unlabelled=unlabelled)
     return data, features, encoder

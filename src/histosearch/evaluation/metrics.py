@@ -41,6 +41,8 @@ from histosearch.search.consensus import majority_vote
 from histosearch.search.similarity import l2_normalize
 
 QUERY_BLOCK = 1024
+# Random pairs drawn per pair asked for, from which the distinct ones are taken.
+PAIR_DRAWS = 20
 
 
 def rank_neighbours(
@@ -270,12 +272,19 @@ def label_pairs(
     exclude_keys: Sequence[object] | None = None,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `n_pairs` random same-label and as many different-label pairs, never two items
-    sharing an exclusion key (group/patient), so near-duplicates do not count as similar."""
+    """Up to `n_pairs` distinct random same-label pairs and as many different-label pairs,
+    never two items sharing an exclusion key (group/patient), so near-duplicates do not count
+    as similar. A set with fewer pairs than asked gives each of its pairs once."""
     labels_arr = np.asarray(labels, dtype=object).astype(str)
-    keys = np.arange(len(labels_arr)) if exclude_keys is None else _codes(exclude_keys)
+    n = len(labels_arr)
+    keys = np.arange(n) if exclude_keys is None else _codes(exclude_keys)
     rng = np.random.default_rng(seed)
-    candidates = rng.integers(0, len(labels_arr), size=(n_pairs * 20, 2))
+    if n * (n - 1) // 2 <= n_pairs * PAIR_DRAWS:  # every pair, shuffled
+        candidates = np.stack(np.triu_indices(n, 1), axis=1)
+        candidates = candidates[rng.permutation(len(candidates))]
+    else:  # random draws, each pair kept once in the order drawn
+        drawn = np.sort(rng.integers(0, n, size=(n_pairs * PAIR_DRAWS, 2)), axis=1)
+        candidates = drawn[np.sort(np.unique(drawn, axis=0, return_index=True)[1])]
     candidates = candidates[keys[candidates[:, 0]] != keys[candidates[:, 1]]]
     same = labels_arr[candidates[:, 0]] == labels_arr[candidates[:, 1]]
     return candidates[same][:n_pairs], candidates[~same][:n_pairs]

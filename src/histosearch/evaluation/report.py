@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,10 @@ def save_figures(
     queries_per_class: int,
     seed: int,
     encoder_name: str,
+    on_figure: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
-    """UMAP and PCA of the embeddings, the rank-10 gallery and the confusion matrix."""
+    """UMAP and PCA of the embeddings, the rank-10 gallery and the confusion matrix;
+    `on_figure` is told the name of each figure before it is made (UMAP takes the longest)."""
     import umap
     from PIL import Image
 
@@ -109,6 +112,7 @@ def save_figures(
     )
 
     figures = []
+    on_figure("PCA")
     unit = l2_normalize(features)
     centred = unit - unit.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -116,14 +120,17 @@ def save_figures(
         centred @ vt[:2].T, data.labels, out / "pca.png", f"PCA of {encoder_name} embeddings"
     )
     figures.append("pca.png")
+    on_figure("UMAP")
     points = umap.UMAP(
         n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed, n_jobs=1
     ).fit_transform(unit)
     save_embedding_plot(points, data.labels, out / "umap.png", f"UMAP of {encoder_name} embeddings")
     figures.append("umap.png")
+    on_figure("confusion matrix")
     save_confusion(data.labels, patch.votes, out / "confusion.png", f"{encoder_name}: MV@{k}")
     figures.append("confusion.png")
     if patch.spatial_agreement is not None:
+        on_figure("spatial agreement")
         found = patch.spatial_agreement
         shares = np.unique(np.asarray(data.labels), return_counts=True)[1] / len(data.labels)
         save_agreement_plot(
@@ -136,6 +143,7 @@ def save_figures(
         )
         figures.append("spatial-agreement.png")
     if all(p.is_file() for p in data.paths):
+        on_figure("rank gallery")
         rng = np.random.default_rng(seed)
         labels = np.asarray(data.labels)
 

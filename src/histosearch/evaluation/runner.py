@@ -94,7 +94,9 @@ class Evaluation:
     def load(cls, settings: EvalSettings) -> Evaluation:
         """Read the labelled set (a manifest's files are checked, not yet opened)."""
         if settings.manifest is not None:
-            data = read_labelled_manifest(settings.manifest, settings.skip_missing)
+            data = read_labelled_manifest(
+                settings.manifest, settings.skip_missing, settings.columns
+            )
             return cls(settings, data, list(settings.encoders))
         data, stored, encoder = archive_labelled_set(settings.archive)
         return cls(settings, data, [(encoder, None)], stored)
@@ -192,6 +194,39 @@ class Evaluation:
             result.comparison = [run / name for name in files]
         return result
 
+    def patch_protocol(self, features: np.ndarray) -> PatchEvaluation:
+        """The patch protocol (leave-one-out retrieval, ADDR, pair verification, linear probe)
+        on features of the set's items, one row each, with the run's settings."""
+        s = self.settings
+        return evaluate_patches(
+            features,
+            self.data,
+            list(s.ks),
+            self.exclude_column,
+            s.metric,
+            s.pairs,
+            s.near_far,
+            s.seed,
+        )
+
+    def slide_protocol(self, features: np.ndarray) -> SlideResults:
+        """Leave-one-out slide search with the WSI measure on the patches gathered into
+        slides by the run's slide column (the query's patient excluded when the run
+        excludes patients), full and reduced."""
+        s, data, column = self.settings, self.data, self.settings.slide_column
+        slide_features, slide_labels, names = group_features(features, data, column)
+        patients = data.column("patient")
+        keys = None
+        if self.exclude_column == "patient" and patients is not None and column != "patient":
+            by_slide = dict(zip(data.column(column), patients, strict=True))
+            keys = [by_slide[n] for n in names]
+        reduction = (s.reduction, s.n_features)
+        return {
+            f"slides = {column}": evaluate_slides(
+                slide_features, slide_labels, list(s.ks), [reduction], keys
+            )
+        }
+
     def _patch_features(
         self, name: str, weights: Path | None, on_progress: ProgressCallback
     ) -> tuple[np.ndarray, str, int, bool]:
@@ -225,25 +260,17 @@ class Evaluation:
         `folder`."""
         name, fingerprint, dim = encoder
         s, data = self.settings, self.data
-        ks, exclude_column = list(s.ks), self.exclude_column
-        reduction = (s.reduction, s.n_features)
-        patch = evaluate_patches(
-            features, data, ks, exclude_column, s.metric, s.pairs, s.near_far, s.seed
-        )
+        ks, reduction = list(s.ks), (s.reduction, s.n_features)
+        stage = f"{name}: retrieval, pairs and linear probe"
+        on_progress(stage, 0, None)
+        patch = self.patch_protocol(features)
+        on_progress(stage, 1, 1)
         slides = None
         if s.slide_column is not None:
-            column = s.slide_column
-            slide_features, slide_labels, names = group_features(features, data, column)
-            patients = data.column("patient")
-            keys = None
-            if exclude_column == "patient" and patients is not None and column != "patient":
-                by_slide = dict(zip(data.column(column), patients, strict=True))
-                keys = [by_slide[n] for n in names]
-            slides = {
-                f"slides = {column}": evaluate_slides(
-                    slide_features, slide_labels, ks, [reduction], keys
-                )
-            }
+            stage = f"{name}: slide retrieval, patches gathered by {s.slide_column}"
+            on_progress(stage, 0, None)
+            slides = self.slide_protocol(features)
+            on_progress(stage, 1, 1)
         report_settings = {
             "source": data.source,
             "encoder": name,
@@ -261,12 +288,16 @@ class Evaluation:
             "missing_skipped": len(data.missing),
         }
         folder.mkdir(parents=True, exist_ok=True)
-        stage = f"figures for {name}"
-        on_progress(stage, 0, None)
+        stages: list[str] = []
+
+        def on_figure(figure: str) -> None:
+            stages.append(f"{name}: figures, {figure}")
+            on_progress(stages[-1], 0, None)
+
         figures = save_figures(
-            folder, features, data, patch, max(ks), s.queries_per_class, s.seed, name
+            folder, features, data, patch, max(ks), s.queries_per_class, s.seed, name, on_figure
         )
-        on_progress(stage, 1, 1)
+        on_progress(stages[-1], 1, 1)
         write_report(folder, report_settings, patch, slides, figures)
         return EncoderReport(
             EncoderResult(
@@ -295,8 +326,9 @@ class Evaluation:
             stage, total = f"slides at {mag:g}x", len(data.paths)
             on_progress(stage, 0, total)
             for index, path in enumerate(data.paths):
+                resolution = data.resolutions[index] if data.resolutions else (None, None)
                 try:
-                    tiles = embed_slide(path, encoder, mag, s)
+                    tiles = embed_slide(path, encoder, mag, s, resolution)
                 except HistosearchError as error:
                     failures.append((path, str(error)))
                 else:
@@ -338,6 +370,8 @@ def check_resolution(data: LabelledSet, mpp: float | None, objective_power: floa
 
     if mpp is not None or objective_power is not None:
         return
+    if data.resolutions and any(m or power for m, power in data.resolutions):
+        return  # the manifest gives them
     for path in data.paths:
         try:
             with open_slide(path) as slide:
@@ -348,5 +382,5 @@ def check_resolution(data: LabelledSet, mpp: float | None, objective_power: floa
     raise HistosearchError(
         data.source,
         f"none of the {len(data.paths)} files records its resolution (microns per pixel or "
-        "objective power): give --mpp or --objective-power",
+        "objective power): give --mpp or --objective-power, or an mpp or magnification column",
     )

@@ -3,8 +3,8 @@ naming the setting and what it may be, before any file is read."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histosearch.archive.reduce import REDUCERS
@@ -53,6 +53,8 @@ class EvalSettings:
     manifest: Path | None = None
     archive: Path | None = None
     encoders: tuple[EncoderChoice, ...] = ()
+    # histosearch's column names and the manifest's columns read as them (inputs.column_mapping)
+    columns: Mapping[str, str] = field(default_factory=dict)
     out: Path = Path("eval-output")
     # a column whose matches are never neighbours: auto (the first of METADATA_COLUMNS the
     # set has), none, or a column
