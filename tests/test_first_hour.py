@@ -311,6 +311,9 @@ def test_index_and_eval_read_breakhis_manifest_alike_with_a_column_mapping(tmp_p
     common = ["--archive", str(archive), "--encoder", "color-histogram", "--group-by", "patient"]
     result = runner.invoke(app, ["index", str(manifest), *common])
     assert result.exit_code == 1 and "no 'patient' column" in result.output
+    assert "--column patient=patient_or_slide_id reads patient_or_slide_id as it" in " ".join(
+        result.output.split()
+    )
     result = runner.invoke(
         app, ["index", str(manifest), *common, "--column", "patient=patient_or_slide_id"]
     )
@@ -388,6 +391,9 @@ def test_the_demo_s_measure_hit_miss_and_scale_flags(lc_cmu: Path, capsys):
     assert "scale: the entry's patches are of unknown scale" in text
     assert "Closeness, not diagnosis: a hit of another class can rank high." in text
     assert "typical" not in text
+    result = runner.invoke(app, ["search", query, "--archive", str(archive_dir), "--json"])
+    rows = json.loads(result.output)["results"]
+    assert {row["scale"] for row in rows} <= {"unknown", None} and rows[0]["scale"] == "unknown"
 
 
 @pytest.mark.slow  # the demo itself: about 30 s on the shared 2 cores

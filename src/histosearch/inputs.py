@@ -197,6 +197,16 @@ def _mapped(manifest: Path, columns: list[str], mapping: Mapping[str, str]) -> l
     return [renamed.get(column, column) for column in columns]
 
 
+def _lookalike(column: str, names: Iterable[str] = MANIFEST_ORDER[1:]) -> str | None:
+    """The histosearch column that `column` (a manifest's) looks like: one of its words
+    (`patient_or_slide_id`: patient), or a near spelling (`lable`: label)."""
+    names = list(names)
+    words = set(re.split(r"[^a-z]+", column.lower()))
+    return next((n for n in names if n in words), None) or next(
+        iter(difflib.get_close_matches(column.lower(), names, 1, 0.75)), None
+    )
+
+
 def warn_unknown_columns(manifest: Path, columns: Iterable[str], also: Iterable[str] = ()) -> None:
     """The one warning `index` and `eval` give for a manifest's columns that are none of
     histosearch's (`index` keeps them as slide metadata, `eval` does not use them), with the
@@ -205,14 +215,7 @@ def warn_unknown_columns(manifest: Path, columns: Iterable[str], also: Iterable[
     unknown = [c for c in columns if c not in known]
     if not unknown:
         return
-    hints = []
-    for column in unknown:
-        words = set(re.split(r"[^a-z]+", column.lower()))
-        guess = next((n for n in MANIFEST_ORDER[1:] if n in words), None) or next(
-            iter(difflib.get_close_matches(column.lower(), MANIFEST_ORDER[1:], 1, 0.75)), None
-        )
-        if guess is not None:
-            hints.append(f"--column {guess}={column}")
+    hints = [f"--column {guess}={c}" for c in unknown if (guess := _lookalike(c)) is not None]
     log.warning(
         "%s: column%s %s %s none of histosearch's (%s): kept as slide metadata by index, not "
         "used by eval%s",
@@ -246,7 +249,12 @@ def read_manifest_rows(
         raise ManifestError(manifest, f"no 'path' column (columns: {shown})")
     for column in required:
         if column not in columns:
-            raise ManifestError(manifest, f"no '{column}' column (columns: {', '.join(columns)})")
+            like = next((c for c in columns if _lookalike(c, [column])), None)
+            raise ManifestError(
+                manifest,
+                f"no '{column}' column (columns: {', '.join(columns)})"
+                + (f"; --column {column}={like} reads {like} as it" if like else ""),
+            )
     needed = [c for c in (*REQUIRED_COLUMNS, *required) if c in columns]
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}

@@ -400,10 +400,14 @@ def run_search(
             soft_wrap=True,
         )
     available = len(searcher.archive.slides())
+    magnification = float(searcher.archive.settings["magnification"])
     if as_json:
-        console.print_json(json.dumps(result.to_dict()))
+        payload = result.to_dict()
+        for row, hit in zip(payload["results"], result.hits, strict=True):
+            row["scale"] = hit.record.scale_note(magnification)
+        console.print_json(json.dumps(payload))
     else:
-        _print_result(result, show, float(searcher.archive.settings["magnification"]))
+        _print_result(result, show, magnification)
     hits = result.hits
     if len(hits) < k:
         what = "cases" if result.level == "case" else "results"
