@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from data_paths import CMU, LC, TARGET
+from data_paths import CMU, LC, TARGET, TCGA
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -309,6 +309,19 @@ def test_upload_of_a_slide_file_with_options(client: TestClient, slides: dict[st
         slides["cmu-1.ome.tif"]["id"],
     }
     assert hits[1]["similarity"] > 0.8
+
+
+def test_an_upload_without_resolution_takes_it_from_the_form(client: TestClient) -> None:
+    upload = {"file": ("frozen.svs", TCGA.read_bytes())}  # records neither mpp nor power
+    refusal = detail(client.post("/api/search", files=upload), 400)
+    assert refusal.startswith("frozen.svs: ") and "mpp or magnification field" in refusal
+    assert "--" not in refusal  # no command-line flag named to a page's user
+    assert "mpp" in detail(client.post("/api/search", files=upload, data={"mpp": "0"}), 422)
+    by_power = client.post("/api/search", files=upload, data={"magnification": "20"})
+    by_mpp = client.post("/api/search", files=upload, data={"mpp": "0.5"})  # 20x: 10 / 20
+    assert by_power.status_code == 200 and by_mpp.status_code == 200, by_power.text
+    tiles = by_power.json()["query"]["patches"]
+    assert tiles > 1 and by_mpp.json()["query"]["patches"] == tiles
 
 
 def test_uploads_leave_no_temporary_file(
@@ -607,7 +620,8 @@ def test_the_upload_form_in_the_schema_is_what_the_server_validates(client: Test
     assert form["properties"]["k"]["minimum"] == 1 and form["properties"]["k"]["maximum"] == 100
     assert form["properties"]["exclude"]["type"] == "array"  # a form has no null
     options = set(content["application/json"]["schema"]["properties"]) - {"slide", "region"}
-    assert set(form["properties"]) == {"file"} | options
+    assert set(form["properties"]) == {"file", "mpp", "magnification"} | options
+    assert form["properties"]["mpp"]["exclusiveMinimum"] == 0
 
 
 @pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1.5", "-0.1"])

@@ -25,6 +25,10 @@ class MagnificationError(HistosearchError):
     """The slide lacks resolution metadata, or a magnification beyond the scan was asked for."""
 
 
+class UnknownResolutionError(MagnificationError):
+    """The slide records neither microns per pixel nor objective power, and none was given."""
+
+
 class NoTissueError(HistosearchError):
     """No tile of the grid holds enough tissue."""
 

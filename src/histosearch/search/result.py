@@ -102,7 +102,8 @@ class QueryInfo:
 class SearchResult:
     """Ranked slides (mode "slides"; at level "case", `cases` ranked by their best slide, and
     `slides` their best slides) or patches (mode "patches"), the `where` clauses that
-    restricted them, the consensus of the top k and the metadata of the slides returned."""
+    restricted them, the consensus of the top k and the metadata of the slides returned;
+    `note` says why mode "auto" ranked patches for a slide or region query."""
 
     query: QueryInfo
     mode: str
@@ -115,6 +116,7 @@ class SearchResult:
     metadata: dict[int, dict[str, str]] = field(default_factory=dict)
     # shards of a sharded archive that did not answer (name: why): their slides are not ranked
     missing_shards: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
 
     @property
     def hits(self) -> list[SlideMatch] | list[PatchMatch]:
@@ -171,6 +173,7 @@ class SearchResult:
             "mode": self.mode,
             "level": self.level,
             "where": self.where,
+            "note": self.note,
             "consensus": None if self.consensus is None else self.consensus.to_dict(),
             "results": results,
             "missing_shards": self.missing_shards,

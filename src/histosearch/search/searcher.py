@@ -106,8 +106,9 @@ class _Loaded:
 class Searcher:
     """Answers similarity queries on one archive; safe to share between threads.
 
-    The encoder is created on the first query that needs embedding; the store, the patch
-    index and the calibration are loaded once and reloaded only when the archive changes.
+    The encoder is created on the first query that needs embedding (or by `load_encoder`,
+    ahead of it); the store, the patch index and the calibration are loaded once and reloaded
+    only when the archive changes.
     """
 
     def __init__(
@@ -118,6 +119,9 @@ class Searcher:
         if encoder is not None:
             archive.check_encoder(encoder)
         self._lock = threading.RLock()
+        # Its own lock: building the encoder takes seconds, and searches of archived slides,
+        # which need none, go on meanwhile.
+        self._encoder_lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._paths: dict[int, list[str] | None] = {}
         self.refresh()
@@ -162,7 +166,12 @@ class Searcher:
     @property
     def encoder(self) -> Encoder:
         """The archive's encoder, created on first use."""
-        with self._lock:
+        return self.load_encoder()
+
+    def load_encoder(self) -> Encoder:
+        """The archive's encoder, built now if it is not yet (a server builds it at start-up,
+        in the background, so that its first search by file does not wait for it)."""
+        with self._encoder_lock:
             if self._encoder is None:
                 from histosearch.embed.batches import default_device
                 from histosearch.encoders import create_encoder
@@ -262,6 +271,13 @@ class Searcher:
         result = SearchResult(found.info, "patches" if use_patches else "slides", level=level)
         result.where = where
         result.missing_shards = dict(loaded.missing)
+        if use_patches and mode == "auto" and found.info.tiles[0].size is not None:
+            # a tiled slide (or a region of it) of one tile: say so, or it looks like a bug
+            what = f"the region {list(region)}" if region is not None else "the query slide"
+            result.note = (
+                f"{what} holds one tile, so its nearest patches were ranked, not slides "
+                "(mode auto; mode slides ranks slides by that one tile)"
+            )
         if use_patches:
             result.patches = self._patch_hits(loaded, found, k, skip)
         elif level == "case":

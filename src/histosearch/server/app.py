@@ -1,7 +1,8 @@
 """`histosearch serve`: the search service and its web page, over `Archive` and `Searcher`.
 
-The archive's catalog is read once at start-up and its `Searcher` loaded once; requests share
-them (the searcher is thread-safe), plus a cache of open slides for the deep-zoom tiles.
+The archive's catalog is read once at start-up and its `Searcher` loaded once, its encoder
+built in the background meanwhile; requests share them (the searcher is thread-safe), plus a
+cache of open slides for the deep-zoom tiles.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from histosearch.archive.catalog import SlideRecord
 from histosearch.archive.feedback import Mark, add_mark
 from histosearch.archive.shards import open_archive
-from histosearch.errors import HistosearchError
+from histosearch.errors import HistosearchError, UnknownResolutionError
 from histosearch.search.filters import describe_columns
 from histosearch.search.qupath import collection, file_stem, match_features
 from histosearch.search.result import SearchResult
@@ -44,6 +45,7 @@ from histosearch.server.models import (
     SlideInfo,
     SlidePage,
     SlideQuery,
+    UploadOptions,
     upload_form_schema,
 )
 from histosearch.server.state import Record, ServerState, State, check_token
@@ -84,6 +86,8 @@ def health(state: State) -> Health:
         tile_size=int(settings["tile_size"]),
         auth=state.token is not None,
         viewer=(OPENSEADRAGON / "openseadragon.min.js").is_file(),
+        model=state.model,
+        model_error=state.model_error,
     )
 
 
@@ -188,7 +192,8 @@ def dzi_tile(
 )
 async def search(request: Request, state: State) -> dict[str, Any]:
     """Search the archive with an archived slide (or a region of it, as JSON) or an uploaded
-    patch image or slide file (multipart `file`)."""
+    patch image or slide file (multipart `file`, with `mpp` or `magnification` for a file
+    that records no resolution)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         async with receive_upload(request, state.max_upload_bytes) as upload:
@@ -196,7 +201,7 @@ async def search(request: Request, state: State) -> dict[str, Any]:
                 key: values if key in ("exclude", "where") else values[-1]
                 for key, values in upload.fields.items()
             }
-            options = _validated(SearchOptions, fields)
+            options = _validated(UploadOptions, fields)
             result = await run_in_threadpool(
                 _run_search, state, str(upload.path), options, None, upload.filename
             )
@@ -284,6 +289,8 @@ def _run_search(
     exclude = options.exclude
     if exclude is None and not isinstance(query, int):
         exclude = []  # an upload is not in the archive
+    # an archived slide's resolution is in the catalog; an upload's may be given with it
+    upload = isinstance(options, UploadOptions)
     try:
         return state.searcher.search(
             query,
@@ -295,7 +302,15 @@ def _run_search(
             vote_on=options.vote_on,
             level=options.level,
             case_column=options.case_column,
+            mpp=options.mpp if upload else None,
+            objective_power=options.magnification if upload else None,
         )
+    except UnknownResolutionError:
+        raise HTTPException(
+            400,
+            f"{name}: the file records neither microns per pixel nor magnification: give the "
+            "upload's resolution (its mpp or magnification field)",
+        ) from None
     except HistosearchError as error:
         # The temporary upload path means nothing to the client: name the upload instead.
         reason = error.reason if error.path is None else f"{name}: {error.reason}"
@@ -339,7 +354,8 @@ def create_app(
     ray_address: str | None = None,
 ) -> FastAPI:
     """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
-    loaded now, so that a bad archive fails here and not on the first request."""
+    loaded now, so that a bad archive fails here and not on the first request; its encoder
+    is built in a background thread (`/api/health` says when it is ready)."""
     archive = open_archive(archive_dir)
     state = ServerState(
         archive=archive,
@@ -348,6 +364,7 @@ def create_app(
         token=token or None,
         max_upload_bytes=max_upload_mb * 2**20,
     )
+    state.warm_encoder()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # The largest integer a JSON number holds exactly (JavaScript's MAX_SAFE_INTEGER), well inside
 # SQLite's 2**63 - 1: a larger id or row is refused as invalid (422) before any query.
 MAX_ID = 2**53 - 1
-CatalogId = Annotated[int, Field(ge=0, le=MAX_ID, description="Catalog id of a slide.")]
-Row = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+
+def _json_integer(value: object) -> object:
+    """An id as JSON Schema's integer: a number (6.0 is 6), not `true` or "6", which lax
+    validation would read as 1 and 6."""
+    if isinstance(value, bool | str):
+        raise ValueError("expected an integer number")
+    return value
+
+
+# The bounds before the check, so that the schema states them (minimum, maximum).
+CatalogId = Annotated[
+    int,
+    Field(ge=0, le=MAX_ID, description="Catalog id of a slide."),
+    BeforeValidator(_json_integer),
+]
+Row = Annotated[int, Field(ge=0, le=MAX_ID), BeforeValidator(_json_integer)]
 # What `ServerState.keep` issues: uuid4().hex.
 QueryId = Annotated[str, Field(pattern="^[0-9a-f]{32}$", description="A search's query_id.")]
 Mode = Literal["auto", "slides", "patches"]
@@ -18,6 +33,7 @@ Level = Literal["auto", "slide", "case"]
 Column = Annotated[str, Field(min_length=1, max_length=200)]
 Metadata = dict[str, str]
 Exclusion = Literal["slide", "patient", "group"]
+ModelState = Literal["loading", "ready", "failed"]
 Region = Annotated[
     tuple[
         Annotated[int, Field(ge=0)],
@@ -38,6 +54,11 @@ class Health(BaseModel):
     tile_size: int
     auth: bool = Field(description="Whether requests need a bearer token.")
     viewer: bool = Field(description="Whether the OpenSeadragon viewer is installed.")
+    model: ModelState = Field(
+        description="The encoder uploads are embedded with, built in the background at "
+        "start-up: loading, ready, or failed (an upload search then says why)."
+    )
+    model_error: str | None = Field(None, description="Why the encoder could not be built.")
 
 
 class SlideInfo(BaseModel):
@@ -82,6 +103,27 @@ class SearchOptions(BaseModel):
     case_column: Column = Field("patient", description="The column naming each slide's case.")
 
 
+class UploadOptions(SearchOptions):
+    """What a search by upload may set besides: the resolution of a file that records none."""
+
+    mpp: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Microns per pixel of the uploaded slide or image, for a file that records "
+        "no resolution (as `search --mpp`).",
+    )
+    magnification: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Objective power it was scanned at (40 for 40x), for a file that records "
+        "no resolution (as `search --objective-power`).",
+    )
+
+
 class SlideQuery(SearchOptions):
     """A search for an archived slide, or a region of it."""
 
@@ -90,9 +132,9 @@ class SlideQuery(SearchOptions):
 
 
 def upload_form_schema() -> dict[str, Any]:
-    """The multipart form of a search by upload: the `file` and the fields of `SearchOptions`,
+    """The multipart form of a search by upload: the `file` and the fields of `UploadOptions`,
     as the server validates them (a list is repeated fields; a form has no null)."""
-    schema = SearchOptions.model_json_schema()
+    schema = UploadOptions.model_json_schema()
     properties: dict[str, Any] = {"file": {"type": "string", "format": "binary"}}
     for name, field in schema["properties"].items():
         variants = [v for v in field.get("anyOf", ()) if v.get("type") != "null"]
@@ -179,6 +221,10 @@ class SearchResponse(BaseModel):
     mode: Literal["slides", "patches"]
     level: Literal["slide", "case"]
     where: list[str]
+    note: str | None = Field(
+        description="Why mode auto ranked patches for a slide or region query (it holds one "
+        "tile); null otherwise."
+    )
     consensus: ConsensusOut | None
     results: list[ResultRow]
     missing_shards: dict[str, str] = Field(

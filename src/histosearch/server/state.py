@@ -72,6 +72,25 @@ class ServerState:
         self.issued = Recent(KEPT_QUERY_IDS)  # query id -> IssuedQuery
         self.thumbnails = Recent(KEPT_THUMBNAILS)  # slide id -> JPEG bytes
         self._viewable: dict[int, bool] = {}
+        self.model = "loading"  # the encoder's build at start-up: loading, ready or failed
+        self.model_error: str | None = None
+
+    def warm_encoder(self) -> threading.Thread:
+        """Build the searcher's encoder in a background thread, so that the server answers
+        meanwhile and its first upload search does not wait for the build."""
+
+        def build() -> None:
+            try:
+                self.searcher.load_encoder()
+            except Exception as error:  # a thread's error is lost unless kept: health shows it
+                self.model_error = getattr(error, "reason", None) or str(error)
+                self.model = "failed"
+            else:
+                self.model = "ready"
+
+        thread = threading.Thread(target=build, name="histosearch-warm-encoder", daemon=True)
+        thread.start()
+        return thread
 
     def record(self, slide_id: int) -> SlideRecord:
         """The catalog row of `slide_id` (slides indexed while serving included), else 404."""

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from histosearch.errors import MagnificationError, SlideReadError
+from histosearch.errors import MagnificationError, SlideReadError, UnknownResolutionError
 
 # Any overview (tissue detection, thumbnail) decodes the slide's coarsest level whole: a file
 # whose coarsest level is larger than this (a flat TIFF without a pyramid, or a header that
@@ -216,7 +216,7 @@ class Slide(ABC):
     def downsample_for(self, magnification: float) -> float:
         """Level-0 pixels per pixel at `magnification`; errors for one the scan cannot give."""
         if self.objective_power is None:
-            raise MagnificationError(
+            raise UnknownResolutionError(
                 self.path,
                 "the file records neither microns per pixel nor objective power; "
                 "give them (--mpp or --objective-power)",
