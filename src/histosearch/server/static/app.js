@@ -7,6 +7,10 @@ const MATCH_COLOURS = ["#ff1744", "#00e676", "#2979ff", "#ffea00", "#d500f9", "#
 const SHOWN_MATCHES = MATCH_COLOURS.length;
 // Heat map colours (low to high cosine), interpolated.
 const HEAT_STOPS = [[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]];
+const PERCENTILE_HELP = "Percentile: the similarity ranked among those of the archive's own " +
+  "slides (for a patch result, patches) to their nearest other entry: the 75th is closer " +
+  "than 3 in 4 of them, the 0th farther than all. Closeness, not diagnosis: a hit of another " +
+  "class can rank high.";
 
 const state = {
   token: sessionStorage.getItem("histosearch-token") || "",
@@ -18,6 +22,7 @@ const state = {
   selected: null,      // the slide result shown beside the query
   heatmap: null,       // the heat map overlay element
   drawing: false,
+  model: null,         // the server's encoder: "loading", "ready" or "failed" (/api/health)
   tilesLoaded: { query: 0, result: 0 },
 };
 window.histosearch = state;  // for the browser test and the curious
@@ -99,6 +104,7 @@ let resultViewer = null;
 async function loadArchive() {
   try {
     const health = await (await api("/api/health")).json();
+    state.model = health.model;
     $("archive-info").textContent =
       `${health.slides} slides, ${health.patches} patches · ${health.encoder} at ` +
       `${health.magnification}x, ${health.tile_size} px tiles`;
@@ -140,8 +146,24 @@ function renderSlideList() {
     text.append(metadataLine(slide.metadata));
     item.append(image(`/api/slides/${slide.id}/thumbnail`, slide.name), text);
     item.addEventListener("click", () => selectSlide(slide));
+    // what the filter box matches: name, label, patient, group and metadata values
+    item.dataset.text = [slide.name, slide.label, slide.patient, slide.group,
+      ...Object.values(slide.metadata || {})].filter(Boolean).join(" ").toLowerCase();
     list.append(item);
   }
+  filterSlideList();
+}
+
+// The slides whose name, label, patient, group or metadata contain every word typed.
+function filterSlideList() {
+  const words = $("slide-filter").value.toLowerCase().split(/\s+/).filter(Boolean);
+  let shown = 0;
+  for (const item of $("slide-list").children) {
+    item.hidden = !words.every((word) => item.dataset.text.includes(word));
+    shown += item.hidden ? 0 : 1;
+  }
+  $("slide-count").textContent = words.length
+    ? `${shown} of ${state.slides.length}` : `${state.slides.length}`;
 }
 
 // A slide's metadata as one line of text (never markup: a value is shown, never run).
@@ -348,6 +370,10 @@ async function searchUpload(file) {
   form.append("level", level);
   for (const clause of where) form.append("where", clause);
   for (const value of exclude.filter((e) => e !== "slide")) form.append("exclude", value);
+  for (const field of ["mpp", "magnification"]) {
+    const value = $(`upload-${field}`).value.trim();
+    if (value) form.append(field, value);
+  }
   state.current = null;
   state.upload = { name: file.name, url: URL.createObjectURL(file) };
   for (const item of $("slide-list").children) item.classList.remove("active");
@@ -362,19 +388,44 @@ async function searchUpload(file) {
   const img = document.createElement("img");
   img.src = state.upload.url;
   img.alt = file.name;
-  fig.append(img, file.name);
+  const caption = document.createElement("figcaption");
+  caption.textContent = file.name;
+  fig.append(img, caption);
   gallery.replaceChildren(fig);
-  await runSearch(() => api("/api/search", { method: "POST", body: form }));
+  await runSearch(() => api("/api/search", { method: "POST", body: form }), true);
 }
 
-async function runSearch(request) {
+// While the server still builds its encoder (after start-up), a search that embeds waits for
+// it: say so, and say "searching" once the server reports it ready.
+function watchModel(search) {
+  const check = async () => {
+    try {
+      state.model = (await (await api("/api/health")).json()).model;
+    } catch (_) { return; }
+    if (search.done) return;
+    if (state.model === "loading") {
+      setStatus("loading the model… (once, after the server starts; the search waits for it)");
+      search.timer = setTimeout(check, 1000);
+    } else {
+      setStatus("searching…");
+    }
+  };
+  if (state.model !== "ready") check();
+}
+
+async function runSearch(request, embeds = false) {
   setStatus("searching…");
+  const search = { done: false, timer: null };
+  if (embeds) watchModel(search);
   const started = performance.now();
   try {
     state.response = await (await request()).json();
   } catch (error) {
     setStatus(error.message, true);
     return;
+  } finally {
+    search.done = true;
+    clearTimeout(search.timer);
   }
   const { query, mode, results, level } = state.response;
   const what = level === "case" ? "cases" : mode;
@@ -387,8 +438,21 @@ function percent(value) {
   return `${(100 * value).toFixed(1)}%`;
 }
 
-function rounded(value, digits) {
-  return value === null ? "–" : value.toFixed(digits);
+// 1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, ... 21st, 22nd (as the command line writes them).
+function ordinal(n) {
+  const suffix = n % 100 >= 10 && n % 100 <= 20 ? "th"
+    : { 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th";
+  return `${n}${suffix}`;
+}
+
+// "53rd percentile", explained by its tooltip.
+function percentileSpan(value) {
+  const span = document.createElement("span");
+  span.className = "pct";
+  span.title = PERCENTILE_HELP;
+  span.textContent = value === null ? "no percentile (archive not calibrated)"
+    : `${ordinal(Math.round(value))} percentile`;
+  return span;
 }
 
 function feedbackButtons(hit, row) {
@@ -434,6 +498,10 @@ function renderResults() {
   const gallery = $("patch-results");
   list.replaceChildren();
   gallery.replaceChildren();
+  $("notice").hidden = !state.response.note;
+  $("notice").textContent = state.response.note || "";
+  $("percentile-help").hidden = results.length === 0;
+  if (state.current && !state.current.viewable) showQuerySlide(state.current);  // unnumbered
   showConsensus();
   showQueryRegion();
   (mode === "slides" ? results : []).forEach((hit, rank) => {
@@ -441,12 +509,12 @@ function renderResults() {
     item.dataset.slide = hit.slide_id;
     const text = document.createElement("div");
     text.innerHTML = `<div><b class="rank"></b> <span class="name"></span></div>
-      <div class="label"></div><div><span class="sim"></span> · <span class="pct"></span></div>`;
+      <div class="label"></div><div class="score"><span class="sim"></span> · </div>`;
     text.querySelector(".rank").textContent = `${rank + 1}.`;
     text.querySelector(".name").textContent = hit.slide;
     text.querySelector(".label").textContent = hit.label || "no label";
     text.querySelector(".sim").textContent = percent(hit.similarity);
-    text.querySelector(".pct").textContent = `percentile ${rounded(hit.percentile, 1)}`;
+    text.querySelector(".score").append(percentileSpan(hit.percentile));
     if (hit.case) {
       const line = document.createElement("div");
       line.className = "case";
@@ -466,9 +534,10 @@ function renderResults() {
     fig.dataset.slide = hit.slide_id;
     const caption = fig.querySelector("figcaption");
     caption.append(document.createElement("br"),
-      `${hit.label || "no label"} · ${percent(hit.similarity)} · p${rounded(hit.percentile, 0)}`);
+      `${hit.label || "no label"} · ${percent(hit.similarity)} · `,
+      percentileSpan(hit.percentile));
     fig.append(metadataLine(hit.metadata), feedbackButtons(hit, hit.row));
-    fig.addEventListener("click", () => openPatch(hit));
+    fig.addEventListener("click", () => openPatch(hit, fig));
     gallery.append(fig);
   }
 }
@@ -490,12 +559,15 @@ function showConsensus() {
       (where.length ? ` · where ${where.join(" and ")}` : "");
 }
 
-// The query's region (or its tiles, for a whole-slide query) on the query viewer.
-function showQueryRegion() {
+// The query's region on the query viewer (numbered when its one tile is a matched pair's).
+function showQueryRegion(label = null) {
   if (!state.current || !state.current.viewable) return;
   queryViewer.clearOverlays();
   const region = state.response.query.region;
-  if (region) addBox(queryViewer, region[0], region[1], region[2], region[3], "region-box");
+  if (region) {
+    addBox(queryViewer, region[0], region[1], region[2], region[3], "region-box",
+      label && MATCH_COLOURS[0], label);
+  }
 }
 
 function addBox(viewer, x, y, w, h, className, colour = null, label = null) {
@@ -550,14 +622,11 @@ function openResult(hit) {
   $("result-pane").hidden = false;
   $("result-title").textContent =
     `${hit.slide} (${hit.label || "no label"}) · ${percent(hit.similarity)}`;
-  // The best matches, strongest first, numbered alike on both slides.
-  const pairs = [...hit.matches].sort((a, b) => b.cosine - a.cosine).slice(0, SHOWN_MATCHES);
-  if (state.current && state.current.viewable) {
-    showQueryRegion();
-    pairs.forEach((pair, i) => addBox(queryViewer, pair.query.x, pair.query.y, pair.query.size,
-      pair.query.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
-  }
-  queryViewer.forceRedraw();
+  // The best matches, strongest first, numbered alike on both sides. A match's place in the
+  // list is its query tile's place among the query's tiles (its row, for a patch group).
+  const pairs = hit.matches.map((pair, tile) => ({ ...pair, tile }))
+    .sort((a, b) => b.cosine - a.cosine).slice(0, SHOWN_MATCHES);
+  numberQuerySide(pairs);
   const gallery = $("result-gallery");
   $("btn-heatmap").disabled = !hit.viewable;
   $("btn-qupath").disabled = !hit.viewable;
@@ -587,14 +656,64 @@ function openResult(hit) {
   }
 }
 
-function openPatch(hit) {
+// The query's side of the numbered pairs: outlined tiles on a slide; for a patch group, its
+// matched patches; for an upload, the uploaded image (one tile) or its tiles' positions.
+function numberQuerySide(pairs) {
+  const numbered = (pair, i) => `${i + 1}. tile at x=${pair.query.x}, y=${pair.query.y}`;
+  if (state.current && state.current.viewable) {
+    showQueryRegion();
+    pairs.forEach((pair, i) => addBox(queryViewer, pair.query.x, pair.query.y, pair.query.size,
+      pair.query.size, "match-box", MATCH_COLOURS[i], String(i + 1)));
+    queryViewer.forceRedraw();
+  } else if (state.current) {
+    $("query-gallery").replaceChildren(...pairs.map((pair, i) => {
+      const fig = figure(`/api/slides/${state.current.id}/patches/${pair.tile}.jpeg`,
+        `${i + 1}. patch ${pair.tile + 1}`);
+      fig.style.borderColor = MATCH_COLOURS[i];
+      return fig;
+    }));
+  } else if (state.upload) {
+    const fig = $("query-gallery").querySelector("figure");
+    const caption = fig.querySelector("figcaption");
+    if (pairs.length === 1 && state.response.query.patches === 1) {
+      caption.textContent = `1. ${state.upload.name}`;
+      fig.style.borderColor = MATCH_COLOURS[0];
+    } else {
+      caption.replaceChildren(state.upload.name, ...pairs.flatMap((pair, i) =>
+        [document.createElement("br"), numbered(pair, i)]));
+    }
+  }
+  document.body.dataset.queryNumbers = String(pairs.length);
+}
+
+// A patch result: its tile on its slide, or the patch image itself, beside the query.
+function openPatch(hit, fig) {
   const slide = state.slides.find((s) => s.id === hit.slide_id);
-  if (!slide || !slide.viewable) return;
   state.selected = null;
+  for (const other of $("patch-results").children) other.classList.toggle("active", other === fig);
   $("result-pane").hidden = false;
-  $("result-title").textContent = `${hit.slide} · x=${hit.tile.x}, y=${hit.tile.y}`;
+  $("result-title").textContent = `${hit.slide} · ${hit.patch || `x=${hit.tile.x}, y=${hit.tile.y}`}` +
+    ` · ${percent(hit.similarity)}`;
   $("btn-heatmap").disabled = true;
   $("btn-qupath").disabled = true;
+  setHeatmapButton(false);
+  if (state.response.query.patches === 1) {  // its one tile is the pair's query side
+    if (state.current && state.current.viewable) showQueryRegion("1");
+    else numberQuerySide([{ query: { x: 0, y: 0 }, tile: 0 }]);
+  }
+  if (!slide || !slide.viewable) {
+    resultViewer.close();
+    $("viewer-result").hidden = true;
+    const gallery = $("result-gallery");
+    gallery.hidden = false;
+    const opened = figure(`/api/slides/${hit.slide_id}/patches/${hit.row}.jpeg`,
+      `1. ${hit.patch || `row ${hit.row}`} · ${hit.label || "no label"}`);
+    opened.classList.add("opened");
+    opened.style.borderColor = MATCH_COLOURS[0];
+    gallery.replaceChildren(opened);
+    document.body.dataset.resultOverlays = "1";
+    return;
+  }
   $("result-gallery").hidden = true;
   $("viewer-result").hidden = false;
   openShown(resultViewer, `/slides/${hit.slide_id}.dzi`, () => {
@@ -630,6 +749,7 @@ async function downloadQupath() {
 
 function setHeatmapButton(on) {
   $("btn-heatmap").setAttribute("aria-pressed", String(on));
+  $("heat-legend").hidden = !on;
   if (!on && state.heatmap && resultViewer) {
     resultViewer.removeOverlay(state.heatmap);
     state.heatmap = null;
@@ -658,13 +778,12 @@ async function toggleHeatmap() {
     return;
   }
   if (state.selected !== hit || !heat.tiles.length) return;
-  // One canvas pixel per tile of the grid, stretched over the slide.
+  // One canvas pixel per tile of the grid, stretched over the slide; colours on one absolute
+  // scale, cosine 0 to 1, the same for every result (the colour bar's).
   const size = heat.tile_size;
   const cols = Math.max(...heat.tiles.map((t) => Math.round(t.x / size))) + 1;
   const rows = Math.max(...heat.tiles.map((t) => Math.round(t.y / size))) + 1;
   const cosines = heat.tiles.map((t) => t.cosine);
-  const low = Math.min(...cosines);
-  const span = Math.max(...cosines) - low || 1;
   const canvas = document.createElement("canvas");
   canvas.width = cols;
   canvas.height = rows;
@@ -673,13 +792,22 @@ async function toggleHeatmap() {
   const pixels = context.createImageData(cols, rows);
   for (const tile of heat.tiles) {
     const offset = 4 * (Math.round(tile.y / size) * cols + Math.round(tile.x / size));
-    pixels.data.set([...heatColour((tile.cosine - low) / span), 255], offset);
+    pixels.data.set([...heatColour(tile.cosine), 255], offset);
   }
   context.putImageData(pixels, 0, 0);
   const item = resultViewer.world.getItemAt(0);
   resultViewer.addOverlay(canvas, item.imageToViewportRectangle(0, 0, cols * size, rows * size));
   state.heatmap = canvas;
-  setStatus(`heat map: cosine ${low.toFixed(2)} (dark) to ${(low + span).toFixed(2)} (bright)`);
+  setStatus(`heat map: each tile's best cosine to the query, ${Math.min(...cosines).toFixed(2)}` +
+    ` to ${Math.max(...cosines).toFixed(2)} on this slide (colour bar: 0 to 1)`);
+}
+
+// The colour bar under the result viewer: the heat map's colours from cosine 0 to 1.
+function buildHeatLegend() {
+  const stops = HEAT_STOPS.map((c, i) =>
+    `rgb(${c.join(", ")}) ${(100 * i / (HEAT_STOPS.length - 1)).toFixed(0)}%`);
+  $("heat-legend").querySelector(".bar").style.background =
+    `linear-gradient(to right, ${stops.join(", ")})`;
 }
 
 // ---- start --------------------------------------------------------------------------------
@@ -711,6 +839,9 @@ function start() {
   $("btn-whole").addEventListener("click", () => searchSlide());
   $("btn-heatmap").addEventListener("click", toggleHeatmap);
   $("btn-qupath").addEventListener("click", downloadQupath);
+  $("percentile-help").textContent = PERCENTILE_HELP;
+  buildHeatLegend();
+  $("slide-filter").addEventListener("input", filterSlideList);
   $("upload-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const file = $("upload-file").files[0];
