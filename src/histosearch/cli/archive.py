@@ -380,10 +380,12 @@ def run_search(
     qupath: Path | None = None,
     as_json: bool = False,
     show: Iterable[str] = (),
+    query_label: str | None = None,
     **options: object,
 ) -> SearchResult:
     """One query through `searcher`, printed as a table (with the metadata columns `show`)
-    or JSON, and drawn as a gallery."""
+    or JSON, and drawn as a gallery (hits framed right or wrong against the query's label:
+    its archived one, else `query_label`)."""
     show = list(show)
     if show:
         from histosearch.search.filters import value_getter
@@ -417,7 +419,7 @@ def run_search(
             highlight=False,
         )
     if gallery is not None:
-        _save_gallery(searcher.archive, query, result, gallery)
+        _save_gallery(searcher.archive, query, result, gallery, query_label)
         error_console.print(f"gallery: {gallery}")
     if qupath is not None:
         from histosearch.search.qupath import write_qupath
@@ -535,7 +537,13 @@ def demo(
         label = dict(unseen)[patch]
         console.rule(f"3. patch search: {Path(patch).name}, a {label} patch not in the archive")
         run_search(
-            searcher, patch, k=k, exclude=[], mode="patches", gallery=out / "search-patches.png"
+            searcher,
+            patch,
+            k=k,
+            exclude=[],
+            mode="patches",
+            gallery=out / "search-patches.png",
+            query_label=label,
         )
         console.print(verdict, highlight=False)
         console.rule("4. whole-slide search: the CMU-1 skin slide against the archive")
@@ -727,7 +735,13 @@ def _print_result(result: SearchResult, show: list[str], magnification: float) -
     console.print(PERCENTILE_LEGEND, style="dim", highlight=False)
 
 
-def _save_gallery(archive: Archive, query: str | int, result: SearchResult, path: Path) -> None:
+def _save_gallery(
+    archive: Archive,
+    query: str | int,
+    result: SearchResult,
+    path: Path,
+    query_label: str | None = None,
+) -> None:
     from histosearch.slide import open_slide
     from histosearch.viz import GalleryItem, save_gallery
 
@@ -738,7 +752,7 @@ def _save_gallery(archive: Archive, query: str | int, result: SearchResult, path
         source = record.path if record is not None else str(query)
         with open_slide(source, mpp=record.mpp if record else None) as slide:
             query_image = slide.thumbnail(512)
-    label = result.query.label
+    label = result.query.label or query_label
     if result.mode == "slides":
         pictures = [
             (hit.record, hit.best_match().reference_row, hit.similarity, hit.percentile)
