@@ -106,6 +106,14 @@ def test_search_by_region(searcher: Searcher):
     assert result.to_dict()["query"]["region"] == list(region)
     with pytest.raises(SearchError, match="no stored tile lies in the region"):
         searcher.search(tcga.id, region=(0, 0, 10, 10))
+    assert result.note is None  # mode slides, as asked
+    x, y = coords[0]
+    one = (int(x), int(y), int(size), int(size))  # one tile: mode auto ranks patches, saying so
+    patches = searcher.search(tcga.id, k=3, region=one)
+    assert patches.mode == "patches" and len(patches.query.tiles) == 1
+    assert patches.note.startswith(f"the region {list(one)} holds one tile")
+    assert patches.to_dict()["note"] == patches.note
+    assert searcher.search(tcga.id, k=3).note is None  # many tiles: slides ranked
 
 
 def test_search_by_file_patch_and_slide(searcher: Searcher):
