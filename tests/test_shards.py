@@ -257,3 +257,28 @@ def test_index_grows_the_newest_shard_then_a_new_one(built: Path, tmp_path: Path
     shutil.copytree(built / "one", args[1])
     done = runner.invoke(app, ["index", str(CMU), *args, "--shard-slides", "5"])
     assert done.exit_code != 0 and "plain (unsharded) archive" in str(done.exception)
+
+
+def test_serve_takes_a_sharded_archive_and_names_a_missing_shard(built: Path, tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from histosearch.server.app import create_app
+
+    root = tmp_path / "sharded"
+    shutil.copytree(built / "sharded", root)
+    with Archive.open(built / "one") as one:
+        expected = [h.record.name for h in Searcher(one).search(15, k=5).hits]
+    with TestClient(create_app(root)) as client:
+        assert client.get("/api/slides").json()["total"] == 37
+        body = client.post("/api/search", json={"slide": 15, "k": 5}).json()
+        assert [row["slide"] for row in body["results"]] == expected
+        assert body["missing_shards"] == {}
+        patch = client.get("/api/slides/33/patches/1.jpeg")  # read from the fourth shard
+        assert patch.status_code == 200 and patch.headers["content-type"] == "image/jpeg"
+    shutil.rmtree(root / "shard-003")
+    with TestClient(create_app(root)) as client:
+        assert client.get("/api/slides").json()["total"] == 30
+        body = client.post("/api/search", json={"slide": 15, "k": 5}).json()
+        assert list(body["missing_shards"]) == ["shard-003"]
+        assert all(row["slide_id"] < 31 for row in body["results"])
+        assert client.get("/api/slides/33/patches/1.jpeg").status_code == 404

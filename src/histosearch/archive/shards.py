@@ -383,6 +383,15 @@ class ShardedArchive:
                 shard.fit_reducer(np.empty((0, 0)), shard.generation)
         return shard
 
+    def store_slide(
+        self, key: str, features: np.ndarray, coords: np.ndarray, **fields: object
+    ) -> SlideRecord:
+        """`Archive.store_slide` into the newest shard with room (call inside `writing()`,
+        then `sync()`)."""
+        shard = self._newest_with_room()
+        with shard.writing():
+            return shard.store_slide(key, features, coords, **fields)
+
     def add(
         self,
         inputs: Sequence[str | Path | Item],

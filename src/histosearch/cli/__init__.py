@@ -19,6 +19,7 @@ from histosearch.cli.bench import (
     bench_scale_plot_command,
     bench_search_command,
     bench_serve_command,
+    bench_shards_command,
     bench_tiling_command,
     bench_tissue_command,
 )
@@ -57,6 +58,7 @@ bench_app.command("api")(bench_api_command)
 bench_app.command("scale")(bench_scale_command)
 bench_app.command("scale-plot")(bench_scale_plot_command)
 bench_app.command("serve")(bench_serve_command)
+bench_app.command("shards")(bench_shards_command)
 # A docstring's paragraphs as one line each: the command list shows no wrapped source lines.
 for info in (*app.registered_commands, *bench_app.registered_commands):
     paragraphs = inspect.cleandoc(info.callback.__doc__ or "").split("\n\n")

@@ -514,3 +514,61 @@ def bench_mosaic_command(
     write_mosaic_json(rows, meta, json_out)
     plot_mosaic(rows, plot)
     console.print(f"wrote {json_out} and {plot}")
+
+
+def bench_shards_command(
+    data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
+    patches: Annotated[
+        int, typer.Option("--patches", min=1000, help="Synthetic patches.")
+    ] = 200_000,
+    shards: Annotated[int, typer.Option("--shards", min=2, help="Shards of the sharded copy.")] = 4,
+    queries: Annotated[int, typer.Option("--queries", min=2, help="Archived slides queried.")] = 40,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="Threads only.")] = False,
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Where both archives are built (removed first).")
+    ] = Path("bench-shards"),
+    json_out: Annotated[Path, typer.Option("--json", help="Write the figures here.")] = Path(
+        "docs/bench-shards.json"
+    ),
+) -> None:
+    """The latency a sharded search adds by its fan-out and merge: the same synthetic slides
+    as one archive and as N shards, queried through one Searcher, the shards in threads and
+    the shards as Ray actors (a local Ray instance), interleaved."""
+    import json
+    import shutil
+
+    from histosearch.bench.shards import bench_shards
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = bench_shards(
+        workdir,
+        data,
+        n_patches=patches,
+        n_shards=shards,
+        queries=queries,
+        ray=not no_ray,
+        on_stage=lambda stage: console.print(stage, highlight=False),
+    )
+    table = Table(
+        title=f"{result.slides} slides, {result.patches:,} patches ({result.dim}-d): one "
+        f"archive against {result.shards} shards, {result.queries} slide queries, top {result.k}"
+    )
+    for column in ("search", "p50 ms", "p95 ms", "added p50 ms", "same top k as one"):
+        table.add_column(column, justify="right")
+    for mode in result.p50_s:
+        table.add_row(
+            mode,
+            f"{1000 * result.p50_s[mode]:.1f}",
+            f"{1000 * result.p95_s[mode]:.1f}",
+            "" if mode == "one" else f"{result.added_ms(mode):+.1f}",
+            f"{result.same_as_one[mode]:.0%}",
+        )
+    console.print(table)
+    console.print(
+        f"built in {result.build_s['one']:.0f} s (one) and {result.build_s['sharded']:.0f} s "
+        f"(sharded), {result.cpus} CPUs",
+        highlight=False,
+    )
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    console.print(f"wrote {json_out}")

@@ -49,6 +49,27 @@ class SlideMatch:
     tiles: list[Tile]
     tile_scores: np.ndarray
 
+    @classmethod
+    def of(
+        cls,
+        record: SlideRecord,
+        similarity: float,
+        percentile: float | None,
+        query_tiles: list[Tile],
+        rows: np.ndarray,
+        cosines: np.ndarray,
+        tile_scores: np.ndarray,
+        coords: np.ndarray,
+    ) -> SlideMatch:
+        """The match of a measured slide: for each query tile its best row of the slide
+        (`rows`) and their cosine, each row's best cosine to the query, the rows' corners."""
+        tiles = [Tile(int(x), int(y), record.tile_l0) for x, y in coords]
+        matches = [
+            TileMatch(q, tiles[r], int(r), float(np.clip(c, 0, 1)))
+            for q, r, c in zip(query_tiles, rows, cosines, strict=True)
+        ]
+        return cls(record, similarity, percentile, matches, tiles, np.clip(tile_scores, 0, 1))
+
     def heatmap(self) -> list[tuple[Tile, float]]:
         """Every tile of the retrieved slide with its best cosine to any query tile."""
         return list(zip(self.tiles, self.tile_scores.tolist(), strict=True))

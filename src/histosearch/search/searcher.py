@@ -35,7 +35,6 @@ from histosearch.search.result import (
     SearchResult,
     SlideMatch,
     Tile,
-    TileMatch,
 )
 from histosearch.search.similarity import best_matches
 from histosearch.search.upkeep import load_calibration, load_patch_index
@@ -358,28 +357,17 @@ class Searcher:
     ) -> list[SlideMatch]:
         """The matches of slides (by view position) with their WSI similarity: every query
         tile's best tile there, and every tile's best cosine to the query."""
-        view, hits = loaded.view, []
-        for position, similarity in ranked:
-            record = view.records[position]
-            start, stop = view.offsets[position], view.offsets[position + 1]
-            reference = np.asarray(view.vectors[start:stop], np.float32)
-            rows, cosines, tile_scores = best_matches(query.vectors, reference)
-            tiles = [Tile(int(x), int(y), record.tile_l0) for x, y in view.coords[start:stop]]
-            matches = [
-                TileMatch(q, tiles[r], int(r), float(np.clip(c, 0, 1)))
-                for q, r, c in zip(query.info.tiles, rows, cosines, strict=True)
-            ]
-            hits.append(
-                SlideMatch(
-                    record,
-                    similarity,
-                    percentile(similarity, loaded.calibration["slides"]),
-                    matches,
-                    tiles,
-                    np.clip(tile_scores, 0, 1),
-                )
+        view, reference = loaded.view, loaded.calibration["slides"]
+        return [
+            SlideMatch.of(
+                view.records[position],
+                similarity,
+                percentile(similarity, reference),
+                query.info.tiles,
+                *tile_matches(view, position, query.vectors),
             )
-        return hits
+            for position, similarity in ranked
+        ]
 
     def _patch_hits(
         self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int]
@@ -402,6 +390,18 @@ class Searcher:
                 )
             )
         return hits
+
+
+def tile_matches(
+    view: SearchView, position: int, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The slide at `position` of the view measured against a query's `vectors`: each query
+    vector's best row of the slide and their cosine, each row's best cosine to the query, and
+    the rows' tile corners (see `SlideMatch.of`)."""
+    start, stop = view.offsets[position], view.offsets[position + 1]
+    reference = np.asarray(view.vectors[start:stop], np.float32)
+    rows, cosines, tile_scores = best_matches(vectors, reference)
+    return rows, cosines, tile_scores, np.asarray(view.coords[start:stop])
 
 
 def _in_region(coords: np.ndarray, tile_l0: float | None, region: Region) -> np.ndarray:

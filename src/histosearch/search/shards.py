@@ -34,7 +34,7 @@ from histosearch.archive.shards import ShardedArchive
 from histosearch.errors import HistosearchError
 from histosearch.search.calibration import percentile
 from histosearch.search.result import PatchMatch, SlideMatch
-from histosearch.search.searcher import Searcher, SearchError, _QueryVectors
+from histosearch.search.searcher import Searcher, SearchError, _QueryVectors, tile_matches
 from histosearch.search.two_stage import (
     DEFAULT_SHORTLIST,
     Shortlist,
@@ -66,13 +66,15 @@ class ShardState:
 class ShardService(Searcher):
     """One shard's part of a sharded search, by slide id: its state, its archived query
     slides, stage 1's nearest patches, the sketch and the exact measure of given slides, and
-    its best patches. Runs beside the coordinator (a thread) or as a Ray actor."""
+    its best patches. Runs beside the coordinator (a thread) or as a Ray actor. A search asks
+    for `state` first, which reloads what changed; its other calls read that state."""
 
     def __init__(self, root: str | Path) -> None:
         super().__init__(Archive.open(root))
 
     def state(self, known: tuple[int, int] | None = None) -> ShardState | None:
-        """The shard's state, or None when its key is still `known`."""
+        """The shard's state (refreshed: a search asks first), or None when its key is still
+        `known`."""
         loaded = self._snapshot()
         if loaded.key == known:
             return None
@@ -80,14 +82,14 @@ class ShardService(Searcher):
 
     def archived(self, slide_id: int) -> tuple[SlideRecord, np.ndarray, np.ndarray]:
         """An archived slide's record, searchable vectors and coordinates."""
-        return self._archived_vectors(self._snapshot(), self.archive.get(slide_id))
+        return self._archived_vectors(self._loaded, self.archive.get(slide_id))
 
     def nearest(
         self, queries: np.ndarray, k: int, skip: Iterable[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each query vector's k nearest patches of the shard outside the `skip` slides, best
         first: (similarities, the id of each hit's slide, -1 for none)."""
-        loaded = self._snapshot()
+        loaded = self._loaded
         view = loaded.view
         skipped = [loaded.position[i] for i in skip if i in loaded.position]
         sims, rows = loaded.index.search(queries, k, allowed_rows(view.offsets, skipped))
@@ -99,29 +101,31 @@ class ShardService(Searcher):
 
     def sketch(self, query: np.ndarray, slide_ids: list[int], sketch_rows: int) -> np.ndarray:
         """Stage 1's sketch similarity of each of the slides to the query."""
-        loaded = self._snapshot()
+        loaded = self._loaded
         positions = np.array([loaded.position[i] for i in slide_ids], np.int64)
         view = loaded.view
         return sketch_similarities(
             view.vectors, view.offsets, query, positions, sketch_rows=sketch_rows
         )
 
-    def measure(self, query: _QueryVectors, slide_ids: list[int], k: int) -> list[SlideMatch]:
-        """The k of the slides most similar to the query by the WSI measure (ties: the first
-        stored), with their matches; their store rows are verified first."""
-        loaded = self._snapshot()
+    def measure(self, vectors: np.ndarray, slide_ids: list[int], k: int) -> list[tuple]:
+        """The k of the slides most similar to the query's `vectors` by the WSI measure (ties:
+        the first stored), their store rows verified first: (record, similarity, and the
+        arrays of `tile_matches`) each, best first; arrays, not objects, cross to the caller."""
+        loaded = self._loaded
+        view = loaded.view
         positions = np.sort([loaded.position[i] for i in slide_ids]).astype(np.int64)
-        loaded.view.verify(positions)
-        sims = exact_similarities(
-            loaded.view.vectors, loaded.view.offsets, query.vectors, positions
-        )
+        view.verify(positions)
+        sims = exact_similarities(view.vectors, view.offsets, vectors, positions)
         order = np.argsort(-sims, kind="stable")[:k]
-        ranked = zip(positions[order].tolist(), sims[order].tolist(), strict=True)
-        return self._slide_matches(loaded, query, ranked)
+        return [
+            (view.records[p], float(s), *tile_matches(view, p, vectors))
+            for p, s in zip(positions[order].tolist(), sims[order].tolist(), strict=True)
+        ]
 
     def patches(self, query: _QueryVectors, k: int, skip: Iterable[int]) -> list[PatchMatch]:
         """The shard's k patches most similar to the query, outside the `skip` slides."""
-        return self._patch_hits(self._snapshot(), query, k, set(skip))
+        return self._patch_hits(self._loaded, query, k, set(skip))
 
 
 class Fanout(Protocol):
@@ -365,12 +369,15 @@ class ShardedSearcher(Searcher):
         chosen = None if exact else self._shortlist(merged, query, k, skip, n_left)
         if chosen is None:
             chosen = [r.id for r in merged.records if r.id not in skip]
-        args = {name: (query, ids, k) for name, ids in merged.by_shard(chosen).items()}
+        args = {name: (query.vectors, ids, k) for name, ids in merged.by_shard(chosen).items()}
         answers = self.fanout.call("measure", args, merged.missing)
-        hits = [hit for matches in answers.values() for hit in matches]
-        hits.sort(key=lambda hit: (-hit.similarity, merged.position[hit.record.id]))
+        measured = [hit for hits in answers.values() for hit in hits]
+        measured.sort(key=lambda hit: (-hit[1], merged.position[hit[0].id]))
         reference = merged.calibration["slides"]
-        return [replace(h, percentile=percentile(h.similarity, reference)) for h in hits[:k]]
+        return [
+            SlideMatch.of(record, sim, percentile(sim, reference), query.info.tiles, *arrays)
+            for record, sim, *arrays in measured[:k]
+        ]
 
     def _shortlist(
         self, merged: _Merged, query: _QueryVectors, k: int, skip: set[int], n_left: int
