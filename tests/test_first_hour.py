@@ -387,8 +387,12 @@ def test_the_demo_s_measure_hit_miss_and_scale_flags(lc_cmu: Path, capsys):
     query = str(next((LC / "images" / "lung_n").glob("*.jpeg")))
     result = runner.invoke(app, ["search", query, "--archive", str(archive_dir), "-k", "3"])
     text = " ".join(result.output.split())
-    assert result.exit_code == 0 and "│ unknown │" in text
-    assert "scale: the entry's patches are of unknown scale" in text
+    assert result.exit_code == 0
+    assert "scale: every result's patches are of unknown scale" in text and "│ unknown" not in text
+    # a group against all the others, CMU-1 among them: a column for the mixed scales
+    result = runner.invoke(app, ["search", hit, "--archive", str(archive_dir), "-k", "9"])
+    text = " ".join(result.output.split())
+    assert "│ unknown │" in text and "scale: unknown, the entry's images record none" in text
     assert "Closeness, not diagnosis: a hit of another class can rank high." in text
     assert "typical" not in text
     result = runner.invoke(app, ["search", query, "--archive", str(archive_dir), "--json"])

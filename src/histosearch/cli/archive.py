@@ -438,9 +438,9 @@ def annotate(
     archive_dir: Annotated[Path, typer.Option("--archive", help="The archive folder.")],
 ) -> None:
     """Add or update the metadata of archived slides from a CSV, without re-embedding."""
-    from histosearch.archive.archive import Archive
+    from histosearch.archive.shards import open_archive
 
-    with Archive.open(archive_dir) as archive:
+    with open_archive(archive_dir) as archive:
         matched, changed = archive.annotate(table)
         kinds = archive.metadata().kinds
     console.print(
@@ -695,7 +695,9 @@ def _print_result(result: SearchResult, show: list[str], magnification: float) -
     what = "Patches" if patches else "Cases" if cases else "Slides"
     table = Table(title=f"{what} most similar to {Path(result.query.name).name}", highlight=False)
     columns = ["rank", *(["case", "slides"] if cases else []), "slide", "label", "patient"]
-    columns += ["group", "patch" if patches else "patches", "scale"]
+    scales = {row["scale"] for row in rows}
+    # a scale shared by every result is said once, under the table
+    columns += ["group", "patch" if patches else "patches", *(["scale"] if len(scales) > 1 else [])]
     # Columns no result has (patients of patch groups, say) are left out.
     columns = [c for c in columns if c == "slides" or any(row[c] is not None for row in rows)]
     columns += [c for c in show if c not in columns]
@@ -725,10 +727,22 @@ def _print_result(result: SearchResult, show: list[str], magnification: float) -
             style="dim",
             highlight=False,
         )
-    if any(row["scale"] for row in rows):
+    if len(scales) > 1:
         console.print(
-            f"scale: the entry's patches are of unknown scale (images recording none, "
-            f"embedded whole) or of another than the archive's {magnification:g}x",
+            f"scale: unknown, the entry's images record none (embedded whole); 40x and the "
+            f"like, recorded at another magnification than the archive's {magnification:g}x",
+            style="dim",
+            highlight=False,
+        )
+    elif (scale := next(iter(scales), None)) is not None:
+        console.print(
+            "scale: every result's patches are "
+            + (
+                "of unknown scale (images recording none, embedded whole)"
+                if scale == "unknown"
+                else f"at {scale}"
+            )
+            + f", not the archive's {magnification:g}x",
             style="dim",
             highlight=False,
         )
