@@ -282,3 +282,27 @@ def test_serve_takes_a_sharded_archive_and_names_a_missing_shard(built: Path, tm
         assert list(body["missing_shards"]) == ["shard-003"]
         assert all(row["slide_id"] < 31 for row in body["results"])
         assert client.get("/api/slides/33/patches/1.jpeg").status_code == 404
+
+
+def test_annotate_reaches_every_shard_and_filters_as_in_one_archive(built: Path, tmp_path: Path):
+    for name in ("sharded", "one"):
+        shutil.copytree(built / name, tmp_path / name)
+    with Archive.open(tmp_path / "one") as one:
+        names = [r.name for r in one.slides()]
+    table = tmp_path / "site.csv"
+    table.write_text(
+        "slide,site\n" + "".join(f"{n},{'A' if i % 3 else 'B'}\n" for i, n in enumerate(names))
+    )
+    for name in ("sharded", "one"):
+        done = runner.invoke(app, ["annotate", str(table), "--archive", str(tmp_path / name)])
+        assert done.exit_code == 0 and "37 slides annotated, 37 changed" in done.output
+    with ShardedArchive(tmp_path / "sharded") as sharded, Archive.open(tmp_path / "one") as one:
+        assert sharded.metadata().of_slide(35) == {"site": "A"} == one.metadata().of_slide(35)
+        searcher = ShardedSearcher(sharded)
+        try:
+            options = {"query": 2, "k": 6, "where": ["site = B"]}
+            result = searcher.search(**options)
+            assert {result.metadata[h.record.id]["site"] for h in result.hits} == {"B"}
+            _same(result, Searcher(one).search(**options))
+        finally:
+            searcher.close()

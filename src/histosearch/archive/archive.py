@@ -95,8 +95,15 @@ class Archive(ArchiveFolder):
         anything changes (see `metadata.annotations`). Returns (rows matched, slides
         changed); running it again changes nothing."""
         with self.writing():
+            updates = annotations(Path(table), self.slides())
+            return len(updates), self.set_annotations(updates)
+
+    def set_annotations(self, updates: Mapping[int, Mapping[str, str | None]]) -> int:
+        """Apply metadata updates ({slide id: {column: value, None to remove it}}, as
+        `metadata.annotations` reads them) to this archive's slides: every changed slide's
+        feature file, then the catalog. Returns how many slides changed."""
+        with self.writing():
             records = {r.id: r for r in self.slides()}
-            updates = annotations(Path(table), list(records.values()))
             current = self.catalog.metadata()
             changed = {}
             for slide_id, values in updates.items():
@@ -110,8 +117,8 @@ class Archive(ArchiveFolder):
                 crcs[slide_id] = write_feature_metadata(
                     self.root / record.feature_file, after, record.features_crc
                 )
-            self.catalog.set_metadata({i: updates[i] for i in changed}, features_crc=crcs)
-        return len(updates), len(changed)
+            self.catalog.set_metadata({i: dict(updates[i]) for i in changed}, features_crc=crcs)
+        return len(changed)
 
     def sync(self) -> None:
         """Finish what an add left: fit the reduction if there is none yet, store the slides

@@ -30,7 +30,7 @@ from histosearch.archive.archive import Archive
 from histosearch.archive.catalog import CATALOG, ArchiveError, SlideRecord
 from histosearch.archive.feature_files import SlideFeatures
 from histosearch.archive.folder import LOCK, catalog_settings, describe_settings
-from histosearch.archive.metadata import Metadata
+from histosearch.archive.metadata import Metadata, annotations
 from histosearch.archive.reduce import Reducer, load_reducer, save_reducer
 from histosearch.archive.repair import Problem, check_archive
 from histosearch.archive.settings import MATCHED_KEYS, ArchiveSettings
@@ -449,6 +449,24 @@ class ShardedArchive:
                 report.patches += part.patches
                 report.failures += part.failures
         return report
+
+    def annotate(self, table: str | Path) -> tuple[int, int]:
+        """`Archive.annotate` over the shards: every row checked against all their slides
+        before anything changes, then each shard's slides updated (shard by shard). Refused
+        while a shard is missing."""
+        if self.missing:
+            name, reason = next(iter(self.missing.items()))
+            raise ArchiveError(
+                self.root / name, f"cannot annotate while a shard is missing: {reason}"
+            )
+        with self.writing():
+            updates = annotations(Path(table), self.slides())
+            changed = 0
+            for name, shard in self.shards.items():
+                mine = {i: u for i, u in updates.items() if self.shard_of(i) == name}
+                if mine:
+                    changed += shard.set_annotations(mine)
+        return len(updates), changed
 
     def sync(self) -> None:
         """Finish what an add left in every shard."""
