@@ -10,6 +10,7 @@ import torch
 from histosearch.bench.search import synthetic_archive
 from histosearch.search.similarity import (
     best_matches,
+    many_slide_similarities,
     pairwise_similarity_matrix,
     similarity_matrix,
     slide_similarities,
@@ -65,7 +66,8 @@ def test_properties(archive):
 
 def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):
     features, offsets = archive
-    monkeypatch.setattr("histosearch.search.similarity.CHUNK_PATCHES", 50)  # many chunks
+    # chunks of a slide or two against the query patches: many chunks
+    monkeypatch.setattr("histosearch.search.similarity.CHUNK_COSINES", 2000)
     matrix = similarity_matrix(features, offsets)
     direct = pairwise_similarity_matrix(features, offsets)
     assert np.abs(matrix - direct).max() < 1e-6
@@ -75,6 +77,10 @@ def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):
         ).max()
         < 1e-6
     )
+    # several queries in one product: each row is that query's own scan
+    queries = [features[offsets[q] : offsets[q + 1]] for q in (1, 3, 4)]
+    together = many_slide_similarities(queries, features, offsets)
+    assert np.abs(together - direct[[1, 3, 4]]).max() < 1e-6
     bf16 = similarity_matrix(features, offsets, torch.bfloat16)
     assert np.abs(bf16 - direct).max() < 5e-3
     assert (np.argsort(-direct, axis=1)[:, :2] == np.argsort(-matrix, axis=1)[:, :2]).all()

@@ -17,9 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# References are multiplied in chunks of about this many patches: big enough for BLAS to run
-# at full speed, small enough that a query's cosine block stays within a few hundred MB.
-CHUNK_PATCHES = 8192
+# References are multiplied in chunks (whole slides) of about this many cosines against all the
+# query patches at once: big enough for BLAS to run at full speed, small enough that the float32
+# cosine block (16 MB) stays in cache for the reductions (measured: 2^22 against 2^25 cosines
+# per chunk, 10 queries on 65k rows in bfloat16, 7.4 s against 16 s on the loaded machine).
+CHUNK_COSINES = 1 << 22
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -35,41 +37,55 @@ def wsi_similarity(query: np.ndarray, reference: np.ndarray) -> float:
     return float(np.clip(0.5 * (cosines.max(axis=1).mean() + cosines.max(axis=0).mean()), 0, 1))
 
 
-def _chunks(offsets: np.ndarray, first: int, last: int) -> list[tuple[int, int]]:
-    """Split slides first..last-1 into runs of about CHUNK_PATCHES patches (whole slides)."""
+def _chunks(offsets: np.ndarray, first: int, last: int, rows: int) -> list[tuple[int, int]]:
+    """Split slides first..last-1 into runs of about `rows` patches (whole slides)."""
     runs, start = [], first
     for k in range(first, last):
-        if offsets[k + 1] - offsets[start] >= CHUNK_PATCHES or k == last - 1:
+        if offsets[k + 1] - offsets[start] >= rows or k == last - 1:
             runs.append((start, k + 1))
             start = k + 1
     return runs
 
 
 def _similarities(
-    query: torch.Tensor, features: torch.Tensor, offsets: np.ndarray, first: int, last: int
+    queries: Sequence[torch.Tensor],
+    features: torch.Tensor,
+    offsets: np.ndarray,
+    first: int,
+    last: int,
 ) -> np.ndarray:
-    """sim(query, slide k) for k in first..last-1, one matrix product per chunk of slides.
+    """sim(query q, slide k) for every query and k in first..last-1, (queries x slides): one
+    matrix product per chunk of slides against all the queries' patches together.
 
-    The product is taken as (chunk x query) so that every slide's block is a contiguous run of
-    rows and both maxima are reductions over contiguous memory.
+    The row and column maxima of each (slide, query) block of S are segment reductions
+    (`reduceat`) over the product: by query along its columns, by slide along its rows.
     """
-    sims = np.empty(last - first)
-    for chunk_first, chunk_last in _chunks(offsets, first, last):
+    together = torch.cat(list(queries))
+    sizes = np.array([len(q) for q in queries])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sims = np.empty((len(queries), last - first))
+    rows = max(CHUNK_COSINES // len(together), 1)
+    for chunk_first, chunk_last in _chunks(offsets, first, last, rows):
         base = offsets[chunk_first]
-        cosines = features[base : offsets[chunk_last]] @ query.T  # (chunk patches, query patches)
-        best_for_reference = cosines.amax(dim=1).float()  # column max of S, per reference patch
-        for k in range(chunk_first, chunk_last):
-            a, b = offsets[k] - base, offsets[k + 1] - base
-            best_for_query = cosines[a:b].amax(dim=0).float()  # row max of S within slide k
-            sims[k - first] = 0.5 * float(best_for_query.mean() + best_for_reference[a:b].mean())
+        cosines = (features[base : offsets[chunk_last]] @ together.T).float().numpy()
+        local = offsets[chunk_first : chunk_last + 1] - base
+        # row max of S within each slide, then its mean over each query's patches
+        best_for_query = np.maximum.reduceat(cosines, local[:-1], axis=0)
+        query_side = np.add.reduceat(best_for_query, starts, axis=1) / sizes
+        # column max of S (each reference patch's best in each query), mean within each slide
+        best_for_reference = np.maximum.reduceat(cosines, starts, axis=1)
+        reference_side = np.add.reduceat(best_for_reference, local[:-1], axis=0)
+        reference_side /= np.diff(local)[:, None]
+        sims[:, chunk_first - first : chunk_last - first] = 0.5 * (query_side + reference_side).T
     return np.clip(sims, 0, 1)
 
 
 def _as_tensor(features: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """L2-normalised rows in `dtype`, converted a block at a time: no full float32 copy."""
     out = torch.empty(features.shape, dtype=dtype)
-    for start in range(0, len(features), CHUNK_PATCHES):
-        block = l2_normalize(features[start : start + CHUNK_PATCHES])
+    step = max(CHUNK_COSINES // max(features.shape[1], 1), 1)  # 16 MB of float32 at a time
+    for start in range(0, len(features), step):
+        block = l2_normalize(features[start : start + step])
         out[start : start + len(block)] = torch.from_numpy(block)
     return out
 
@@ -94,8 +110,8 @@ def many_slide_similarities(
     features are normalised and converted once for all the queries."""
     offsets = np.asarray(offsets)
     tensor = _as_tensor(features, dtype)
-    return np.stack(
-        [_similarities(_as_tensor(q, dtype), tensor, offsets, 0, len(offsets) - 1) for q in queries]
+    return _similarities(
+        [_as_tensor(q, dtype) for q in queries], tensor, offsets, 0, len(offsets) - 1
     )
 
 
@@ -112,7 +128,7 @@ def similarity_matrix(
     tensor = _as_tensor(features, dtype)
     matrix = np.eye(n)
     for q in range(n - 1):
-        row = _similarities(tensor[offsets[q] : offsets[q + 1]], tensor, offsets, q + 1, n)
+        row = _similarities([tensor[offsets[q] : offsets[q + 1]]], tensor, offsets, q + 1, n)[0]
         matrix[q, q + 1 :] = matrix[q + 1 :, q] = row
     return matrix
 
