@@ -227,6 +227,8 @@ def test_check_repair_works_per_shard_and_keeps_the_one_reduction(built: Path, t
     problems, _ = check_any(root, repair=True)
     assert problems and all(p.repaired for p in problems)
     assert check_any(root) == ([], check_any(root)[1])
+    done = runner.invoke(app, ["reindex", "--archive", str(root)])  # keeps the one reduction
+    assert done.exit_code == 0 and "reindexed: 4 shards" in " ".join(done.output.split())
     with ShardedArchive(root) as sharded, Archive.open(built / "one") as one:
         searcher = ShardedSearcher(sharded)
         try:
