@@ -277,6 +277,14 @@ def test_serve_takes_a_sharded_archive_and_names_a_missing_shard(built: Path, tm
         assert body["missing_shards"] == {}
         patch = client.get("/api/slides/33/patches/1.jpeg")  # read from the fourth shard
         assert patch.status_code == 200 and patch.headers["content-type"] == "image/jpeg"
+        mark = {"query_id": body["query_id"], "query_name": body["query"]["name"]}
+        mark |= {"query_slide": 15, "mode": "slides", "relevant": True}
+        hit = body["results"][0]["slide_id"]
+        assert client.post("/api/feedback", json={**mark, "result_slide": hit}).status_code == 201
+    done = runner.invoke(
+        app, ["feedback", "--archive", str(root), "--csv", str(tmp_path / "m.csv")]
+    )
+    assert done.exit_code == 0 and "1 marks written" in done.output
     shutil.rmtree(root / "shard-003")
     with TestClient(create_app(root)) as client:
         assert client.get("/api/slides").json()["total"] == 30

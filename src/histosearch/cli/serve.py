@@ -83,9 +83,9 @@ def feedback(
     csv_path: Annotated[Path, typer.Option("--csv", help="The CSV file to write.")],
 ) -> None:
     """Export the relevance marks given in the viewer as a CSV (ground truth for evaluation)."""
-    from histosearch import Archive
     from histosearch.archive.feedback import export_csv
+    from histosearch.archive.shards import open_archive
 
-    with Archive.open(archive_dir) as archive:
+    with open_archive(archive_dir) as archive:  # a sharded one keeps them in its first shard
         count = export_csv(archive.catalog, csv_path)
     console.print(f"{count} marks written to {csv_path}", highlight=False)
