@@ -6,11 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
-if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
+job="${1:-}"
+# What each job needs: demo and serve the package alone, test the dev and ray extras too.
+case "$job" in
+  test) extras="[dev,ray]" stamp="$venv/.installed-test" ;;
+  *) extras="" stamp="$venv/.installed" ;;
+esac
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "dev.sh: setting up $venv for '${job:-set-up}' (first run only; measured sizes and times in the README)" >&2
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[dev,ray]"
-  touch "$venv/.installed"
+  "$venv/bin/python" -m pip install --progress-bar on -e ".$extras"
+  touch "$stamp"
 fi
 # The serve page's npm packages (OpenSeadragon, Swagger UI), pinned by the lock file, never
 # committed; without npm only `serve` (and its tests) lack them.
@@ -22,7 +29,6 @@ if [ ! -f "$web/node_modules/.package-lock.json" ] || [ "$web/package-lock.json"
     echo "dev.sh: npm not found; the serve page's packages are not installed" >&2
   fi
 fi
-job="${1:-}"
 shift || true
 case "$job" in
   demo)
