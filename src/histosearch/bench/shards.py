@@ -36,7 +36,8 @@ MODES = ("one", "threads", "ray")
 class ShardsResult:
     """The figures of one run: per way of searching ("one" archive, shards in "threads", shards
     on "ray"), the p50 and p95 seconds of a slide query, and the share of queries whose top k
-    equals the one archive's."""
+    equals the one archive's and the exact scan's (each shard's patch index is flat below
+    `patch_index.FLAT_BELOW` rows, an IVF one's lookups approximate above)."""
 
     patches: int
     slides: int
@@ -49,6 +50,7 @@ class ShardsResult:
     p50_s: dict[str, float] = field(default_factory=dict)
     p95_s: dict[str, float] = field(default_factory=dict)
     same_as_one: dict[str, float] = field(default_factory=dict)
+    same_as_exact: dict[str, float] = field(default_factory=dict)
 
     def added_ms(self, mode: str) -> float:
         """What the fan-out and merge add to the one archive's p50, in milliseconds."""
@@ -182,6 +184,7 @@ def bench_shards(
             on_stage(f"timing {queries} slide queries, {', '.join(searchers)} interleaved")
             times: dict[str, list[float]] = {mode: [] for mode in searchers}
             same = dict.fromkeys(searchers, 0)
+            exact = dict.fromkeys(searchers, 0)
             for i, query in enumerate(chosen):
                 modes = list(searchers)
                 modes = modes[i % len(modes) :] + modes[: i % len(modes)]  # order rotated
@@ -190,12 +193,15 @@ def bench_shards(
                     start = time.perf_counter()
                     answers[mode] = searchers[mode].search(query, k=k)
                     times[mode].append(time.perf_counter() - start)
+                scan = searchers["one"].search(query, k=k, exact=True)  # untimed
                 for mode, answer in answers.items():
                     same[mode] += _same(answer, answers["one"])
+                    exact[mode] += _same(answer, scan)
             for mode, seconds in times.items():
                 result.p50_s[mode] = statistics.median(seconds)
                 result.p95_s[mode] = float(np.percentile(seconds, 95))
                 result.same_as_one[mode] = same[mode] / queries
+                result.same_as_exact[mode] = exact[mode] / queries
         finally:
             for searcher in searchers.values():
                 searcher.close()

@@ -553,7 +553,8 @@ def bench_shards_command(
         title=f"{result.slides} slides, {result.patches:,} patches ({result.dim}-d): one "
         f"archive against {result.shards} shards, {result.queries} slide queries, top {result.k}"
     )
-    for column in ("search", "p50 ms", "p95 ms", "added p50 ms", "same top k as one"):
+    columns = ("search", "p50 ms", "p95 ms", "added p50 ms", "top k = one's", "= exact scan")
+    for column in columns:
         table.add_column(column, justify="right")
     for mode in result.p50_s:
         table.add_row(
@@ -562,6 +563,7 @@ def bench_shards_command(
             f"{1000 * result.p95_s[mode]:.1f}",
             "" if mode == "one" else f"{result.added_ms(mode):+.1f}",
             f"{result.same_as_one[mode]:.0%}",
+            f"{result.same_as_exact[mode]:.0%}",
         )
     console.print(table)
     console.print(

@@ -108,19 +108,25 @@ class ShardService(Searcher):
             view.vectors, view.offsets, query, positions, sketch_rows=sketch_rows
         )
 
-    def measure(self, vectors: np.ndarray, slide_ids: list[int], k: int) -> list[tuple]:
-        """The k of the slides most similar to the query's `vectors` by the WSI measure (ties:
-        the first stored), their store rows verified first: (record, similarity, and the
-        arrays of `tile_matches`) each, best first; arrays, not objects, cross to the caller."""
+    def measure(self, vectors: np.ndarray, slide_ids: list[int]) -> np.ndarray:
+        """The WSI similarity of each of the slides to the query's `vectors`, their store
+        rows verified first."""
         loaded = self._loaded
         view = loaded.view
-        positions = np.sort([loaded.position[i] for i in slide_ids]).astype(np.int64)
-        view.verify(positions)
-        sims = exact_similarities(view.vectors, view.offsets, vectors, positions)
-        order = np.argsort(-sims, kind="stable")[:k]
+        positions = np.array([loaded.position[i] for i in slide_ids], np.int64)
+        order = np.argsort(positions)  # the store read in row order
+        view.verify(positions[order])
+        sims = np.empty(len(positions))
+        sims[order] = exact_similarities(view.vectors, view.offsets, vectors, positions[order])
+        return sims
+
+    def matches(self, vectors: np.ndarray, slide_ids: list[int]) -> list[tuple]:
+        """For each of the slides, its record and the arrays of `tile_matches` (arrays, not
+        objects, cross to the caller, which builds the `SlideMatch`)."""
+        loaded = self._loaded
         return [
-            (view.records[p], float(s), *tile_matches(view, p, vectors))
-            for p, s in zip(positions[order].tolist(), sims[order].tolist(), strict=True)
+            (loaded.view.records[p], *tile_matches(loaded.view, p, vectors))
+            for p in (loaded.position[i] for i in slide_ids)
         ]
 
     def patches(self, query: _QueryVectors, k: int, skip: Iterable[int]) -> list[PatchMatch]:
@@ -369,14 +375,30 @@ class ShardedSearcher(Searcher):
         chosen = None if exact else self._shortlist(merged, query, k, skip, n_left)
         if chosen is None:
             chosen = [r.id for r in merged.records if r.id not in skip]
-        args = {name: (query.vectors, ids, k) for name, ids in merged.by_shard(chosen).items()}
-        answers = self.fanout.call("measure", args, merged.missing)
-        measured = [hit for hits in answers.values() for hit in hits]
-        measured.sort(key=lambda hit: (-hit[1], merged.position[hit[0].id]))
+        grouped = merged.by_shard(chosen)
+        args = {name: (query.vectors, ids) for name, ids in grouped.items()}
+        similarity: dict[int, float] = {}
+        for name, sims in self.fanout.call("measure", args, merged.missing).items():
+            similarity.update(zip(grouped[name], sims.tolist(), strict=True))
+        # the best k first (ties: the first stored, as one archive orders them), then only
+        # their matches, from their shards
+        best = sorted(similarity, key=lambda i: (-similarity[i], merged.position[i]))[:k]
+        grouped = merged.by_shard(best)
+        args = {name: (query.vectors, ids) for name, ids in grouped.items()}
+        found = {}
+        for name, hits in self.fanout.call("matches", args, merged.missing).items():
+            found.update(zip(grouped[name], hits, strict=True))
         reference = merged.calibration["slides"]
         return [
-            SlideMatch.of(record, sim, percentile(sim, reference), query.info.tiles, *arrays)
-            for record, sim, *arrays in measured[:k]
+            SlideMatch.of(
+                found[i][0],
+                similarity[i],
+                percentile(similarity[i], reference),
+                query.info.tiles,
+                *found[i][1:],
+            )
+            for i in best
+            if i in found
         ]
 
     def _shortlist(
