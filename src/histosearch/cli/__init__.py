@@ -36,6 +36,9 @@ app = typer.Typer(
     help="Content-based similarity search for histopathology slides and patches.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's plain help: typer's rich help imports markdown-it, pygments and attrs (150 ms,
+    # half of `histosearch --help`)
+    rich_markup_mode=None,
 )
 for command in (tile, index, search, annotate, check, reindex):
     app.command()(command)
@@ -47,7 +50,9 @@ app.command()(export)
 app.command()(serve)
 app.command()(feedback)
 
-bench_app = typer.Typer(help="Benchmarks whose figures the README reports.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks whose figures the README reports.", no_args_is_help=True, rich_markup_mode=None
+)
 bench_app.command("tiling")(bench_tiling_command)
 bench_app.command("search")(bench_search_command)
 bench_app.command("extract")(bench_extract_command)
