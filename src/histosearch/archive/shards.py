@@ -108,6 +108,7 @@ class ShardedArchive:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest = self._read_manifest()
+        self._shared: tuple[int, Reducer] | None = None  # the reduction read, by checksum
         self.shards: dict[str, Shard] = {}
         self.missing: dict[str, str] = {}
         for name in self.names:
@@ -246,6 +247,8 @@ class ShardedArchive:
         crc = self.manifest.get("reducer_crc")
         if crc is None:
             return None
+        if self._shared is not None and self._shared[0] == crc:
+            return self._shared[1]
         path = self.root / SHARED_REDUCER
         try:
             data = path.read_bytes()
@@ -257,7 +260,8 @@ class ShardedArchive:
             raise ArchiveError(
                 path, "the archive's reduction differs from its checksum; run check --repair"
             )
-        return load_reducer(io.BytesIO(data))
+        self._shared = (crc, load_reducer(io.BytesIO(data)))
+        return self._shared[1]
 
     def share_reducer(self, reducer: Reducer) -> None:
         """Record `reducer` as the one every shard's store is written with."""

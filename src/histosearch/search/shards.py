@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -252,7 +252,19 @@ class _Merged:
     position: dict[int, int]  # slide id: its place in `records`
     calibration: dict[str, np.ndarray]
     reducer: Reducer | None
-    missing: dict[str, str]
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ids = np.array([r.id for r in self.records], np.int64)
+        self._order = np.argsort(ids)
+        self._sorted_ids = ids[self._order]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """The places in `records` of slide ids (-1 for an id not among them)."""
+        if not len(self._sorted_ids):
+            return np.full(ids.shape, -1, np.int64)
+        at = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        return np.where(self._sorted_ids[at] == ids, self._order[at], -1)
 
     def by_shard(self, ids: Iterable[int]) -> dict[str, list[int]]:
         """The slide ids grouped by the shard that holds them."""
@@ -276,12 +288,11 @@ class _FanoutIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         args = {name: (queries, k, skip) for name, skip in self.skip.items()}
         answers = self.fanout.call("nearest", args, self.merged.missing)
-        position = self.merged.position
         sims, slides = [np.zeros((len(queries), 0))], [np.zeros((len(queries), 0), np.int64)]
         for sim, ids in answers.values():
-            known = np.array([position.get(int(i), -1) for i in ids.ravel()], np.int64)
-            sims.append(np.where(ids >= 0, sim, -np.inf))
-            slides.append(known.reshape(ids.shape))
+            known = self.merged.positions(ids)
+            sims.append(np.where(known >= 0, sim, -np.inf))
+            slides.append(known)
         sims, slides = np.concatenate(sims, axis=1), np.concatenate(slides, axis=1)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # ties: the older shard first
         sims, slides = np.take_along_axis(sims, order, 1), np.take_along_axis(slides, order, 1)
@@ -314,6 +325,7 @@ class ShardedSearcher(Searcher):
             )
         self._states: dict[str, ShardState] = {}
         self._merged_lock = threading.Lock()
+        self._merged: tuple[tuple, _Merged] | None = None
         super().__init__(archive, encoder=encoder, weights=weights)
 
     def close(self) -> None:
@@ -337,6 +349,12 @@ class ShardedSearcher(Searcher):
                     self._states[name] = state
             live = [name for name in names if name in answers]
             states = [self._states[name] for name in live]
+            signature = tuple((name, state.key) for name, state in zip(live, states, strict=True))
+            if self._merged is None or self._merged[0] != signature:  # built once per change
+                self._merged = (signature, self._merge(live, states))
+            return replace(self._merged[1], missing=missing)
+
+    def _merge(self, live: list[str], states: list[ShardState]) -> _Merged:
         records = [r for state in states for r in state.records]
         shard = {
             r.id: name for name, state in zip(live, states, strict=True) for r in state.records
@@ -345,14 +363,8 @@ class ShardedSearcher(Searcher):
             kind: np.sort(np.concatenate([s.calibration.get(kind, []) for s in states] or [[]]))
             for kind in ("slides", "patches")
         }
-        return _Merged(
-            records,
-            shard,
-            {r.id: i for i, r in enumerate(records)},
-            calibration,
-            self.archive.reducer(),
-            missing,
-        )
+        position = {r.id: i for i, r in enumerate(records)}
+        return _Merged(records, shard, position, calibration, self.archive.reducer())
 
     def _call_one(self, merged: _Merged, slide_id: int, method: str, *args: object) -> object:
         name = merged.shard.get(slide_id) or self.archive.shard_of(slide_id)
