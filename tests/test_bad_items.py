@@ -137,3 +137,9 @@ def test_percentiles_read_as_ordinals():
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "50th",
         "100th", "101st", "112th",
     ]  # fmt: skip
+    # a percentile as the page writes it: from the JSON's one decimal, half up (Math.round)
+    from histosearch.cli.common import percentile_ordinal
+
+    assert [percentile_ordinal(p) for p in (52.5, 53.5, 52.46, 52.44, 0.4, 99.96)] == [
+        "53rd", "54th", "53rd", "52nd", "0th", "100th",
+    ]  # fmt: skip

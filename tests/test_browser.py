@@ -17,7 +17,7 @@ import pytest
 from data_paths import LC, TCGA
 
 from histosearch.bench.serve import free_port, running_server
-from histosearch.cli.common import ordinal
+from histosearch.cli.common import percentile_ordinal
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -90,7 +90,7 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
                 page.evaluate("window.histosearch.response.results"),
                 strict=True,
             ):
-                assert f"{ordinal(round(hit['percentile']))} percentile" in card and "%" in card
+                assert f"{percentile_ordinal(hit['percentile'])} percentile" in card and "%" in card
             assert "nearest other entry" in results.first.locator(".pct").get_attribute("title")
             assert "nearest other entry" in page.inner_text("#percentile-help")
             page.wait_for_timeout(500)

@@ -29,7 +29,7 @@ from histosearch.cli.common import (
     check_shared_data,
     console,
     error_console,
-    ordinal,
+    percentile_ordinal,
     progress,
     report_failures,
     write_lc25000_subset,
@@ -708,7 +708,7 @@ def _print_result(result: SearchResult, show: list[str], magnification: float) -
         if cases:
             row["slides"] = f"{row['case_matched']} of {row['case_slides']}"
         cells = [escape("-" if row[c] is None else str(row[c])) for c in columns]
-        share = "-" if row["percentile"] is None else ordinal(round(row["percentile"]))
+        share = "-" if row["percentile"] is None else percentile_ordinal(row["percentile"])
         table.add_row(*cells, f"{row['similarity']:.1%}", share)
     console.print(table)
     if result.where:
@@ -778,7 +778,7 @@ def _save_gallery(
         GalleryItem(
             archive.patch_image(hit_record, row),
             f"{hit_record.label or hit_record.name}\n{similarity:.1%}"
-            + ("" if share is None else f" ({ordinal(round(share))} percentile)"),
+            + ("" if share is None else f" ({percentile_ordinal(share)} percentile)"),
             None if label is None or hit_record.label is None else hit_record.label == label,
         )
         for hit_record, row, similarity, share in pictures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -294,3 +295,10 @@ def ordinal(n: int) -> str:
     """1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, ... 21st, 22nd."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+def percentile_ordinal(value: float) -> str:
+    """A percentile as the tables, the galleries and the page write it ("53rd"): its value to
+    one decimal, as the JSON gives it, rounded half up, as the page's Math.round (Python's
+    round would write 52.5 as the 52nd where the page writes the 53rd)."""
+    return ordinal(math.floor(round(value, 1) + 0.5))
