@@ -403,13 +403,13 @@ def run_search(
         )
     available = len(searcher.archive.slides())
     magnification = float(searcher.archive.settings["magnification"])
+    payload = result.to_dict()
+    for row, hit in zip(payload["results"], result.hits, strict=True):
+        row["scale"] = hit.record.scale_note(magnification)  # in the table and in --json
     if as_json:
-        payload = result.to_dict()
-        for row, hit in zip(payload["results"], result.hits, strict=True):
-            row["scale"] = hit.record.scale_note(magnification)
         console.print_json(json.dumps(payload))
     else:
-        _print_result(result, show, magnification)
+        _print_result(result, payload["results"], show, magnification)
     hits = result.hits
     if len(hits) < k:
         what = "cases" if result.level == "case" else "results"
@@ -685,13 +685,13 @@ def _print_archive_accuracy(archive_dir: Path, settings: dict[str, str]) -> None
     )
 
 
-def _print_result(result: SearchResult, show: list[str], magnification: float) -> None:
+def _print_result(
+    result: SearchResult, rows: list[dict], show: list[str], magnification: float
+) -> None:
     patches = result.mode == "patches"
     cases = result.level == "case"
-    rows = result.to_dict()["results"]
-    for row, hit in zip(rows, result.hits, strict=True):
-        row |= {c: row["metadata"].get(c) for c in show if c not in row}  # cells of their own
-        row["scale"] = hit.record.scale_note(magnification)
+    for row in rows:  # the shown metadata columns as cells of their own
+        row |= {c: row["metadata"].get(c) for c in show if c not in row}
     what = "Patches" if patches else "Cases" if cases else "Slides"
     table = Table(title=f"{what} most similar to {Path(result.query.name).name}", highlight=False)
     columns = ["rank", *(["case", "slides"] if cases else []), "slide", "label", "patient"]
