@@ -209,9 +209,7 @@ def test_filters_consensus_and_metadata_shown_as_text(
     from playwright.sync_api import sync_playwright
 
     with running_server(annotated_archive) as (url, _), sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []

@@ -84,6 +84,32 @@ def test_health_describes_the_archive(client: TestClient) -> None:
     assert health["auth"] is False and health["viewer"] is True
 
 
+def test_health_says_why_the_encoder_could_not_be_built(
+    served_archive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import histosearch.encoders as encoders
+    from histosearch.encoders.names import EncoderError
+
+    def unbuildable(name: str, weights: object = None) -> object:
+        raise EncoderError(name, "its weights are not on disk")
+
+    monkeypatch.setattr(encoders, "create_encoder", unbuildable)
+    with TestClient(create_app(served_archive)) as client:
+        deadline = time.monotonic() + 60  # the background build fails at once
+        while (health := client.get("/api/health").json())["model"] == "loading":
+            assert time.monotonic() < deadline, "the encoder build never ended"
+            time.sleep(0.05)
+        assert health["model"] == "failed"
+        assert health["model_error"] == "its weights are not on disk"
+        # archived slides are still searched; an upload, which needs the encoder, says why not
+        archived = client.get("/api/slides").json()["slides"][0]["id"]
+        assert client.post("/api/search", json={"slide": archived, "k": 2}).status_code == 200
+        patch = next((LC / "images" / "lung_n").glob("*.jpeg"))
+        upload = {"file": (patch.name, patch.read_bytes())}
+        refusal = detail(client.post("/api/search", files=upload), 400)
+        assert refusal == f"{patch.name}: its weights are not on disk"
+
+
 def test_slide_list_pages_and_flags(client: TestClient, slides: dict[str, dict]) -> None:
     page = client.get("/api/slides").json()
     assert page["total"] == 8 and len(page["slides"]) == 8
