@@ -316,3 +316,18 @@ def test_annotate_reaches_every_shard_and_filters_as_in_one_archive(built: Path,
             _same(result, Searcher(one).search(**options))
         finally:
             searcher.close()
+
+
+@pytest.mark.slow  # embeds the 960 real patches the synthetic slides are drawn around
+def test_bench_shards_answers_as_one_archive_and_keeps_an_earlier_run(tmp_path: Path):
+    from data_paths import DATA
+
+    from histosearch.bench.shards import bench_shards
+    from histosearch.errors import HistosearchError
+
+    result = bench_shards(tmp_path, DATA, n_patches=6000, queries=4, ray=False)
+    assert result.slides >= 4 and result.shards == 4 and set(result.p50_s) == {"one", "threads"}
+    assert result.same_as_one == {"one": 1.0, "threads": 1.0}
+    assert result.to_dict()["added_p50_ms"]["threads"] == round(result.added_ms("threads"), 1)
+    with pytest.raises(HistosearchError, match="an earlier run"):
+        bench_shards(tmp_path, DATA, n_patches=6000, queries=4, ray=False)

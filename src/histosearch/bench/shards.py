@@ -23,6 +23,7 @@ from histosearch.archive.archive import Archive
 from histosearch.archive.settings import ArchiveSettings
 from histosearch.archive.shards import ShardedArchive
 from histosearch.bench.scale import SlideMaker, real_embeddings
+from histosearch.errors import HistosearchError
 from histosearch.search.searcher import Searcher
 from histosearch.search.shards import ShardedSearcher
 
@@ -143,7 +144,7 @@ def bench_shards(
     workdir: Path,
     data: Path,
     *,
-    n_patches: int = 200_000,
+    n_patches: int = 150_000,
     n_shards: int = 4,
     encoder_name: str = "color-histogram",
     dim: int = 128,
@@ -155,6 +156,10 @@ def bench_shards(
 ) -> ShardsResult:
     """Build both archives in `workdir` and time `queries` archived slides through each way of
     searching (Ray left out without `ray` or when it is not installed)."""
+    if (workdir / "one").exists() or (workdir / "sharded").exists():
+        raise HistosearchError(
+            workdir, "holds the archives of an earlier run: remove them or give another workdir"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     one_root, sharded_root, build_s = build(
         workdir, n_patches, n_shards, data, encoder_name, dim, seed, on_stage

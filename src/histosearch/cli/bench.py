@@ -520,13 +520,14 @@ def bench_shards_command(
     data: Annotated[Path, typer.Option("--data", help="The shared data folder.")] = SHARED_DATA,
     patches: Annotated[
         int, typer.Option("--patches", min=1000, help="Synthetic patches.")
-    ] = 200_000,
+    ] = 150_000,
     shards: Annotated[int, typer.Option("--shards", min=2, help="Shards of the sharded copy.")] = 4,
     queries: Annotated[int, typer.Option("--queries", min=2, help="Archived slides queried.")] = 40,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Threads only.")] = False,
     workdir: Annotated[
-        Path, typer.Option("--workdir", help="Where both archives are built (removed first).")
-    ] = Path("bench-shards"),
+        Path | None,
+        typer.Option("--workdir", help="Where both archives are built (default: a temp folder)."),
+    ] = None,
     json_out: Annotated[Path, typer.Option("--json", help="Write the figures here.")] = Path(
         "docs/bench-shards.json"
     ),
@@ -535,20 +536,19 @@ def bench_shards_command(
     as one archive and as N shards, queried through one Searcher, the shards in threads and
     the shards as Ray actors (a local Ray instance), interleaved."""
     import json
-    import shutil
 
     from histosearch.bench.shards import bench_shards
 
-    shutil.rmtree(workdir, ignore_errors=True)
-    result = bench_shards(
-        workdir,
-        data,
-        n_patches=patches,
-        n_shards=shards,
-        queries=queries,
-        ray=not no_ray,
-        on_stage=lambda stage: console.print(stage, highlight=False),
-    )
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as temporary:
+        result = bench_shards(
+            workdir or Path(temporary),
+            data,
+            n_patches=patches,
+            n_shards=shards,
+            queries=queries,
+            ray=not no_ray,
+            on_stage=lambda stage: console.print(stage, highlight=False),
+        )
     table = Table(
         title=f"{result.slides} slides, {result.patches:,} patches ({result.dim}-d): one "
         f"archive against {result.shards} shards, {result.queries} slide queries, top {result.k}"
