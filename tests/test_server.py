@@ -394,6 +394,8 @@ def test_concurrent_queries_get_the_answers_of_serial_ones(
     [
         ({"slide": 999}, 404, "no slide with id 999"),
         ({"slide": "x"}, 422, "slide"),
+        ({"slide": True}, 422, "expected an integer number"),  # lax validation read it as 1
+        ({"slide": "1"}, 422, "expected an integer number"),
         ({"k": 5}, 422, "slide: Field required"),
         ({"slide": 7, "k": 0}, 422, "k:"),
         ({"slide": 7, "mode": "best"}, 422, "mode:"),
