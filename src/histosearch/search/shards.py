@@ -189,6 +189,9 @@ class ThreadFanout:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for opening in self._opening.values():
+            if opening.done() and opening.exception() is None:
+                opening.result().archive.close()
 
 
 class RayFanout:
