@@ -40,6 +40,8 @@ QUERY_PATCHES = (200, 400)
 EXACT_BLOCK_ROWS = 1 << 16
 SCREEN_WIDTH = 8
 BF16_ERROR = 0.01
+# Queries answered per blocked pass (each pass reads the whole store once).
+EXACT_GROUP = 10
 # real sources embedded per dataset, and patches per source
 SOURCES_PER_SET, PATCHES_PER_SOURCE = 40, 12
 SCALE_KEYS = (
@@ -197,8 +199,12 @@ class ExactPass:
 
     rankings: np.ndarray  # (queries, k) slide indices, best first
     seconds: float
-    # slides measured in float32 per query, on average (the screen's final width)
-    screened: float
+    # slides measured in float32 for each query (the screen's final width)
+    widths: np.ndarray
+
+    @property
+    def screened(self) -> float:
+        return float(np.mean(self.widths)) if len(self.widths) else 0.0
 
 
 def exact_rankings(
@@ -252,7 +258,7 @@ def exact_rankings(
                 break
             width = min(width * 4, n_slides)
         rankings[q], widths = kept[best], [*widths, width]
-    return ExactPass(rankings, time.perf_counter() - start, float(np.mean(widths)))
+    return ExactPass(rankings, time.perf_counter() - start, np.array(widths))
 
 
 @dataclass(frozen=True)
@@ -331,18 +337,28 @@ def _exact_pass(
     reuse: bool,
     on_progress: Callable[[int], None] | None,
 ) -> ExactPass:
-    """The exact answers of `queries`, from `exact-Q-kK.npz` of an earlier run when `reuse`
-    (the queries are drawn from the seed, so Q and k name them), else from a blocked pass."""
-    cache = workdir / f"exact-{len(queries)}-k{k}.npz"
-    if reuse and cache.is_file():
-        with np.load(cache) as stored:
-            return ExactPass(
-                stored["rankings"], float(stored["seconds"]), float(stored["screened"])
-            )
-    exact = exact_rankings(workdir / "store.f16", dim, offsets, queries, k, on_progress)
-    with atomic_path(cache) as tmp, tmp.open("wb") as file:
-        np.savez(file, rankings=exact.rankings, seconds=exact.seconds, screened=exact.screened)
-    return exact
+    """The exact answers of `queries`, each kept as `exact-kK/Q.npz` once found (query Q is
+    drawn from the seed in order, so Q names it): with `reuse`, only the queries an earlier
+    run did not answer are passed over, EXACT_GROUP at a time, so that a pass at 10^8 that
+    is stopped keeps what it found."""
+    folder = workdir / f"exact-k{k}"
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"{q}.npz" for q in range(len(queries))]
+    missing = [q for q, file in enumerate(files) if not (reuse and file.is_file())]
+    for first in range(0, len(missing), EXACT_GROUP):
+        group = missing[first : first + EXACT_GROUP]
+        exact = exact_rankings(
+            workdir / "store.f16", dim, offsets, [queries[q] for q in group], k, on_progress
+        )
+        for q, ranking, width in zip(group, exact.rankings, exact.widths, strict=True):
+            with atomic_path(files[q]) as tmp, tmp.open("wb") as file:
+                np.savez(file, ranking=ranking, seconds=exact.seconds / len(group), width=width)
+    rankings, seconds, widths = np.empty((len(queries), k), np.int64), 0.0, []
+    for q, file in enumerate(files):
+        with np.load(file) as stored:
+            rankings[q], seconds = stored["ranking"], seconds + float(stored["seconds"])
+            widths.append(int(stored["width"]))
+    return ExactPass(rankings, seconds, np.array(widths))
 
 
 def bench_scale(
