@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -87,8 +88,9 @@ class ScaleResult:
     # per `--filter-keep` fraction: the slides kept, the two-stage and exact p50 latency of
     # slide queries restricted to them, and the top-5 agreement of the two
     filtered: list[dict[str, float]] = field(default_factory=list)
-    # the blocked exact pass that gave the agreement's exact answers: its seconds for all
-    # `exact_queries`, and the slides it measured in float32 per query (`exact_rankings`)
+    # what the agreement's exact answers cost: the seconds spent on all `exact_queries` (the
+    # exact scans of the timed ones, the blocked passes' share for the others), and the
+    # slides measured in float32 per query (all of them for a timed query; `exact_rankings`)
     exact_pass_s: float = 0.0
     exact_screened: float = 0.0
     # stage 1's knobs (`Shortlist`), and whether the store, index and exact answers were
@@ -286,7 +288,10 @@ def _build(
     on_stage: Callable[[str], None],
     on_progress: Callable[[int], None] | None,
 ) -> Built:
-    """Write the store, build and save its index, add one slide; records it in build.json."""
+    """Write the store, build and save its index, add one slide; records it in build.json.
+    The exact answers kept from an earlier build are removed first."""
+    for folder in workdir.glob("exact-k*"):
+        shutil.rmtree(folder)
     on_stage(f"writing {n_patches:,} patches")
     start = time.perf_counter()
     store_path = workdir / "store.f16"
@@ -328,31 +333,41 @@ def _earlier_build(workdir: Path, wanted: Built) -> Built | None:
     return built if built.same_archive(wanted) else None
 
 
+def _exact_folder(workdir: Path, k: int) -> Path:
+    return workdir / f"exact-k{k}"
+
+
+def _keep_exact(
+    workdir: Path, k: int, query: int, ranking: np.ndarray, seconds: float, width: int
+) -> None:
+    """Keep query `query`'s exact top k (found in `seconds`, `width` slides measured)."""
+    folder = _exact_folder(workdir, k)
+    folder.mkdir(exist_ok=True)
+    with atomic_path(folder / f"{query}.npz") as tmp, tmp.open("wb") as file:
+        np.savez(file, ranking=ranking, seconds=seconds, width=width)
+
+
 def _exact_pass(
     workdir: Path,
     dim: int,
     offsets: np.ndarray,
     queries: list[np.ndarray],
     k: int,
-    reuse: bool,
     on_progress: Callable[[int], None] | None,
 ) -> ExactPass:
-    """The exact answers of `queries`, each kept as `exact-kK/Q.npz` once found (query Q is
-    drawn from the seed in order, so Q names it): with `reuse`, only the queries an earlier
-    run did not answer are passed over, EXACT_GROUP at a time, so that a pass at 10^8 that
-    is stopped keeps what it found."""
-    folder = workdir / f"exact-k{k}"
-    folder.mkdir(exist_ok=True)
-    files = [folder / f"{q}.npz" for q in range(len(queries))]
-    missing = [q for q, file in enumerate(files) if not (reuse and file.is_file())]
+    """The exact answers of `queries`: those already kept in `exact-kK/Q.npz` (query Q is drawn
+    from the seed in order, so Q names it; a new build clears the folder), the others from
+    blocked passes of EXACT_GROUP queries, each kept once found, so that a pass at 10^8 that
+    is stopped keeps what it found and `--reuse` goes on from there."""
+    files = [_exact_folder(workdir, k) / f"{q}.npz" for q in range(len(queries))]
+    missing = [q for q, file in enumerate(files) if not file.is_file()]
     for first in range(0, len(missing), EXACT_GROUP):
         group = missing[first : first + EXACT_GROUP]
         exact = exact_rankings(
             workdir / "store.f16", dim, offsets, [queries[q] for q in group], k, on_progress
         )
         for q, ranking, width in zip(group, exact.rankings, exact.widths, strict=True):
-            with atomic_path(files[q]) as tmp, tmp.open("wb") as file:
-                np.savez(file, ranking=ranking, seconds=exact.seconds / len(group), width=width)
+            _keep_exact(workdir, k, q, ranking, exact.seconds / len(group), width)
     rankings, seconds, widths = np.empty((len(queries), k), np.int64), 0.0, []
     for q, file in enumerate(files):
         with np.load(file) as stored:
@@ -428,13 +443,14 @@ def bench_scale(
         start = time.perf_counter()
         rank_slides(store, offsets, query, k, index=index, shortlist=shortlist, verify=verify)
         verified_times.append(time.perf_counter() - start)
-        if i < exact_timed:
+        if i < exact_timed:  # the exact scan's answer is kept as this query's exact answer
             start = time.perf_counter()
-            rank_slides(store, offsets, query, k, exact=True)
+            exact_slides, _ = rank_slides(store, offsets, query, k, exact=True)
             exact_times.append(time.perf_counter() - start)
+            _keep_exact(workdir, k, i, exact_slides, exact_times[-1], len(offsets) - 1)
     exact_queries = queries if exact_queries is None else min(exact_queries, queries)
     on_stage(f"exact scan of {exact_queries} queries")
-    exact = _exact_pass(workdir, dim, offsets, query_set[:exact_queries], k, reuse, on_progress)
+    exact = _exact_pass(workdir, dim, offsets, query_set[:exact_queries], k, on_progress)
     pairs = list(zip(exact.rankings, fast_results, strict=False))
     top5 = sum(set(e.tolist()) == set(f.tolist()) for e, f in pairs)
     top1 = sum(e[0] == f[0] for e, f in pairs)
