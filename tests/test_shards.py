@@ -331,3 +331,30 @@ def test_bench_shards_answers_as_one_archive_and_keeps_an_earlier_run(tmp_path: 
     assert result.to_dict()["added_p50_ms"]["threads"] == round(result.added_ms("threads"), 1)
     with pytest.raises(HistosearchError, match="an earlier run"):
         bench_shards(tmp_path, DATA, n_patches=6000, queries=4, ray=False)
+
+
+def test_a_damaged_shard_is_named_by_search_and_check_and_repaired(built: Path, tmp_path: Path):
+    root = tmp_path / "sharded"
+    shutil.copytree(built / "sharded", root)
+    store = root / "shard-001" / "store" / "vectors-0.f16"
+    data = bytearray(store.read_bytes())
+    data[100] ^= 0xFF  # a byte of the shard's first slide's rows
+    store.write_bytes(bytes(data))
+    with ShardedArchive(root) as sharded:
+        searcher = ShardedSearcher(sharded)
+        try:
+            result = searcher.search(1, k=40, exact=True)  # measures every slide
+        finally:
+            searcher.close()
+    assert list(result.missing_shards) == ["shard-001"]
+    assert "differ from the checksum" in result.missing_shards["shard-001"]
+    assert len(result.slides) == 37 - 10 - 1
+    problems, _ = check_any(root)
+    assert {Path(p.path).relative_to(root).parts[0] for p in problems} == {"shard-001"}
+    assert all(p.repaired for p in check_any(root, repair=True)[0])
+    with ShardedArchive(root) as sharded:
+        searcher = ShardedSearcher(sharded)
+        try:
+            assert searcher.search(1, k=40, exact=True).missing_shards == {}
+        finally:
+            searcher.close()

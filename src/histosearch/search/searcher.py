@@ -269,7 +269,6 @@ class Searcher:
             )
         result = SearchResult(found.info, "patches" if use_patches else "slides", level=level)
         result.where = where
-        result.missing_shards = dict(loaded.missing)
         if use_patches and mode == "auto" and found.info.tiles[0].size is not None:
             # a tiled slide (or a region of it) of one tile: say so, or it looks like a bug
             what = f"the region {list(region)}" if region is not None else "the query slide"
@@ -288,6 +287,7 @@ class Searcher:
             result.slides = self._slide_hits(loaded, found, k, skip, exact)
         result.consensus = Consensus.of(vote_on, [vote(hit.record) for hit in result.hits])
         result.metadata = {hit.record.id: metadata.of_slide(hit.record.id) for hit in result.hits}
+        result.missing_shards = dict(loaded.missing)  # after ranking: any stage may miss one
         return result
 
     def _snapshot(self) -> _Loaded:
