@@ -88,7 +88,9 @@ class ServerState:
             else:
                 self.model = "ready"
 
-        thread = threading.Thread(target=build, name="histosearch-warm-encoder", daemon=True)
+        # not a daemon: a process ending during the build waits for it (seconds) instead of
+        # killing the thread inside torch, which aborts the process ("terminate called ...")
+        thread = threading.Thread(target=build, name="histosearch-warm-encoder")
         thread.start()
         return thread
 
