@@ -394,4 +394,5 @@ def test_the_page_while_the_encoder_loads_and_after(
             assert page.inner_text("#viewer-query .region-box span") == "1"
             assert errors == []
         finally:
+            let_build.set()  # a failure above must not leave the warm-up thread waiting
             browser.close()
