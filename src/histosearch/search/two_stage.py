@@ -29,7 +29,7 @@ MOSAIC_SIZE = 64
 # "what each knob costs"): nearest archive patches looked up per query (mosaic) patch; rows
 # of each reached slide that the sketch measure reads; how many reached slides (by votes)
 # are sketched at most.
-NEIGHBOURS = 512
+NEIGHBOURS = 1024
 SKETCH_ROWS = 128
 MAX_SKETCHED = 256
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
