@@ -31,7 +31,7 @@ MOSAIC_SIZE = 64
 # are sketched at most.
 NEIGHBOURS = 1024
 SKETCH_ROWS = 128
-MAX_SKETCHED = 256
+MAX_SKETCHED = 1024
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
 # float32 copy of only one run is held at a time.
 SCAN_ROWS = 1 << 20
