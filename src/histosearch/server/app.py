@@ -355,7 +355,8 @@ def create_app(
 ) -> FastAPI:
     """The service over the archive at `archive_dir`: its catalog read and its `Searcher`
     loaded now, so that a bad archive fails here and not on the first request; its encoder
-    is built in a background thread (`/api/health` says when it is ready)."""
+    is built in a background thread (`/api/health` says when it is ready). A sharded archive
+    is searched in threads, or by Ray actors on the cluster at `ray_address`."""
     archive = open_archive(archive_dir)
     state = ServerState(
         archive=archive,
