@@ -29,7 +29,7 @@ MOSAIC_SIZE = 64
 # "what each knob costs"): nearest archive patches looked up per query (mosaic) patch; rows
 # of each reached slide that the sketch measure reads; how many reached slides (by votes)
 # are sketched at most.
-NEIGHBOURS = 1024
+NEIGHBOURS = 2048
 SKETCH_ROWS = 128
 MAX_SKETCHED = 1024
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
@@ -39,7 +39,7 @@ SCAN_ROWS = 1 << 20
 
 def default_candidates(k: int) -> int:
     """Slides kept by stage 1 for a top-k search (measured in `histosearch bench scale`)."""
-    return max(12, 2 * k)
+    return max(24, 4 * k)
 
 
 @dataclass(frozen=True)
