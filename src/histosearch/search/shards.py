@@ -422,7 +422,7 @@ class ShardedSearcher(Searcher):
         """Stage 1 over the shards, as `two_stage.rank_slides` takes it on one archive: the ids
         of the shortlisted slides, or None when every slide left is to be measured."""
         knobs = self.shortlist
-        wanted = knobs.wanted(k)
+        wanted = knobs.wanted(k, len(merged.records))
         if n_left <= wanted:
             return None
         index = _FanoutIndex(self.fanout, merged, skip)
