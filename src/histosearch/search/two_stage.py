@@ -232,12 +232,12 @@ def rank_slides(
     # when the skips (exclusions, a filter) leave no more slides than a shortlist holds,
     # scanning them all is exact and costs no more than stage 2 alone
     if not exact and index is not None and n_slides - len(skip) > wanted:
-        shortlist = shortlist_slides(
+        chosen = shortlist_slides(
             index, store, offsets, query, wanted, skip, shortlist, mosaic_size
         )
         # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
-        if len(shortlist) >= min(k, n_slides - len(skip)):
-            slides = np.sort(shortlist)
+        if len(chosen) >= min(k, n_slides - len(skip)):
+            slides = np.sort(chosen)
     if slides is None:
         slides = np.setdiff1d(np.arange(n_slides), np.fromiter(skip, np.int64, len(skip)))
     if verify is not None:
