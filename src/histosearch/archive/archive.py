@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from histosearch.archive.catalog import ArchiveError, SlideRecord
 from histosearch.archive.feature_files import SlideFeatures, write_feature_metadata
@@ -32,6 +32,39 @@ __all__ = [
     "SlideRecord",
     "check_archive",
 ]
+
+
+class _Encoding(Protocol):
+    """What `inputs_to_add` needs of an archive, plain or sharded."""
+
+    settings: Mapping[str, str]
+
+    def check_encoder(self, encoder: Encoder) -> None: ...
+
+
+def inputs_to_add(
+    archive: _Encoding,
+    inputs: Sequence[str | Path | Item],
+    group_by: str | None,
+    columns: Mapping[str, str] | None,
+    encoder: Encoder | None,
+    weights: str | Path | None,
+) -> tuple[list[Item], list[tuple[str, str]], Encoder]:
+    """What an `add` works on: the items of `inputs` (items given are taken as they are), the
+    inputs that gave none with why (a refused manifest, a folder of no slides: reported with
+    the failures while the others go on), and the encoder, built from the archive's settings
+    when none is given, checked against them."""
+    unreadable: list[tuple[str, str]] = []
+    items = [i for i in inputs if isinstance(i, Item)] + collect_items(
+        [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable, columns
+    )
+    if encoder is None:
+        from histosearch.embed.batches import default_device
+        from histosearch.encoders import create_encoder
+
+        encoder = create_encoder(archive.settings["encoder"], weights).to(default_device())
+    archive.check_encoder(encoder)
+    return items, unreadable, encoder
 
 
 class Archive(ArchiveFolder):
@@ -62,18 +95,9 @@ class Archive(ArchiveFolder):
         """
         from histosearch.archive.adding import index_items  # torch and the encoders, to add
 
-        # an input that gives nothing (a refused manifest, a folder of no slides) is reported
-        # with the failures and the others go on; items collected already are taken as given
-        unreadable: list[tuple[str, str]] = []
-        items = [i for i in inputs if isinstance(i, Item)] + collect_items(
-            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable, columns
+        items, unreadable, encoder = inputs_to_add(
+            self, inputs, group_by, columns, encoder, weights
         )
-        if encoder is None:
-            from histosearch.embed.batches import default_device
-            from histosearch.encoders import create_encoder
-
-            encoder = create_encoder(self.settings["encoder"], weights).to(default_device())
-        self.check_encoder(encoder)
         with self.writing():
             report = index_items(
                 self,

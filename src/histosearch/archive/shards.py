@@ -19,14 +19,14 @@ import contextlib
 import io
 import json
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
-from histosearch.archive.archive import Archive
+from histosearch.archive.archive import Archive, inputs_to_add
 from histosearch.archive.catalog import CATALOG, ArchiveError, SlideRecord
 from histosearch.archive.feature_files import SlideFeatures
 from histosearch.archive.folder import LOCK, catalog_settings, describe_settings
@@ -36,7 +36,7 @@ from histosearch.archive.repair import Problem, check_archive
 from histosearch.archive.settings import MATCHED_KEYS, ArchiveSettings
 from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.fileio import atomic_path
-from histosearch.inputs import Item, catalog_key, collect_items
+from histosearch.inputs import Item, catalog_key
 from histosearch.tiling import Tiling
 
 if TYPE_CHECKING:
@@ -406,6 +406,7 @@ class ShardedArchive:
         options: EmbedOptions = DEFAULT_OPTIONS,
         on_progress: Callable[[str, int, int | None], None] | None = None,
         ray: bool | str = False,
+        columns: Mapping[str, str] | None = None,
     ) -> IndexReport:
         """`Archive.add` over the shards: what no shard holds yet goes to the newest shard
         until it is full, then to a new one. Refused while a shard is missing (what it holds
@@ -415,16 +416,9 @@ class ShardedArchive:
         if self.missing:
             name, reason = next(iter(self.missing.items()))
             raise ArchiveError(self.root / name, f"cannot add while a shard is missing: {reason}")
-        unreadable: list[tuple[str, str]] = []
-        items = [i for i in inputs if isinstance(i, Item)] + collect_items(
-            [Path(p) for p in inputs if not isinstance(p, Item)], group_by, unreadable
+        items, unreadable, encoder = inputs_to_add(
+            self, inputs, group_by, columns, encoder, weights
         )
-        if encoder is None:
-            from histosearch.embed.batches import default_device
-            from histosearch.encoders import create_encoder
-
-            encoder = create_encoder(self.settings["encoder"], weights).to(default_device())
-        self.check_encoder(encoder)
         report = IndexReport(failures=unreadable)
         with self.writing():
             stored = {r.path for r in self.slides()}
