@@ -25,6 +25,7 @@ from histosearch.cli.common import (
     Level,
     Mode,
     Reduction,
+    SearchRayAddress,
     Tissue,
     check_shared_data,
     console,
@@ -314,14 +315,7 @@ def search(
             "for each result slide.",
         ),
     ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray-address",
-            help="A sharded archive: search its shards as Ray actors on this cluster (local: "
-            "a local Ray instance); else in threads.",
-        ),
-    ] = None,
+    ray_address: SearchRayAddress = None,
     shard_deadline: Annotated[
         float | None,
         typer.Option(

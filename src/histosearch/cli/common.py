@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from histosearch.errors import HistosearchError
 from histosearch.train import METHODS
+
+# `search` and `serve` on a sharded archive: where its shards are searched
+SearchRayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="A sharded archive: search its shards as Ray actors on this cluster (local: "
+        "a local Ray instance); else in threads.",
+    ),
+]
 
 console = Console()
 error_console = Console(stderr=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from histosearch.cli.common import console, error_console
+from histosearch.cli.common import SearchRayAddress, console, error_console
 
 
 def is_local_host(host: str) -> bool:
@@ -38,14 +38,7 @@ def serve(
     max_upload_mb: Annotated[
         int, typer.Option("--max-upload-mb", min=1, help="Largest upload accepted.")
     ] = 512,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray-address",
-            help="A sharded archive: search its shards as Ray actors on this cluster (local: "
-            "a local Ray instance); else in threads.",
-        ),
-    ] = None,
+    ray_address: SearchRayAddress = None,
 ) -> None:
     """Serve the archive: the search API (docs at /docs) and the viewer page at /."""
     if not is_local_host(host) and not token:
