@@ -21,7 +21,7 @@ from histosearch.cli.common import percentile_ordinal
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-    from playwright.sync_api import Browser, Playwright
+    from playwright.sync_api import Browser, Page, Playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -43,6 +43,15 @@ def launch(playwright: Playwright) -> Browser:
     )
 
 
+def open_page(browser: Browser, url: str) -> tuple[Page, list[str]]:
+    """The served page in a new tab, and the list its script errors are collected in."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    return page, errors
+
+
 def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -59,10 +68,7 @@ def test_region_search_and_side_by_side_view(served_archive: Path, screenshots: 
             ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+            page, errors = open_page(browser, url)
             # the slide list, then the viewer showing the slide picked in it
             page.locator("#slide-list").get_by_text("cmu-1-small-region.svs").click()
             page.wait_for_function("window.histosearch.tilesLoaded.query > 2", timeout=60_000)
@@ -211,10 +217,7 @@ def test_filters_consensus_and_metadata_shown_as_text(
     with running_server(annotated_archive) as (url, _), sync_playwright() as playwright:
         browser = launch(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+            page, errors = open_page(browser, url)
             page.wait_for_selector("#filters label[data-column=year] input")
             # controls from the archive's own columns: values for labels, a range for years
             labels = page.locator("#filters label[data-column=label] option")
@@ -294,10 +297,7 @@ def test_the_page_while_the_encoder_loads_and_after(
     with serving(app) as url, sync_playwright() as playwright:
         browser = launch(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+            page, errors = open_page(browser, url)
             page.wait_for_selector("#slide-list li")
             assert httpx.get(f"{url}/api/health").json()["model"] == "loading"
 
