@@ -679,10 +679,10 @@ def test_feedback_refuses_a_query_the_server_did_not_issue(
         s for s in slides.values() if s["id"] not in {r["slide_id"] for r in body["results"]}
     )
     assert f"slide {outside['id']} is not a result of query" in refused(
-        422, result_slide=outside["id"]
+        400, result_slide=outside["id"]
     )
-    assert f"searched slide {svs['id']} in mode slides" in refused(422, query_slide=ome["id"])
-    assert "in mode slides, not slide" in refused(422, mode="patches")
+    assert f"searched slide {svs['id']} in mode slides" in refused(400, query_slide=ome["id"])
+    assert "in mode slides, not slide" in refused(400, mode="patches")
     response = client.post("/api/feedback", json=mark_of(body, svs))
     assert response.status_code == 201, response.text
 

@@ -258,13 +258,13 @@ def feedback(state: State, mark: FeedbackIn) -> FeedbackOut:
         issued = state.issued_query(mark.query_id)
         if (mark.query_slide, mark.mode) != (issued.slide, issued.mode):
             raise HTTPException(
-                422,
+                400,
                 f"query {mark.query_id} searched slide {issued.slide} in mode {issued.mode}, "
                 f"not slide {mark.query_slide} in mode {mark.mode}",
             )
         if mark.result_slide not in issued.results:
             raise HTTPException(
-                422, f"slide {mark.result_slide} is not a result of query {mark.query_id}"
+                400, f"slide {mark.result_slide} is not a result of query {mark.query_id}"
             )
     return FeedbackOut(id=add_mark(state.archive.catalog, Mark(**mark.model_dump())))
 
