@@ -57,26 +57,32 @@ def _similarities(
     """sim(query q, slide k) for every query and k in first..last-1, (queries x slides): one
     matrix product per chunk of slides against all the queries' patches together.
 
-    The row and column maxima of each (slide, query) block of S are segment reductions
-    (`reduceat`) over the product: by query along its columns, by slide along its rows.
+    Each query is padded to the longest with copies of its first patch (a copy changes no
+    maximum; the means leave them out), so that the maxima within each query are one
+    reduction over a (rows, queries, longest) view; the maxima within each slide are one
+    reduction over its rows. Both run in float32 on the product, whatever its dtype.
     """
-    together = torch.cat(list(queries))
-    sizes = np.array([len(q) for q in queries])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sizes = torch.tensor([len(q) for q in queries])
+    longest = int(sizes.max())
+    together = torch.cat([torch.cat([q, q[:1].expand(longest - len(q), -1)]) for q in queries])
+    own = (torch.arange(longest)[None] < sizes[:, None]).float()  # (queries, longest)
     sims = np.empty((len(queries), last - first))
     rows = max(CHUNK_COSINES // len(together), 1)
     for chunk_first, chunk_last in _chunks(offsets, first, last, rows):
         base = offsets[chunk_first]
-        cosines = (features[base : offsets[chunk_last]] @ together.T).float().numpy()
-        local = offsets[chunk_first : chunk_last + 1] - base
-        # row max of S within each slide, then its mean over each query's patches
-        best_for_query = np.maximum.reduceat(cosines, local[:-1], axis=0)
-        query_side = np.add.reduceat(best_for_query, starts, axis=1) / sizes
+        cosines = (features[base : offsets[chunk_last]] @ together.T).float()
+        local = (offsets[chunk_first : chunk_last + 1] - base).tolist()
+        # row max of S within each slide, then its mean over each query's own patches
+        best_for_query = torch.stack([cosines[a:b].amax(0) for a, b in itertools.pairwise(local)])
+        best_for_query = best_for_query.view(len(best_for_query), len(queries), longest)
+        query_side = (best_for_query * own).sum(2) / sizes
         # column max of S (each reference patch's best in each query), mean within each slide
-        best_for_reference = np.maximum.reduceat(cosines, starts, axis=1)
+        best_for_reference = cosines.view(len(cosines), len(queries), longest).amax(2).numpy()
         reference_side = np.add.reduceat(best_for_reference, local[:-1], axis=0)
         reference_side /= np.diff(local)[:, None]
-        sims[:, chunk_first - first : chunk_last - first] = 0.5 * (query_side + reference_side).T
+        sims[:, chunk_first - first : chunk_last - first] = (
+            0.5 * (query_side.numpy() + reference_side).T
+        )
     return np.clip(sims, 0, 1)
 
 
