@@ -51,6 +51,8 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     assert all(row["top5_agreement"] == 1.0 for row in result.filtered)
     assert all(getattr(result, key) > 0 for key in SCALE_KEYS if key.endswith("_s"))
     assert (tmp_path / "sources.npz").is_file() and (tmp_path / "index.faiss").is_file()
+    # stage 1's sketches kept together, as the archive keeps them
+    assert (tmp_path / "sketches-128.npz").is_file() and result.sketch_gb > 0 < result.sketch_s
     write_results([result], tmp_path / "r.json")
     figures = json.loads((tmp_path / "r.json").read_text())
     assert set(figures) - {"details"} == set(SCALE_KEYS)
@@ -73,10 +75,12 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     assert again.reused and (again.build_s, again.patches) == (result.build_s, result.patches)
     assert again.exact_pass_s == result.exact_pass_s and np.isnan(again.exact_query_p50_s)
     assert again.shortlist["candidates"] == 3 and again.shortlist["sketch_rows"] == 8
+    assert (tmp_path / "sketches-8.npz").is_file()
     # another seed is another archive: built again
     assert not bench_scale(
         30_000, 32, tmp_path, DATA, "color-histogram", queries=2, seed=4, reuse=True
     ).reused
+    assert not (tmp_path / "sketches-8.npz").exists()  # those of the other build are gone
     # the store holds float16 vectors around the real (PCA-projected) embeddings
     store = open_store(tmp_path / "store.f16", 32)
     assert store.dtype == np.float16 and np.isfinite(store[:1000].astype(np.float32)).all()

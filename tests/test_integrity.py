@@ -146,7 +146,7 @@ def test_a_feature_file_swapped_for_another_slides_is_caught(copy):
         assert scc.name not in [h.record.name for h in hits]
 
 
-@pytest.mark.parametrize("stem", ["reducer", "index", "calibration"])
+@pytest.mark.parametrize("stem", ["reducer", "index", "sketches", "calibration"])
 def test_a_changed_or_deleted_derived_file_is_refused_then_rebuilt(lc_cmu, copy, stem):
     with Archive.open(lc_cmu / "archive") as archive:
         expected = results(archive)

@@ -13,8 +13,16 @@ from histosearch.archive.archive import Archive
 from histosearch.cli import app
 from histosearch.search.patch_index import PatchIndex, choose_factory
 from histosearch.search.similarity import slide_similarities
-from histosearch.search.two_stage import Shortlist, query_mosaic, rank_slides, shortlist_slides
-from histosearch.search.upkeep import load_patch_index
+from histosearch.search.two_stage import (
+    Shortlist,
+    Sketches,
+    query_mosaic,
+    rank_slides,
+    shortlist_slides,
+    sketch_picks,
+    sketch_similarities,
+)
+from histosearch.search.upkeep import load_patch_index, load_sketches
 
 runner = CliRunner()
 
@@ -180,3 +188,42 @@ def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store
     )[0]
     assert np.array_equal(fallback, rank_slides(vectors, offsets, pair, 5, exact=True)[0])
     assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])
+
+
+def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(store, tmp_path: Path):
+    vectors, offsets, archive = store
+    sketches = Sketches.of(vectors, offsets, per_slide=3)
+    slides = np.array([0, 7, 30, 47])
+    picks = sketch_picks(offsets, slides, 3)
+    # each slide's first and last row and one between, kept slide after slide
+    assert picks[:3].tolist() == [offsets[0], offsets[0] + 3, offsets[0] + 7]
+    together = [sketches.rows[sketches.starts[s] : sketches.starts[s + 1]] for s in slides]
+    assert np.array_equal(np.concatenate(together), vectors[picks])
+    # those of 40 slides grown by the other 8 are those of all 48; saved and loaded the same
+    grown = Sketches.of(vectors, offsets[:41], 3).extended(vectors, offsets)
+    assert np.array_equal(grown.rows, sketches.rows)
+    assert np.array_equal(grown.starts, sketches.starts)
+    with (tmp_path / "s.npz").open("wb") as file:
+        grown.save(file)
+    loaded = Sketches.load(tmp_path / "s.npz")
+    assert loaded.per_slide == 3 and np.array_equal(loaded.rows, sketches.rows)
+
+    # stage 1 reading them or the store: the same scores, the same answers
+    query = vectors[offsets[3] : offsets[4]].astype(np.float32)
+    from_store = sketch_similarities(vectors, offsets, query, slides, sketch_rows=3)
+    assert np.array_equal(
+        sketch_similarities(vectors, offsets, query, slides, sketch_rows=3, sketches=loaded),
+        from_store,
+    )
+    index = PatchIndex.build(vectors, kind="IVF8,Flat", nprobe=4)
+    for rows in (3, 4):  # sketches of another size are not used: the store is read
+        knobs = Shortlist(6, neighbours=16, sketch_rows=rows)
+        read = rank_slides(vectors, offsets, query, 5, {3}, index, shortlist=knobs)
+        kept = rank_slides(vectors, offsets, query, 5, {3}, index, shortlist=knobs, sketches=loaded)
+        assert np.array_equal(read[0], kept[0]) and np.array_equal(read[1], kept[1])
+
+    # the archive keeps those of every stored slide, at the search's size
+    view = archive.view()
+    saved = load_sketches(archive, view)
+    assert saved.n_slides == len(view.records) == 48
+    assert np.array_equal(saved.rows, Sketches.of(view.vectors, view.offsets).rows)

@@ -29,7 +29,7 @@ from histosearch.archive.reduce import PCAReducer
 from histosearch.bench.common import peak_rss_gb
 from histosearch.fileio import atomic_path
 from histosearch.search.patch_index import PatchIndex
-from histosearch.search.two_stage import DEFAULT_SHORTLIST, Shortlist, rank_slides
+from histosearch.search.two_stage import DEFAULT_SHORTLIST, Shortlist, Sketches, rank_slides
 
 MIN_SLIDE, MAX_SLIDE = 200, 5_000
 # log-normal slide sizes: median 800 patches (a slide at 20x is a few hundred to thousands)
@@ -97,6 +97,10 @@ class ScaleResult:
     # those of an earlier run in the same workdir (`--reuse`)
     shortlist: dict[str, int | None] = field(default_factory=dict)
     reused: bool = False
+    # stage 1's sketch rows, kept together as the archive keeps them: the seconds they took
+    # to gather from the store (once per build and sketch size) and their size on disk
+    sketch_s: float = 0.0
+    sketch_gb: float = 0.0
 
     def figures(self) -> dict[str, float | int]:
         return {key: asdict(self)[key] for key in SCALE_KEYS}
@@ -292,6 +296,8 @@ def _build(
     The exact answers kept from an earlier build are removed first."""
     for folder in workdir.glob("exact-k*"):
         shutil.rmtree(folder)
+    for sketches in workdir.glob("sketches-*.npz"):
+        sketches.unlink()
     on_stage(f"writing {n_patches:,} patches")
     start = time.perf_counter()
     store_path = workdir / "store.f16"
@@ -331,6 +337,22 @@ def _earlier_build(workdir: Path, wanted: Built) -> Built | None:
         return None
     built = Built(**json.loads(record.read_text()))
     return built if built.same_archive(wanted) else None
+
+
+def _sketches(
+    workdir: Path, store: np.ndarray, offsets: np.ndarray, per_slide: int
+) -> tuple[Sketches, float]:
+    """Stage 1's sketches of the build, as the archive keeps them beside its index: gathered
+    from the store and saved once per sketch size, then loaded (with the seconds the
+    gathering took)."""
+    path = workdir / f"sketches-{per_slide}.npz"
+    if not path.is_file():
+        start = time.perf_counter()
+        sketches = Sketches.of(store, offsets, per_slide)
+        with atomic_path(path) as tmp, tmp.open("wb") as file:
+            sketches.save(file)
+        (workdir / f"{path.stem}.seconds").write_text(f"{time.perf_counter() - start}\n")
+    return Sketches.load(path), float((workdir / f"{path.stem}.seconds").read_text())
 
 
 def _exact_folder(workdir: Path, k: int) -> Path:
@@ -419,6 +441,8 @@ def bench_scale(
     checksums = np.load(workdir / "checksums.npy")
     if nprobe is not None:
         index.nprobe = nprobe
+    on_stage("sketching the slides")
+    sketches, sketch_s = _sketches(workdir, store, offsets, shortlist.sketch_rows)
 
     on_stage("slide queries")
     fresh = SlideMaker(centres, source, dataset, seed + 1)
@@ -437,11 +461,22 @@ def bench_scale(
     fast_times, fast_results, verified_times, exact_times = [], [], [], []
     for i, query in enumerate(query_set):
         start = time.perf_counter()
-        slides, _ = rank_slides(store, offsets, query, k, index=index, shortlist=shortlist)
+        slides, _ = rank_slides(
+            store, offsets, query, k, index=index, shortlist=shortlist, sketches=sketches
+        )
         fast_times.append(time.perf_counter() - start)
         fast_results.append(slides)
         start = time.perf_counter()
-        rank_slides(store, offsets, query, k, index=index, shortlist=shortlist, verify=verify)
+        rank_slides(
+            store,
+            offsets,
+            query,
+            k,
+            index=index,
+            shortlist=shortlist,
+            verify=verify,
+            sketches=sketches,
+        )
         verified_times.append(time.perf_counter() - start)
         if i < exact_timed:  # the exact scan's answer is kept as this query's exact answer
             start = time.perf_counter()
@@ -456,7 +491,7 @@ def bench_scale(
     top1 = sum(e[0] == f[0] for e, f in pairs)
 
     filtered = [
-        _filtered_queries(store, offsets, index, query_set, k, keep, shortlist, seed)
+        _filtered_queries(store, offsets, index, sketches, query_set, k, keep, shortlist, seed)
         for keep in filter_keep
     ]
 
@@ -492,6 +527,8 @@ def bench_scale(
         exact_screened=exact.screened,
         shortlist=asdict(shortlist),
         reused=reused,
+        sketch_s=sketch_s,
+        sketch_gb=(workdir / f"sketches-{shortlist.sketch_rows}.npz").stat().st_size / 1e9,
     )
 
 
@@ -499,6 +536,7 @@ def _filtered_queries(
     store: np.ndarray,
     offsets: np.ndarray,
     index: PatchIndex,
+    sketches: Sketches,
     queries: list[np.ndarray],
     k: int,
     keep: float,
@@ -513,7 +551,9 @@ def _filtered_queries(
     fast_times, exact_times, top5 = [], [], 0
     for query in queries:
         start = time.perf_counter()
-        fast, _ = rank_slides(store, offsets, query, k, skip, index=index, shortlist=shortlist)
+        fast, _ = rank_slides(
+            store, offsets, query, k, skip, index=index, shortlist=shortlist, sketches=sketches
+        )
         fast_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         exact, _ = rank_slides(store, offsets, query, k, skip, exact=True)

@@ -19,6 +19,7 @@ from histosearch.search.two_stage import rank_slides
 if TYPE_CHECKING:
     from histosearch.archive.view import SearchView
     from histosearch.search.patch_index import PatchIndex
+    from histosearch.search.two_stage import Sketches
 
 # Neighbours looked at per sampled patch to find its best one in another slide.
 DEPTH = 64
@@ -30,6 +31,7 @@ def measure_calibration(
     max_slides: int,
     max_patches: int,
     seed: int = 0,
+    sketches: Sketches | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted similarities of sampled patches and slides to their nearest neighbour in
     another slide of the whole archive: patches through the patch index; slides by the WSI
@@ -60,6 +62,7 @@ def measure_calibration(
             1,
             [s],
             index,
+            sketches=sketches,
         )[1][0]
         for s in chosen
     ]

@@ -66,11 +66,13 @@ def rank_slides(
     k: int,
     skip: set[int],
     exact: bool = False,
+    sketches: two_stage.Sketches | None = None,
 ) -> list[tuple[int, float]]:
     """The k slides (positions in `view.records`) most similar to the query's searchable
     vectors by the WSI measure, best first, with their similarity: on the patch index's
     shortlist (two-stage), or over the whole store when `exact` (or without an index). The
-    store rows of every slide measured are verified against their checksums first."""
+    store rows of every slide measured are verified against their checksums first. Stage 1
+    reads its sketch rows from `sketches` when given."""
     skipped = [i for i, record in enumerate(view.records) if record.id in skip]
     slides, sims = two_stage.rank_slides(
         view.vectors,
@@ -81,6 +83,7 @@ def rank_slides(
         None if exact else index,
         exact,
         verify=view.verify,
+        sketches=sketches,
     )
     return list(zip(slides.tolist(), sims.tolist(), strict=True))
 

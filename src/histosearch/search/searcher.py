@@ -37,12 +37,13 @@ from histosearch.search.result import (
     Tile,
 )
 from histosearch.search.similarity import best_matches
-from histosearch.search.upkeep import load_calibration, load_patch_index
+from histosearch.search.upkeep import load_calibration, load_patch_index, load_sketches
 from histosearch.slide.dicomweb import is_dicomweb
 
 if TYPE_CHECKING:
     from histosearch.encoders import Encoder
     from histosearch.search.patch_index import PatchIndex
+    from histosearch.search.two_stage import Sketches
 
 MODES = ("auto", "slides", "patches")
 Region = tuple[int, int, int, int]
@@ -72,13 +73,15 @@ class _Loaded:
         self.reducer = archive.reducer(self.view.generation)
         self.calibration: dict[str, np.ndarray] = {}
         self._index: PatchIndex | None = None
-        self.index_error: ArchiveError | None = None
+        self.sketches: Sketches | None = None  # stage 1's, beside the index
+        self.index_error: ArchiveError | None = None  # of the index or the sketches
         self.missing: dict[str, str] = {}  # shards that did not answer: none in one archive
         if self.view.records:
             self.calibration = load_calibration(archive, self.view.generation)
             try:  # loaded now, before a reindex can retire this generation's files
                 self._index = load_patch_index(archive, self.view)
-            except ArchiveError as error:  # the exact scan needs none
+                self.sketches = load_sketches(archive, self.view)
+            except ArchiveError as error:  # the exact scan needs neither
                 self.index_error = error
 
     @property
@@ -349,7 +352,7 @@ class Searcher:
         self, loaded: _Loaded, query: _QueryVectors, k: int, skip: set[int], exact: bool
     ) -> list[SlideMatch]:
         index = None if exact else loaded.index
-        ranked = rank_slides(loaded.view, index, query.vectors, k, skip, exact)
+        ranked = rank_slides(loaded.view, index, query.vectors, k, skip, exact, loaded.sketches)
         return self._slide_matches(loaded, query, ranked)
 
     def _slide_matches(

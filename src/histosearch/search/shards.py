@@ -105,7 +105,12 @@ class ShardService(Searcher):
         positions = np.array([loaded.position[i] for i in slide_ids], np.int64)
         view = loaded.view
         return sketch_similarities(
-            view.vectors, view.offsets, query, positions, sketch_rows=sketch_rows
+            view.vectors,
+            view.offsets,
+            query,
+            positions,
+            sketch_rows=sketch_rows,
+            sketches=loaded.sketches,
         )
 
     def measure(self, vectors: np.ndarray, slide_ids: list[int]) -> np.ndarray:

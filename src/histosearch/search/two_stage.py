@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
@@ -128,6 +130,84 @@ def slide_votes(
     )
 
 
+def sketch_picks(offsets: np.ndarray, slides: np.ndarray, per_slide: int) -> np.ndarray:
+    """The store rows of `slides`' sketches, slide after slide: `per_slide` evenly spaced rows
+    of each (all its rows when it has fewer)."""
+    sizes = offsets[slides + 1] - offsets[slides]
+    return np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            offsets[s] + np.linspace(0, n - 1, t).astype(np.int64)
+            for s, n, t in zip(slides, sizes, np.minimum(sizes, per_slide), strict=True)
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Sketches:
+    """The sketch rows of an archive's first slides, contiguous, as a file derived from the
+    store keeps them: `rows[starts[s]:starts[s + 1]]` are slide s's (`sketch_picks`).
+
+    Read from the store, a sketch of a thousand slides touches a thousand scattered places of
+    a file larger than memory (seconds when they are not cached); kept together they are one
+    small read per slide."""
+
+    rows: np.ndarray  # (sketch rows, dim), as the store holds them
+    starts: np.ndarray  # (slides + 1,)
+    per_slide: int
+
+    @classmethod
+    def of(cls, store: np.ndarray, offsets: np.ndarray, per_slide: int = SKETCH_ROWS) -> Sketches:
+        """The sketches of every slide of `offsets`."""
+        empty = cls(np.zeros((0, store.shape[1]), store.dtype), np.zeros(1, np.int64), per_slide)
+        return empty.extended(store, offsets)
+
+    @property
+    def n_slides(self) -> int:
+        return len(self.starts) - 1
+
+    def extended(self, store: np.ndarray, offsets: np.ndarray) -> Sketches:
+        """These sketches and those of the slides of `offsets` past them (slides only grow at
+        the end of a store)."""
+        offsets = np.asarray(offsets, np.int64)
+        new = np.arange(self.n_slides, len(offsets) - 1)
+        if not len(new):
+            return self
+        picks = sketch_picks(offsets, new, self.per_slide)
+        sizes = np.minimum(np.diff(offsets)[new], self.per_slide)
+        starts = np.concatenate([self.starts, self.starts[-1] + np.cumsum(sizes)])
+        return Sketches(np.concatenate([self.rows, store[picks]]), starts, self.per_slide)
+
+    def save(self, file: BinaryIO) -> None:
+        np.savez(file, rows=self.rows, starts=self.starts, per_slide=self.per_slide)
+
+    @classmethod
+    def load(cls, file: BinaryIO | Path) -> Sketches:
+        with np.load(file) as saved:
+            return cls(saved["rows"], saved["starts"], int(saved["per_slide"]))
+
+
+def _sketch_rows(
+    store: np.ndarray,
+    offsets: np.ndarray,
+    slides: np.ndarray,
+    per_slide: int,
+    sketches: Sketches | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normalised sketch rows of `slides`, slide after slide, and how many each has: from
+    `sketches` when they hold these slides' sketches of this size, else from the store."""
+    held = sketches is not None and sketches.per_slide == per_slide
+    if held and len(slides) and slides.max() < sketches.n_slides:
+        first, last = sketches.starts[slides], sketches.starts[slides + 1]
+        rows = [sketches.rows[a:b] for a, b in zip(first.tolist(), last.tolist(), strict=True)]
+        return l2_normalize(np.concatenate(rows)), last - first
+    picks = sketch_picks(offsets, slides, per_slide)
+    order = np.argsort(picks)  # read the store in row order
+    rows = np.empty((len(picks), store.shape[1]), np.float32)
+    rows[order] = l2_normalize(store[picks[order]])
+    return rows, np.minimum(offsets[slides + 1] - offsets[slides], per_slide)
+
+
 def sketch_similarities(
     store: np.ndarray,
     offsets: np.ndarray,
@@ -135,22 +215,13 @@ def sketch_similarities(
     slides: np.ndarray,
     mosaic_size: int = MOSAIC_SIZE,
     sketch_rows: int = SKETCH_ROWS,
+    sketches: Sketches | None = None,
 ) -> np.ndarray:
     """The WSI measure between the query's mosaic (weighted) and `sketch_rows` evenly spaced
-    rows of each of `slides`: one read and one product for all of them."""
+    rows of each of `slides` (read from `sketches` when given): one product for all."""
     rows, weights = query_mosaic(query, mosaic_size)
     mosaic, weights = l2_normalize(query[rows]), weights / weights.sum()
-    sizes = offsets[slides + 1] - offsets[slides]
-    taken = np.minimum(sizes, sketch_rows)
-    picks = np.concatenate(
-        [
-            offsets[s] + np.linspace(0, n - 1, t).astype(np.int64)
-            for s, n, t in zip(slides, sizes, taken, strict=True)
-        ]
-    )
-    order = np.argsort(picks)  # read the store in row order
-    sketch = np.empty((len(picks), store.shape[1]), np.float32)
-    sketch[order] = l2_normalize(store[picks[order]])
+    sketch, taken = _sketch_rows(store, offsets, slides, sketch_rows, sketches)
     cosines = mosaic @ sketch.T  # (mosaic, all sketch rows)
     starts = np.concatenate([[0], np.cumsum(taken)[:-1]])
     best_for_query = np.maximum.reduceat(cosines, starts, axis=1)  # (mosaic, slides)
@@ -167,6 +238,7 @@ def shortlist_slides(
     skip: Iterable[int] = (),
     shortlist: Shortlist = DEFAULT_SHORTLIST,
     mosaic_size: int = MOSAIC_SIZE,
+    sketches: Sketches | None = None,
 ) -> np.ndarray:
     """Stage 1: up to `n_candidates` slides (indices), best first: the slides the votes reach
     (at most `shortlist.max_sketched`, most votes first), ranked by their sketch similarity
@@ -178,7 +250,9 @@ def shortlist_slides(
     reached = reached[np.argsort(-votes[reached], kind="stable")][: shortlist.max_sketched]
     if len(reached) <= n_candidates:
         return reached
-    scores = sketch_similarities(store, offsets, query, reached, mosaic_size, shortlist.sketch_rows)
+    scores = sketch_similarities(
+        store, offsets, query, reached, mosaic_size, shortlist.sketch_rows, sketches
+    )
     return reached[np.argsort(-scores, kind="stable")][:n_candidates]
 
 
@@ -217,13 +291,15 @@ def rank_slides(
     shortlist: Shortlist = DEFAULT_SHORTLIST,
     mosaic_size: int = MOSAIC_SIZE,
     verify: Callable[[np.ndarray], None] | None = None,
+    sketches: Sketches | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k slides most similar to the query by the WSI measure, best first, as (slide
     indices, similarities). `exact` (or no index) scans every slide; otherwise the measure is
     computed on stage 1's shortlist only, or on every slide not skipped when they are no more
     than the shortlist would hold. `store` may be a float16 memory map: only the rows
     of the slides compared are read, and `verify` (if given) is called on those slides first
-    (to refuse rows whose bytes changed)."""
+    (to refuse rows whose bytes changed). Stage 1 reads its sketches from `sketches` when
+    given (`Sketches`: the same rows, kept together)."""
     offsets = np.asarray(offsets, np.int64)
     skip = set(skip)
     n_slides = len(offsets) - 1
@@ -233,7 +309,7 @@ def rank_slides(
     # scanning them all is exact and costs no more than stage 2 alone
     if not exact and index is not None and n_slides - len(skip) > wanted:
         chosen = shortlist_slides(
-            index, store, offsets, query, wanted, skip, shortlist, mosaic_size
+            index, store, offsets, query, wanted, skip, shortlist, mosaic_size, sketches
         )
         # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
         if len(chosen) >= min(k, n_slides - len(skip)):

@@ -1,5 +1,6 @@
 """The search layer's files derived from an archive's store: the patch index
-(`index-G.faiss`) and the calibration (`calibration-G.npz`). The archive's writers keep them up
+(`index-G.faiss`), stage 1's sketches (`sketches-G.npz`) and the calibration
+(`calibration-G.npz`). The archive's writers keep them up
 to date through `SEARCH_FILES` (the `histosearch.archive` entry point); searches load them."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from histosearch.archive.folder import ArchiveFolder
 from histosearch.archive.view import SearchView
 from histosearch.search.calibration import measure_calibration
 from histosearch.search.patch_index import PatchIndex
+from histosearch.search.two_stage import SKETCH_ROWS, Sketches
 
 # Percentiles are measured on at most this many slides and patches of the archive (each
 # against the whole archive), again whenever the store has grown by this factor.
@@ -49,6 +51,32 @@ def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
         raise ArchiveError(path, "the patch index has the wrong metric; run check --repair")
     index.add(view.vectors[index.ntotal :])
     return index
+
+
+def _read_sketches(archive: ArchiveFolder, path: Path, view: SearchView) -> Sketches:
+    data = archive.read_derived(path, "sketches (stage 1's rows of each slide)")
+    try:
+        sketches = Sketches.load(io.BytesIO(data))
+    except Exception as error:  # numpy's zip errors name no file
+        raise ArchiveError(
+            path, f"unreadable sketches ({type(error).__name__}); run histosearch check --repair"
+        ) from None
+    if (
+        sketches.per_slide != SKETCH_ROWS
+        or sketches.rows.shape[1:] != view.vectors.shape[1:]
+        or sketches.n_slides > len(view.records)
+    ):
+        raise ArchiveError(
+            path, "the sketches do not match the store; run histosearch check --repair"
+        )
+    return sketches
+
+
+def load_sketches(archive: ArchiveFolder, view: SearchView) -> Sketches:
+    """Stage 1's sketches of the view's slides (those of slides committed since they were
+    saved are read from the store, in memory; the next writer saves them)."""
+    path = archive.path("sketches", ".npz", view.generation)
+    return _read_sketches(archive, path, view).extended(view.vectors, view.offsets)
 
 
 def load_calibration(
@@ -87,20 +115,40 @@ class SearchFiles:
             else:
                 index.add(view.vectors[index.ntotal :])
             archive.write_derived(path, index.to_bytes())
+        sketches = self._update_sketches(archive, view)
         try:
             measured = int(load_calibration(archive, view.generation)["rows"])
         except ArchiveError:  # missing or damaged: measured again
             measured = 0
         # measured again when the archive has grown by a tenth since (or shrunk: reindexed)
         if not measured <= len(view.vectors) <= RECALIBRATE_GROWTH * measured:
-            self._calibrate(archive, view, index)
+            self._calibrate(archive, view, index, sketches)
 
     @staticmethod
-    def _calibrate(archive: ArchiveFolder, view: SearchView, index: PatchIndex) -> None:
+    def _update_sketches(archive: ArchiveFolder, view: SearchView) -> Sketches:
+        """Add the sketches of the slides stored since the file was saved (or build it)."""
+        path = archive.path("sketches", ".npz", view.generation)
+        try:
+            sketches = _read_sketches(archive, path, view) if path.is_file() else None
+        except ArchiveError:  # damaged: rebuilt from the store
+            sketches = None
+        if sketches is None:
+            sketches = Sketches.of(view.vectors, view.offsets[:1])
+        if sketches.n_slides < len(view.records):
+            sketches = sketches.extended(view.vectors, view.offsets)
+            buffer = io.BytesIO()
+            sketches.save(buffer)
+            archive.write_derived(path, buffer.getvalue())
+        return sketches
+
+    @staticmethod
+    def _calibrate(
+        archive: ArchiveFolder, view: SearchView, index: PatchIndex, sketches: Sketches
+    ) -> None:
         """Measure the archive's own nearest-neighbour similarities (slides and patches),
         against which search results are given as percentiles."""
         patch_nn, slide_nn = measure_calibration(
-            view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES
+            view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES, sketches=sketches
         )
         buffer = io.BytesIO()
         np.savez(buffer, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
@@ -109,10 +157,14 @@ class SearchFiles:
         )
 
     def problems(self, archive: ArchiveFolder, view: SearchView) -> list[tuple[Path, str]]:
-        """The patch index or the calibration missing, unreadable, changed since written or
-        not matching the store."""
+        """The patch index, the sketches or the calibration missing, unreadable, changed since
+        written or not matching the store."""
         found = []
-        for load in (load_patch_index, lambda a, v: load_calibration(a, v.generation)):
+        for load in (
+            load_patch_index,
+            load_sketches,
+            lambda a, v: load_calibration(a, v.generation),
+        ):
             try:
                 load(archive, view)
             except ArchiveError as error:
@@ -122,6 +174,7 @@ class SearchFiles:
     def files(self, archive: ArchiveFolder, generation: int) -> list[Path]:
         return [
             archive.path("index", ".faiss", generation),
+            archive.path("sketches", ".npz", generation),
             archive.path("calibration", ".npz", generation),
         ]
 
