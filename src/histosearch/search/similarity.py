@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# References are multiplied in chunks (whole slides) of about this many cosines against all the
-# query patches at once: big enough for BLAS to run at full speed, small enough that the float32
-# cosine block (16 MB) stays in cache for the reductions (measured: 2^22 against 2^25 cosines
-# per chunk, 10 queries on 65k rows in bfloat16, 7.4 s against 16 s on the loaded machine).
-CHUNK_COSINES = 1 << 22
+# References are multiplied in chunks (whole slides) of about this many cosines against each
+# query: big enough for BLAS to run at full speed, small enough that the float32 cosine block
+# (2 MB) stays in the cache for its reductions.
+CHUNK_COSINES = 1 << 19
+# Rows normalised at a time (16 MB of 128-d float32).
+NORMALISED_ROWS = 1 << 15
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -54,45 +55,41 @@ def _similarities(
     first: int,
     last: int,
 ) -> np.ndarray:
-    """sim(query q, slide k) for every query and k in first..last-1, (queries x slides): one
-    matrix product per chunk of slides against all the queries' patches together.
+    """sim(query q, slide k) for every query and k in first..last-1, (queries x slides).
 
-    Each query is padded to the longest with copies of its first patch (a copy changes no
-    maximum; the means leave them out), so that the maxima within each query are one
-    reduction over a (rows, queries, longest) view; the maxima within each slide are one
-    reduction over its rows. Both run in float32 on the product, whatever its dtype.
+    The slides are read in chunks (whole slides) of about CHUNK_COSINES cosines against the
+    longest query, and each query is multiplied with a chunk on its own, so that its cosine
+    block stays in the cache for its two reductions: the maximum within each slide's rows
+    and the maximum within the query.
     """
-    sizes = torch.tensor([len(q) for q in queries])
-    longest = int(sizes.max())
-    together = torch.cat([torch.cat([q, q[:1].expand(longest - len(q), -1)]) for q in queries])
-    own = (torch.arange(longest)[None] < sizes[:, None]).float()  # (queries, longest)
     sims = np.empty((len(queries), last - first))
-    rows = max(CHUNK_COSINES // len(together), 1)
+    rows = max(CHUNK_COSINES // max(len(q) for q in queries), 1)
     for chunk_first, chunk_last in _chunks(offsets, first, last, rows):
         base = offsets[chunk_first]
-        cosines = (features[base : offsets[chunk_last]] @ together.T).float()
+        block = features[base : offsets[chunk_last]]
         local = (offsets[chunk_first : chunk_last + 1] - base).tolist()
-        # row max of S within each slide, then its mean over each query's own patches
-        best_for_query = torch.stack([cosines[a:b].amax(0) for a, b in itertools.pairwise(local)])
-        best_for_query = best_for_query.view(len(best_for_query), len(queries), longest)
-        query_side = (best_for_query * own).sum(2) / sizes
-        # column max of S (each reference patch's best in each query), mean within each slide
-        best_for_reference = cosines.view(len(cosines), len(queries), longest).amax(2).numpy()
-        reference_side = np.add.reduceat(best_for_reference, local[:-1], axis=0)
-        reference_side /= np.diff(local)[:, None]
-        sims[:, chunk_first - first : chunk_last - first] = (
-            0.5 * (query_side.numpy() + reference_side).T
-        )
+        sizes = np.diff(local)
+        for q, query in enumerate(queries):
+            cosines = (block @ query.T).float()
+            # row max of S within each slide, then its mean over the query's patches
+            best_for_query = [cosines[a:b].amax(0).mean() for a, b in itertools.pairwise(local)]
+            # column max of S (each reference patch's best in the query), mean within each slide
+            best_for_reference = cosines.amax(1).numpy()
+            reference_side = np.add.reduceat(best_for_reference, local[:-1]) / sizes
+            sims[q, chunk_first - first : chunk_last - first] = 0.5 * (
+                torch.stack(best_for_query).numpy() + reference_side
+            )
     return np.clip(sims, 0, 1)
 
 
 def _as_tensor(features: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """L2-normalised rows in `dtype`, converted a block at a time: no full float32 copy."""
     out = torch.empty(features.shape, dtype=dtype)
-    step = max(CHUNK_COSINES // max(features.shape[1], 1), 1)  # 16 MB of float32 at a time
+    step = max(NORMALISED_ROWS, 1)
     for start in range(0, len(features), step):
-        block = l2_normalize(features[start : start + step])
-        out[start : start + len(block)] = torch.from_numpy(block)
+        block = torch.from_numpy(np.array(features[start : start + step], np.float32))
+        norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+        out[start : start + len(block)] = block / norms.clamp_min(torch.finfo(torch.float32).tiny)
     return out
 
 
@@ -150,6 +147,7 @@ def best_matches(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every query patch its most similar reference patch (row, cosine), and for every
     reference patch its best cosine to any query patch."""
-    cosines = l2_normalize(query) @ l2_normalize(reference).T
+    # by torch, as the measure is: numpy's BLAS threads would spin against torch's
+    cosines = (_as_tensor(query, torch.float32) @ _as_tensor(reference, torch.float32).T).numpy()
     rows = cosines.argmax(axis=1)
     return rows, cosines[np.arange(len(rows)), rows], cosines.max(axis=0)
