@@ -16,6 +16,7 @@ from histosearch.search.similarity import slide_similarities
 from histosearch.search.two_stage import (
     Shortlist,
     Sketches,
+    default_neighbours,
     query_mosaic,
     rank_slides,
     shortlist_slides,
@@ -227,3 +228,10 @@ def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(store,
     saved = load_sketches(archive, view)
     assert saved.n_slides == len(view.records) == 48
     assert np.array_equal(saved.rows, Sketches.of(view.vectors, view.offsets).rows)
+
+
+def test_neighbours_grow_with_the_archive_between_the_measured_bounds():
+    # 512 met the targets at 10^6 patches, 10^7 needed 2,048 (README, bench scale)
+    sizes = (1_000, 100_000, 1_000_000, 4_000_000, 10_000_000, 10**9)
+    assert [default_neighbours(n) for n in sizes] == [512, 512, 512, 1024, 2048, 2048]
+    assert Shortlist(neighbours=16).neighbours_for(10**7) == 16

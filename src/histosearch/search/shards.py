@@ -432,7 +432,8 @@ class ShardedSearcher(Searcher):
             return None
         index = _FanoutIndex(self.fanout, merged, skip)
         offsets = np.arange(len(merged.records) + 1)
-        votes = slide_votes(index, offsets, query.vectors, neighbours=knobs.neighbours)
+        rows = sum(r.n_patches for r in merged.records)
+        votes = slide_votes(index, offsets, query.vectors, neighbours=knobs.neighbours_for(rows))
         reached = np.flatnonzero(votes > 0)
         reached = reached[np.argsort(-votes[reached], kind="stable")][: knobs.max_sketched]
         if len(reached) > wanted:

@@ -13,6 +13,7 @@ indices into `offsets` (slide k owns rows offsets[k]:offsets[k+1] of the store a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import BinaryIO
 
 import faiss
 import numpy as np
+import torch
 
 from histosearch.fileio import release_pages
 from histosearch.search.patch_index import PatchIndex, faiss_threads
@@ -29,10 +31,10 @@ from histosearch.search.similarity import l2_normalize, slide_similarities
 # Query slides with more patches than this are summarised by a mosaic of this many patches.
 MOSAIC_SIZE = 64
 # Stage 1's defaults, tuned with `histosearch bench scale` at 10^6 and 10^7 patches (README,
-# "what each knob costs"): nearest archive patches looked up per query (mosaic) patch; rows
-# of each reached slide that the sketch measure reads; how many reached slides (by votes)
-# are sketched at most.
-NEIGHBOURS = 2048
+# "what each knob costs"): nearest archive patches looked up per query (mosaic) patch, at
+# least and at most (`default_neighbours`); rows of each reached slide that the sketch
+# measure reads; how many reached slides (by votes) are sketched at most.
+MIN_NEIGHBOURS, NEIGHBOURS = 512, 2048
 SKETCH_ROWS = 128
 MAX_SKETCHED = 1024
 # The exact full scan reads the store in runs of about this many rows (whole slides), so a
@@ -47,13 +49,23 @@ def default_candidates(k: int, n_slides: int) -> int:
     return max(12, 2 * k, math.ceil(math.sqrt(n_slides) / 4))
 
 
+def default_neighbours(n_rows: int) -> int:
+    """Index neighbours looked up per query patch in an archive of `n_rows` patches: more as
+    it grows, √rows / 2 rounded up to a power of two, from MIN_NEIGHBOURS to NEIGHBOURS
+    (measured in `histosearch bench scale`: 512 met the targets at 10^6 patches, 10^7 needed
+    2,048; fewer lost top-5 sets, more cost time in FAISS and in the sketch)."""
+    wanted = 2 ** math.ceil(math.log2(max(math.sqrt(n_rows) / 2, 1)))
+    return min(max(wanted, MIN_NEIGHBOURS), NEIGHBOURS)
+
+
 @dataclass(frozen=True)
 class Shortlist:
     """Stage 1's knobs: the slides kept for stage 2 (None: `default_candidates`), the
-    neighbours looked up per query patch, the rows per slide sketched, the slides sketched."""
+    neighbours looked up per query patch (None: `default_neighbours`), the rows per slide
+    sketched, the slides sketched."""
 
     candidates: int | None = None
-    neighbours: int = NEIGHBOURS
+    neighbours: int | None = None
     sketch_rows: int = SKETCH_ROWS
     max_sketched: int = MAX_SKETCHED
 
@@ -65,6 +77,9 @@ class Shortlist:
 
     def wanted(self, k: int, n_slides: int) -> int:
         return self.candidates or default_candidates(k, n_slides)
+
+    def neighbours_for(self, n_rows: int) -> int:
+        return self.neighbours or default_neighbours(n_rows)
 
 
 DEFAULT_SHORTLIST = Shortlist()
@@ -108,10 +123,12 @@ def slide_votes(
     skip: Iterable[int] = (),
     neighbours: int = NEIGHBOURS,
     mosaic_size: int = MOSAIC_SIZE,
+    mosaic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Stage 1's score of every slide (0 for slides no query patch reached)."""
+    """Stage 1's score of every slide (0 for slides no query patch reached); `mosaic` is the
+    query's `query_mosaic` when already made."""
     offsets = np.asarray(offsets)
-    rows, weights = query_mosaic(query, mosaic_size)
+    rows, weights = mosaic or query_mosaic(query, mosaic_size)
     sims, hits = index.search(query[rows], neighbours, allowed_rows(offsets, skip))
     # rows past the last catalogued slide (an add not yet committed) are not searched
     valid = (hits >= 0) & (hits < offsets[-1])
@@ -173,10 +190,12 @@ class Sketches:
         new = np.arange(self.n_slides, len(offsets) - 1)
         if not len(new):
             return self
-        picks = sketch_picks(offsets, new, self.per_slide)
+        rows = _gather(store, sketch_picks(offsets, new, self.per_slide))
         sizes = np.minimum(np.diff(offsets)[new], self.per_slide)
         starts = np.concatenate([self.starts, self.starts[-1] + np.cumsum(sizes)])
-        return Sketches(np.concatenate([self.rows, store[picks]]), starts, self.per_slide)
+        if len(self.rows):
+            rows = np.concatenate([self.rows, rows])
+        return Sketches(rows, starts, self.per_slide)
 
     def save(self, file: BinaryIO) -> None:
         np.savez(file, rows=self.rows, starts=self.starts, per_slide=self.per_slide)
@@ -185,6 +204,18 @@ class Sketches:
     def load(cls, file: BinaryIO | Path) -> Sketches:
         with np.load(file) as saved:
             return cls(saved["rows"], saved["starts"], int(saved["per_slide"]))
+
+
+def _gather(store: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """store[rows] for ascending `rows`, read SCAN_ROWS store rows at a time: a memory-mapped
+    store's pages are released after each run (a pass over a store larger than memory)."""
+    out = np.empty((len(rows), store.shape[1]), store.dtype)
+    bounds = np.searchsorted(rows, np.arange(0, len(store) + SCAN_ROWS, SCAN_ROWS))
+    for first, last in itertools.pairwise(bounds.tolist()):
+        if last > first:
+            out[first:last] = store[rows[first:last]]
+            release_pages(store[rows[first] : rows[last - 1] + 1])
+    return out
 
 
 def _sketch_rows(
@@ -216,13 +247,17 @@ def sketch_similarities(
     mosaic_size: int = MOSAIC_SIZE,
     sketch_rows: int = SKETCH_ROWS,
     sketches: Sketches | None = None,
+    mosaic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The WSI measure between the query's mosaic (weighted) and `sketch_rows` evenly spaced
-    rows of each of `slides` (read from `sketches` when given): one product for all."""
-    rows, weights = query_mosaic(query, mosaic_size)
+    """The WSI measure between the query's mosaic (weighted; `mosaic` when already made) and
+    `sketch_rows` evenly spaced rows of each of `slides` (read from `sketches` when given):
+    one product for all."""
+    rows, weights = mosaic or query_mosaic(query, mosaic_size)
     mosaic, weights = l2_normalize(query[rows]), weights / weights.sum()
     sketch, taken = _sketch_rows(store, offsets, slides, sketch_rows, sketches)
-    cosines = mosaic @ sketch.T  # (mosaic, all sketch rows)
+    # (mosaic, all sketch rows), by torch as stage 2 is: two thread pools would spin-wait
+    # for each other on few cores
+    cosines = (torch.from_numpy(mosaic) @ torch.from_numpy(sketch).T).numpy()
     starts = np.concatenate([[0], np.cumsum(taken)[:-1]])
     best_for_query = np.maximum.reduceat(cosines, starts, axis=1)  # (mosaic, slides)
     best_for_sketch = cosines.max(axis=0)
@@ -245,13 +280,21 @@ def shortlist_slides(
     when there are more than `n_candidates`; slides in `skip` and slides without votes are
     never listed."""
     offsets = np.asarray(offsets)
-    votes = slide_votes(index, offsets, query, skip, shortlist.neighbours, mosaic_size)
+    neighbours = shortlist.neighbours_for(int(offsets[-1]))
+    mosaic = query_mosaic(query, mosaic_size)
+    votes = slide_votes(index, offsets, query, skip, neighbours, mosaic=mosaic)
     reached = np.flatnonzero(votes > 0)
     reached = reached[np.argsort(-votes[reached], kind="stable")][: shortlist.max_sketched]
     if len(reached) <= n_candidates:
         return reached
     scores = sketch_similarities(
-        store, offsets, query, reached, mosaic_size, shortlist.sketch_rows, sketches
+        store,
+        offsets,
+        query,
+        reached,
+        sketch_rows=shortlist.sketch_rows,
+        sketches=sketches,
+        mosaic=mosaic,
     )
     return reached[np.argsort(-scores, kind="stable")][:n_candidates]
 
