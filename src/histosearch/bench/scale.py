@@ -44,7 +44,7 @@ EXACT_BLOCK_ROWS = 1 << 16
 SCREEN_WIDTH = 8
 BF16_ERROR = 0.01
 # Queries answered per blocked pass (each pass reads the whole store once).
-EXACT_GROUP = 10
+EXACT_GROUP = 5
 # real sources embedded per dataset, and patches per source
 SOURCES_PER_SET, PATCHES_PER_SOURCE = 40, 12
 SCALE_KEYS = (
