@@ -108,6 +108,11 @@ def test_health_says_why_the_encoder_could_not_be_built(
         upload = {"file": (patch.name, patch.read_bytes())}
         refusal = detail(client.post("/api/search", files=upload), 400)
         assert refusal == f"{patch.name}: its weights are not on disk"
+        # the weights put back: the next upload builds the encoder, and health says so
+        monkeypatch.undo()
+        assert client.post("/api/search", files=upload).status_code == 200
+        health = client.get("/api/health").json()
+        assert (health["model"], health["model_error"]) == ("ready", None)
 
 
 def test_slide_list_pages_and_flags(client: TestClient, slides: dict[str, dict]) -> None:

@@ -170,6 +170,11 @@ class Searcher:
         """The archive's encoder, created on first use."""
         return self.load_encoder()
 
+    @property
+    def encoder_ready(self) -> bool:
+        """Whether the encoder is built (searches by file do not wait for it)."""
+        return self._encoder is not None
+
     def load_encoder(self) -> Encoder:
         """The archive's encoder, built now if it is not yet (a server builds it at start-up,
         in the background, so that its first search by file does not wait for it)."""

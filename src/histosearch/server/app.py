@@ -77,6 +77,7 @@ def health(state: State) -> Health:
     """The archive served and how it was built."""
     settings = state.archive.settings
     records = state.archive.slides()
+    model, model_error = state.model_state()
     return Health(
         status="ok",
         slides=len(records),
@@ -86,8 +87,8 @@ def health(state: State) -> Health:
         tile_size=int(settings["tile_size"]),
         auth=state.token is not None,
         viewer=(OPENSEADRAGON / "openseadragon.min.js").is_file(),
-        model=state.model,
-        model_error=state.model_error,
+        model=model,
+        model_error=model_error,
     )
 
 

@@ -75,6 +75,13 @@ class ServerState:
         self.model = "loading"  # the encoder's build at start-up: loading, ready or failed
         self.model_error: str | None = None
 
+    def model_state(self) -> tuple[str, str | None]:
+        """The encoder's state and why it failed: ready once built, by the warm-up or by a
+        later upload (after a failed warm-up, the weights may have been put in place)."""
+        if self.searcher.encoder_ready:
+            return "ready", None
+        return self.model, self.model_error
+
     def warm_encoder(self) -> threading.Thread:
         """Build the searcher's encoder in a background thread, so that the server answers
         meanwhile and its first upload search does not wait for the build."""
