@@ -99,3 +99,21 @@ def test_a_bad_input_is_recorded_and_the_others_go_on(tmp_path: Path):
     assert "a folder without slide or image files" in failures[1][1]
     with pytest.raises(ManifestError):
         collect_items([good, bad])
+
+
+def test_a_group_mixing_resolutions_is_named(tmp_path: Path, caplog):
+    manifest = _write(
+        tmp_path,
+        _rows(
+            "path,patient,magnification",
+            f"{IMAGES[0]},p1,40X",
+            f"{IMAGES[1]},p1,400X",
+            f"{IMAGES[2]},p1,40X",
+            f"{IMAGES[3]},p2,40X",
+        ),
+    )
+    with caplog.at_level("WARNING", logger="histosearch"):
+        items = read_manifest(manifest, "patient")
+    assert [i.objective_power for i in items] == [40, 40]
+    assert "group p1 mixes resolutions (40x: 2 rows, 400x: 1 row)" in caplog.text
+    assert "group p2" not in caplog.text

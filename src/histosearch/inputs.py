@@ -8,7 +8,7 @@ import io
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +307,15 @@ def read_manifest(
     def item(key: str, name: str, members: list[dict[str, str]], is_group: bool) -> Item:
         first = members[0]
         mpp, objective_power = row_resolution(manifest, first)
+        scales = Counter(row_resolution(manifest, m) for m in members)
+        if len(scales) > 1:  # one archive entry records one resolution
+            log.warning(
+                "%s: group %s mixes resolutions (%s): its entry records the first row's; "
+                "to keep them apart, group by a column that also tells them apart",
+                manifest,
+                name,
+                ", ".join(f"{_scale(*at)}: {n} row{'s' * (n > 1)}" for at, n in scales.items()),
+            )
         return Item(
             key=key,
             name=name,
@@ -335,6 +344,11 @@ def read_manifest(
         item(f"{manifest.resolve()}::{group_by}={value}", value, members, True)
         for value, members in groups.items()
     ]
+
+
+def _scale(mpp: float | None, objective_power: float | None) -> str:
+    parts = [f"{mpp:g} um/px" if mpp else "", f"{objective_power:g}x" if objective_power else ""]
+    return " ".join(p for p in parts if p) or "none given"
 
 
 def row_resolution(manifest: Path, row: dict[str, str]) -> tuple[float | None, float | None]:
