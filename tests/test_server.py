@@ -487,6 +487,8 @@ def test_an_unexpected_error_is_a_500_without_traceback(app, slides: dict[str, d
     real = state.searcher
 
     class Broken:
+        encoder_ready = True  # what /api/health asks
+
         def search(self, *args, **kwargs):
             raise RuntimeError("disk on fire at /secret/path")
 
@@ -762,6 +764,8 @@ def test_an_unexpected_error_keeps_the_connection(
     real = state.searcher
 
     class Broken:
+        encoder_ready = True  # what /api/health asks
+
         def search(self, *args, **kwargs):
             raise RuntimeError("disk on fire")
 
