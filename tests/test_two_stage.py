@@ -17,6 +17,7 @@ from histosearch.search.two_stage import (
     Shortlist,
     Sketches,
     default_neighbours,
+    default_sketched,
     query_mosaic,
     rank_slides,
     shortlist_slides,
@@ -235,3 +236,10 @@ def test_neighbours_grow_with_the_archive_between_the_measured_bounds():
     sizes = (1_000, 100_000, 1_000_000, 4_000_000, 10_000_000, 10**9)
     assert [default_neighbours(n) for n in sizes] == [512, 512, 512, 1024, 2048, 2048]
     assert Shortlist(neighbours=16).neighbours_for(10**7) == 16
+
+
+def test_sketched_slides_grow_with_the_archive_between_the_measured_bounds():
+    # 1,024 met the targets at 9,179 slides, 92,194 needed 4,096 (README, bench scale)
+    sizes = (10, 941, 9_179, 20_000, 92_194, 10**6)
+    assert [default_sketched(n) for n in sizes] == [1024, 1024, 1024, 2048, 4096, 4096]
+    assert Shortlist(max_sketched=8).sketched_for(10**6) == 8

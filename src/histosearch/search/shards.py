@@ -435,7 +435,8 @@ class ShardedSearcher(Searcher):
         rows = sum(r.n_patches for r in merged.records)
         votes = slide_votes(index, offsets, query.vectors, neighbours=knobs.neighbours_for(rows))
         reached = np.flatnonzero(votes > 0)
-        reached = reached[np.argsort(-votes[reached], kind="stable")][: knobs.max_sketched]
+        sketched = knobs.sketched_for(len(merged.records))
+        reached = reached[np.argsort(-votes[reached], kind="stable")][:sketched]
         if len(reached) > wanted:
             ids = [merged.records[p].id for p in reached]
             scores = dict.fromkeys(ids, -np.inf)
