@@ -54,7 +54,7 @@ def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
 
 
 def _read_sketches(archive: ArchiveFolder, path: Path, view: SearchView) -> Sketches:
-    data = archive.read_derived(path, "sketches (stage 1's rows of each slide)")
+    data = archive.read_derived(path, "sketch file (stage 1's rows of each slide)")
     try:
         sketches = Sketches.load(io.BytesIO(data))
     except Exception as error:  # numpy's zip errors name no file
