@@ -381,8 +381,9 @@ def _sketches(
     sketches = Sketches.of(store, offsets, per_slide)
     with atomic_path(path) as tmp, tmp.open("wb") as file:
         sketches.save(file)
-    seconds.write_text(f"{time.perf_counter() - start}\n")
-    return sketches, float(seconds.read_text())
+    took = time.perf_counter() - start
+    seconds.write_text(f"{took}\n")
+    return sketches, took
 
 
 def _exact_folder(workdir: Path, k: int) -> Path:
