@@ -81,6 +81,10 @@ def test_blocked_matrix_equals_pairwise_measure(archive, monkeypatch):
     queries = [features[offsets[q] : offsets[q + 1]] for q in (1, 3, 4)]
     together = many_slide_similarities(queries, features, offsets)
     assert np.abs(together - direct[[1, 3, 4]]).max() < 1e-6
+    # bfloat16 chunks are padded to BF16_PADDED_ROWS rows: the rows past a chunk (the next
+    # slides', then zeros past the last) are dropped, never counted
     bf16 = similarity_matrix(features, offsets, torch.bfloat16)
     assert np.abs(bf16 - direct).max() < 5e-3
+    bf16_together = many_slide_similarities(queries, features, offsets, torch.bfloat16)
+    assert np.abs(bf16_together - direct[[1, 3, 4]]).max() < 5e-3
     assert (np.argsort(-direct, axis=1)[:, :2] == np.argsort(-matrix, axis=1)[:, :2]).all()

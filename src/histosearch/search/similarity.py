@@ -23,6 +23,10 @@ import torch
 CHUNK_COSINES = 1 << 19
 # Rows normalised at a time (16 MB of 128-d float32).
 NORMALISED_ROWS = 1 << 15
+# oneDNN compiles a bfloat16 product for each new shape, which costs three times the product
+# itself at these sizes: bfloat16 chunks are multiplied padded to a multiple of this many rows
+# (a few shapes, each compiled once), the rows past the chunk computed and dropped.
+BF16_PADDED_ROWS = 256
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -60,17 +64,19 @@ def _similarities(
     The slides are read in chunks (whole slides) of about CHUNK_COSINES cosines against the
     longest query, and each query is multiplied with a chunk on its own, so that its cosine
     block stays in the cache for its two reductions: the maximum within each slide's rows
-    and the maximum within the query.
+    and the maximum within the query. A bfloat16 `features` ends with `_padding` - 1 rows
+    past the slides (`_as_tensor`'s extra rows).
     """
     sims = np.empty((len(queries), last - first))
     rows = max(CHUNK_COSINES // max(len(q) for q in queries), 1)
+    padding = _padding(features.dtype)
     for chunk_first, chunk_last in _chunks(offsets, first, last, rows):
-        base = offsets[chunk_first]
-        block = features[base : offsets[chunk_last]]
+        base, n_rows = offsets[chunk_first], offsets[chunk_last] - offsets[chunk_first]
+        block = features[base : base + -(-n_rows // padding) * padding]
         local = (offsets[chunk_first : chunk_last + 1] - base).tolist()
         sizes = np.diff(local)
         for q, query in enumerate(queries):
-            cosines = (block @ query.T).float()
+            cosines = (block @ query.T)[:n_rows].float()
             # row max of S within each slide, then its mean over the query's patches
             best_for_query = [cosines[a:b].amax(0).mean() for a, b in itertools.pairwise(local)]
             # column max of S (each reference patch's best in the query), mean within each slide
@@ -82,9 +88,15 @@ def _similarities(
     return np.clip(sims, 0, 1)
 
 
-def _as_tensor(features: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """L2-normalised rows in `dtype`, converted a block at a time: no full float32 copy."""
-    out = torch.empty(features.shape, dtype=dtype)
+def _padding(dtype: torch.dtype) -> int:
+    return BF16_PADDED_ROWS if dtype == torch.bfloat16 else 1
+
+
+def _as_tensor(features: np.ndarray, dtype: torch.dtype, extra_rows: int = 0) -> torch.Tensor:
+    """L2-normalised rows in `dtype`, converted a block at a time: no full float32 copy;
+    followed by `extra_rows` zero rows (the padding `_similarities` may read)."""
+    out = torch.empty((len(features) + extra_rows, features.shape[1]), dtype=dtype)
+    out[len(features) :] = 0
     step = max(NORMALISED_ROWS, 1)
     for start in range(0, len(features), step):
         block = torch.from_numpy(np.array(features[start : start + step], np.float32))
@@ -112,7 +124,7 @@ def many_slide_similarities(
     """sim(query q, slide k) for every query and every slide, (queries x slides): the
     features are normalised and converted once for all the queries."""
     offsets = np.asarray(offsets)
-    tensor = _as_tensor(features, dtype)
+    tensor = _as_tensor(features, dtype, _padding(dtype) - 1)
     return _similarities(
         [_as_tensor(q, dtype) for q in queries], tensor, offsets, 0, len(offsets) - 1
     )
@@ -128,7 +140,7 @@ def similarity_matrix(
     """
     offsets = np.asarray(offsets)
     n = len(offsets) - 1
-    tensor = _as_tensor(features, dtype)
+    tensor = _as_tensor(features, dtype, _padding(dtype) - 1)
     matrix = np.eye(n)
     for q in range(n - 1):
         row = _similarities([tensor[offsets[q] : offsets[q + 1]]], tensor, offsets, q + 1, n)[0]
