@@ -40,6 +40,7 @@ from histosearch.search.two_stage import (
     Shortlist,
     allowed_rows,
     exact_similarities,
+    query_mosaic,
     sketch_similarities,
     slide_votes,
 )
@@ -99,8 +100,15 @@ class ShardService(Searcher):
         slide_ids[valid] = ids[view.row_slide[rows[valid]]]
         return sims, slide_ids
 
-    def sketch(self, query: np.ndarray, slide_ids: list[int], sketch_rows: int) -> np.ndarray:
-        """Stage 1's sketch similarity of each of the slides to the query."""
+    def sketch(
+        self,
+        query: np.ndarray,
+        mosaic: tuple[np.ndarray, np.ndarray],
+        slide_ids: list[int],
+        sketch_rows: int,
+    ) -> np.ndarray:
+        """Stage 1's sketch similarity of each of the slides to the query (`mosaic`: its
+        `query_mosaic`, made once for all the shards)."""
         loaded = self._loaded
         positions = np.array([loaded.position[i] for i in slide_ids], np.int64)
         view = loaded.view
@@ -111,6 +119,7 @@ class ShardService(Searcher):
             positions,
             sketch_rows=sketch_rows,
             sketches=loaded.sketches,
+            mosaic=mosaic,
         )
 
     def measure(self, vectors: np.ndarray, slide_ids: list[int]) -> np.ndarray:
@@ -433,7 +442,10 @@ class ShardedSearcher(Searcher):
         index = _FanoutIndex(self.fanout, merged, skip)
         offsets = np.arange(len(merged.records) + 1)
         rows = sum(r.n_patches for r in merged.records)
-        votes = slide_votes(index, offsets, query.vectors, neighbours=knobs.neighbours_for(rows))
+        mosaic = query_mosaic(query.vectors)
+        votes = slide_votes(
+            index, offsets, query.vectors, neighbours=knobs.neighbours_for(rows), mosaic=mosaic
+        )
         reached = np.flatnonzero(votes > 0)
         sketched = knobs.sketched_for(len(merged.records))
         reached = reached[np.argsort(-votes[reached], kind="stable")][:sketched]
@@ -441,7 +453,9 @@ class ShardedSearcher(Searcher):
             ids = [merged.records[p].id for p in reached]
             scores = dict.fromkeys(ids, -np.inf)
             grouped = merged.by_shard(ids)
-            args = {name: (query.vectors, g, knobs.sketch_rows) for name, g in grouped.items()}
+            args = {
+                name: (query.vectors, mosaic, g, knobs.sketch_rows) for name, g in grouped.items()
+            }
             for name, sims in self.fanout.call("sketch", args, merged.missing).items():
                 scores.update(zip(grouped[name], sims.tolist(), strict=True))
             ordered = np.array([scores[i] for i in ids])

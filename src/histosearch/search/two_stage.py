@@ -136,13 +136,12 @@ def slide_votes(
     query: np.ndarray,
     skip: Iterable[int] = (),
     neighbours: int = NEIGHBOURS,
-    mosaic_size: int = MOSAIC_SIZE,
     mosaic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Stage 1's score of every slide (0 for slides no query patch reached); `mosaic` is the
     query's `query_mosaic` when already made."""
     offsets = np.asarray(offsets)
-    rows, weights = mosaic or query_mosaic(query, mosaic_size)
+    rows, weights = mosaic or query_mosaic(query)
     sims, hits = index.search(query[rows], neighbours, allowed_rows(offsets, skip))
     # rows past the last catalogued slide (an add not yet committed) are not searched
     valid = (hits >= 0) & (hits < offsets[-1])
@@ -258,7 +257,6 @@ def sketch_similarities(
     offsets: np.ndarray,
     query: np.ndarray,
     slides: np.ndarray,
-    mosaic_size: int = MOSAIC_SIZE,
     sketch_rows: int = SKETCH_ROWS,
     sketches: Sketches | None = None,
     mosaic: tuple[np.ndarray, np.ndarray] | None = None,
@@ -266,7 +264,7 @@ def sketch_similarities(
     """The WSI measure between the query's mosaic (weighted; `mosaic` when already made) and
     `sketch_rows` evenly spaced rows of each of `slides` (read from `sketches` when given):
     one product for all."""
-    rows, weights = mosaic or query_mosaic(query, mosaic_size)
+    rows, weights = mosaic or query_mosaic(query)
     mosaic, weights = l2_normalize(query[rows]), weights / weights.sum()
     sketch, taken = _sketch_rows(store, offsets, slides, sketch_rows, sketches)
     # (mosaic, all sketch rows), by torch as stage 2 is: two thread pools would spin-wait
@@ -286,7 +284,6 @@ def shortlist_slides(
     n_candidates: int,
     skip: Iterable[int] = (),
     shortlist: Shortlist = DEFAULT_SHORTLIST,
-    mosaic_size: int = MOSAIC_SIZE,
     sketches: Sketches | None = None,
 ) -> np.ndarray:
     """Stage 1: up to `n_candidates` slides (indices), best first: the slides the votes reach
@@ -295,7 +292,7 @@ def shortlist_slides(
     never listed."""
     offsets = np.asarray(offsets)
     neighbours = shortlist.neighbours_for(int(offsets[-1]))
-    mosaic = query_mosaic(query, mosaic_size)
+    mosaic = query_mosaic(query)
     votes = slide_votes(index, offsets, query, skip, neighbours, mosaic=mosaic)
     reached = np.flatnonzero(votes > 0)
     sketched = shortlist.sketched_for(len(offsets) - 1)
@@ -347,7 +344,6 @@ def rank_slides(
     index: PatchIndex | None = None,
     exact: bool = False,
     shortlist: Shortlist = DEFAULT_SHORTLIST,
-    mosaic_size: int = MOSAIC_SIZE,
     verify: Callable[[np.ndarray], None] | None = None,
     sketches: Sketches | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -366,9 +362,7 @@ def rank_slides(
     # when the skips (exclusions, a filter) leave no more slides than a shortlist holds,
     # scanning them all is exact and costs no more than stage 2 alone
     if not exact and index is not None and n_slides - len(skip) > wanted:
-        chosen = shortlist_slides(
-            index, store, offsets, query, wanted, skip, shortlist, mosaic_size, sketches
-        )
+        chosen = shortlist_slides(index, store, offsets, query, wanted, skip, shortlist, sketches)
         # a shortlist shorter than k while more slides exist cannot be trusted: scan them all
         if len(chosen) >= min(k, n_slides - len(skip)):
             slides = np.sort(chosen)
