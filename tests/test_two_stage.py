@@ -192,7 +192,9 @@ def test_exact_scan_equals_the_full_measure_and_small_shortlists_fall_back(store
     assert np.array_equal(rank_slides(vectors, offsets, query, 5, index=None)[0], slides[:5])
 
 
-def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(store, tmp_path: Path):
+def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(
+    store, tmp_path: Path, monkeypatch
+):
     vectors, offsets, archive = store
     sketches = Sketches.of(vectors, offsets, per_slide=3)
     slides = np.array([0, 7, 30, 47])
@@ -217,6 +219,11 @@ def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(store,
         sketch_similarities(vectors, offsets, query, slides, sketch_rows=3, sketches=loaded),
         from_store,
     )
+    # sketched a slide at a time (chunks of 3 rows), the same scores as all at once
+    monkeypatch.setattr("histosearch.search.two_stage.SKETCH_CHUNK_ROWS", 3)
+    chunked = sketch_similarities(vectors, offsets, query, slides, sketch_rows=3)
+    assert np.allclose(chunked, from_store, atol=1e-6) and from_store.std() > 0.01
+    monkeypatch.undo()
     index = PatchIndex.build(vectors, kind="IVF8,Flat", nprobe=4)
     for rows in (3, 4):  # sketches of another size are not used: the store is read
         knobs = Shortlist(6, neighbours=16, sketch_rows=rows)

@@ -30,10 +30,9 @@ BF16_PADDED_ROWS = 256
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as float32."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, np.finfo(np.float32).tiny)
+    """Rows scaled to unit length (zero rows stay zero), as float32: by `_as_tensor`, the
+    normaliser of every product here."""
+    return _as_tensor(np.asarray(features), torch.float32).numpy()
 
 
 def wsi_similarity(query: np.ndarray, reference: np.ndarray) -> float:
