@@ -16,9 +16,10 @@ from data_paths import CMU, IDC, LC, TCGA, WSI, write_manifest
 from typer.testing import CliRunner
 
 from histosearch.archive.archive import Archive, ArchiveError, ArchiveSettings
+from histosearch.archive.upkeep import derived_problems
 from histosearch.cli import app
 from histosearch.search.ranking import Query, excluded_slides
-from histosearch.search.upkeep import load_calibration, load_patch_index
+from histosearch.search.upkeep import load_calibration, load_patch_index, load_sketches
 
 runner = CliRunner()
 
@@ -202,6 +203,47 @@ def test_incremental_add_and_mismatched_settings(tmp_path: Path):
     assert "encoder resnet50-imagenet (archive: efficientnet-lite0-imagenet)" in str(
         result.exception
     )
+
+
+def test_a_small_add_leaves_the_index_and_sketches_and_searches_add_its_rows(
+    tmp_path: Path, monkeypatch
+):
+    """At 10^8 patches the index and the sketches are 7 GB: an add that grows the store by
+    less than UNSAVED_SHARE does not rewrite them; the searches that load them add the rest."""
+    # the groups differ in size: a share of 2 lets this small archive grow by a few of them
+    monkeypatch.setattr("histosearch.search.upkeep.UNSAVED_SHARE", 2.0)
+    archive_dir, big = tmp_path / "archive", ("index-0.faiss", "sketches-0.npz")
+
+    def add(groups: int) -> None:
+        # the first `groups` of each class: the slides already there are skipped
+        manifest = write_manifest(tmp_path / "lc.csv", LC, "group", groups)
+        command = ["index", str(manifest), "--archive", str(archive_dir), "--group-by", "group"]
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+
+    add(4)  # 4 groups of each of the 3 classes: 12 slides
+    saved = {name: (archive_dir / name).read_bytes() for name in big}
+    add(5)  # 3 more slides
+    assert {name: (archive_dir / name).read_bytes() for name in big} == saved
+    with Archive(archive_dir) as archive:
+        view = archive.view()
+        assert len(view.records) == 15
+        assert archive.derived_covers(archive_dir / "sketches-0.npz") == 12
+        index = load_patch_index(archive, view)
+        assert index.ntotal == len(view.vectors) and load_sketches(archive, view).n_slides == 15
+        assert derived_problems(archive, view) == []  # check finds nothing to mend
+        # a patch of an added slide finds itself
+        first_new = int(view.offsets[12])
+        sims, rows = index.search(np.asarray(view.vectors[first_new : first_new + 1]), 1)
+        assert sims[0, 0] > 0.999 and rows[0, 0] >= first_new
+    monkeypatch.setattr("histosearch.search.upkeep.UNSAVED_SHARE", 0.1)
+    add(7)  # 6 more: the files lack 9 slides of 21, past the share, and are written again
+    assert all((archive_dir / name).read_bytes() != saved[name] for name in big)
+    with Archive(archive_dir) as archive:
+        view = archive.view()
+        assert len(view.records) == 21
+        assert archive.derived_covers(archive_dir / "index-0.faiss") == len(view.vectors)
+        assert archive.derived_covers(archive_dir / "sketches-0.npz") == 21
 
 
 def test_bad_archives_and_queries(tmp_path: Path, lc_archive: Path):

@@ -379,17 +379,26 @@ class ArchiveFolder:
 
     # -- the derived files, checksummed whole ---------------------------------------------
 
-    def write_derived(self, path: Path, data: bytes) -> None:
+    def write_derived(self, path: Path, data: bytes, covers: int | None = None) -> None:
         """Write a derived file (reduction, patch index, calibration) atomically and record
-        its checksum. Until the rename, readers may still meet the file it replaces, so its
-        checksum is kept beside the new one until then."""
+        its checksum, and `covers` (how much of the store it was derived from, store rows or
+        slides: `derived_covers`) when given. Until the rename, readers may still meet the
+        file it replaces, so its checksum is kept beside the new one until then."""
         key = f"checksum:{path.name}"
         crc = str(zlib.crc32(data))
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
             before = self.catalog.settings().get(key, "").split()[:1]
             self.catalog.set({key: " ".join([crc, *before])})
-        self.catalog.set({key: crc})
+        # recorded after the rename: a crash between leaves a smaller count, never a larger
+        covered = {} if covers is None else {f"covers:{path.name}": str(covers)}
+        self.catalog.set({key: crc} | covered)
+
+    def derived_covers(self, path: Path) -> int | None:
+        """What `write_derived` recorded that the file at `path` covers (None when nothing
+        was recorded or the file is gone)."""
+        value = self.catalog.settings().get(f"covers:{path.name}")
+        return int(value) if value is not None and path.is_file() else None
 
     def read_derived(self, path: Path, what: str) -> bytes:
         """A derived file's bytes, refused when they match no checksum recorded for it (a
@@ -415,7 +424,7 @@ class ArchiveFolder:
     def forget_derived(self, path: Path) -> None:
         """Remove a derived file and its recorded checksum."""
         path.unlink(missing_ok=True)
-        self.catalog.unset([f"checksum:{path.name}"])
+        self.catalog.unset([f"checksum:{path.name}", f"covers:{path.name}"])
 
     # -- what searches read ----------------------------------------------------------------
 

@@ -22,6 +22,11 @@ from histosearch.search.two_stage import SKETCH_ROWS, Sketches
 CALIBRATION_SLIDES = 200
 CALIBRATION_PATCHES = 2000
 RECALIBRATE_GROWTH = 1.1
+# The patch index and the sketches are written again only once the store rows (slides) they
+# lack pass this share of those they hold: searches add the rest in memory as they load them
+# (`load_patch_index`, `load_sketches`), so adding a slide to a 10^8-patch archive does not
+# rewrite 7 GB each time (once per ~200 slides of 1,000 patches).
+UNSAVED_SHARE = 1 / 512
 
 
 def _read_index(archive: ArchiveFolder, path: Path) -> PatchIndex:
@@ -96,50 +101,66 @@ def load_calibration(
         ) from None
 
 
+def _outdated(covered: int | None, total: int) -> bool:
+    """Whether a file derived from `covered` of the store's `total` rows (or slides) is to be
+    written again: when it lacks more than UNSAVED_SHARE of what it holds, covers more than
+    the store holds (an add that never committed), or its coverage is not recorded."""
+    return covered is None or covered > total or total - covered > UNSAVED_SHARE * covered
+
+
 class SearchFiles:
-    """Keeps the patch index and the calibration of an archive up to date with its store."""
+    """Keeps the patch index, the sketches and the calibration of an archive up to date with
+    its store."""
 
     def update(self, archive: ArchiveFolder, view: SearchView) -> None:
-        """Append the store rows the patch index lacks (or build it, its FAISS type chosen by
-        the archive's size) and save it; measure the calibration again when the store grew."""
+        """Append the store rows the patch index and the sketches lack and save them (or build
+        them) when they lack more than UNSAVED_SHARE; measure the calibration again when the
+        store grew."""
         path = archive.path("index", ".faiss", view.generation)
-        try:
-            index = _read_index(archive, path) if path.is_file() else None
-        except ArchiveError:  # damaged: rebuilt from the store
-            index = None
-        if index is not None and index.ntotal > len(view.vectors):
-            index = None  # built over rows that were never committed: rebuild
-        if index is None or index.ntotal < len(view.vectors):
-            if index is None:
-                index = PatchIndex.build(view.vectors, archive.index_metric)
-            else:
-                index.add(view.vectors[index.ntotal :])
-            archive.write_derived(path, index.to_bytes())
-        sketches = self._update_sketches(archive, view)
+        if _outdated(archive.derived_covers(path), len(view.vectors)):
+            self._write_index(archive, view, path)
+        path = archive.path("sketches", ".npz", view.generation)
+        if _outdated(archive.derived_covers(path), len(view.records)):
+            self._write_sketches(archive, view, path)
         try:
             measured = int(load_calibration(archive, view.generation)["rows"])
         except ArchiveError:  # missing or damaged: measured again
             measured = 0
         # measured again when the archive has grown by a tenth since (or shrunk: reindexed)
         if not measured <= len(view.vectors) <= RECALIBRATE_GROWTH * measured:
+            index, sketches = load_patch_index(archive, view), load_sketches(archive, view)
             self._calibrate(archive, view, index, sketches)
 
     @staticmethod
-    def _update_sketches(archive: ArchiveFolder, view: SearchView) -> Sketches:
-        """Add the sketches of the slides stored since the file was saved (or build it)."""
-        path = archive.path("sketches", ".npz", view.generation)
+    def _write_index(archive: ArchiveFolder, view: SearchView, path: Path) -> None:
+        """Append the store rows the saved patch index lacks and save it; built afresh (its
+        FAISS type chosen by the archive's size) when missing, damaged or over rows that were
+        never committed."""
+        try:
+            index = _read_index(archive, path) if path.is_file() else None
+        except ArchiveError:
+            index = None
+        if index is not None and index.ntotal > len(view.vectors):
+            index = None
+        if index is None:
+            index = PatchIndex.build(view.vectors, archive.index_metric)
+        else:
+            index.add(view.vectors[index.ntotal :])
+        archive.write_derived(path, index.to_bytes(), covers=len(view.vectors))
+
+    @staticmethod
+    def _write_sketches(archive: ArchiveFolder, view: SearchView, path: Path) -> None:
+        """Add the sketches of the slides stored since the file was saved and save it; built
+        afresh when missing or damaged."""
         try:
             sketches = _read_sketches(archive, path, view) if path.is_file() else None
-        except ArchiveError:  # damaged: rebuilt from the store
+        except ArchiveError:
             sketches = None
         if sketches is None:
             sketches = Sketches.of(view.vectors, view.offsets[:1])
-        if sketches.n_slides < len(view.records):
-            sketches = sketches.extended(view.vectors, view.offsets)
-            buffer = io.BytesIO()
-            sketches.save(buffer)
-            archive.write_derived(path, buffer.getvalue())
-        return sketches
+        buffer = io.BytesIO()
+        sketches.extended(view.vectors, view.offsets).save(buffer)
+        archive.write_derived(path, buffer.getvalue(), covers=len(view.records))
 
     @staticmethod
     def _calibrate(
