@@ -18,6 +18,7 @@ from histosearch.search.two_stage import (
     Sketches,
     default_neighbours,
     default_sketched,
+    exact_similarities,
     query_mosaic,
     rank_slides,
     shortlist_slides,
@@ -236,6 +237,25 @@ def test_sketches_kept_together_are_the_rows_stage_1_reads_from_the_store(
     saved = load_sketches(archive, view)
     assert saved.n_slides == len(view.records) == 48
     assert np.array_equal(saved.rows, Sketches.of(view.vectors, view.offsets).rows)
+
+
+def test_exact_similarities_in_runs_read_ahead_from_a_memory_map(store, tmp_path, monkeypatch):
+    """Stage 2 in runs of a few slides (SCAN_ROWS), each run's store rows read ahead while the
+    one before is measured: the same similarities as each slide measured alone."""
+    vectors, offsets, _ = store
+    vectors.astype(np.float16).tofile(tmp_path / "store.f16")
+    mapped = np.memmap(tmp_path / "store.f16", np.float16, "r").reshape(vectors.shape)
+    query = vectors[offsets[5] : offsets[6]].astype(np.float32)
+    slides = np.array([0, 1, 2, 9, 17, 18, 30, 47])  # contiguous runs and scattered slides
+    alone = [
+        slide_similarities(
+            query, mapped[offsets[s] : offsets[s + 1]], offsets[s : s + 2] - offsets[s]
+        )
+        for s in slides
+    ]
+    monkeypatch.setattr("histosearch.search.two_stage.SCAN_ROWS", 20)  # runs of 3 slides
+    assert np.allclose(exact_similarities(mapped, offsets, query, slides), np.ravel(alone))
+    assert len(exact_similarities(mapped, offsets, query, slides[:0])) == 0
 
 
 def test_neighbours_grow_with_the_archive_between_the_measured_bounds():

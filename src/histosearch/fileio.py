@@ -32,7 +32,24 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_MADV_DONTNEED = 4  # Linux
+_MADV_WILLNEED, _MADV_DONTNEED = 3, 4  # Linux
+
+
+def _advise(array: object, advice: int, whole: bool) -> None:
+    """madvise the pages under a read-only `np.memmap`'s slice (only the pages wholly inside
+    it when `whole`); anything else, and other systems, are left alone."""
+    import ctypes
+    import sys
+
+    import numpy as np
+
+    if not (isinstance(array, np.memmap) and array.mode == "r" and sys.platform == "linux"):
+        return
+    start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+    first = -(-start // _PAGE) * _PAGE if whole else start // _PAGE * _PAGE
+    last = end // _PAGE * _PAGE if whole else -(-end // _PAGE) * _PAGE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
 
 
 def release_pages(array: object) -> None:
@@ -42,18 +59,13 @@ def release_pages(array: object) -> None:
     read in the process's resident size; the pages stay in the page cache (nothing is lost),
     only the mapping is dropped, and a later read maps them again. Anything but a read-only
     `np.memmap` (where dropping pages would lose data) is left alone, as are other systems.
+    Whole pages only: their neighbours may still be in use.
     """
-    import ctypes
-    import sys
+    _advise(array, _MADV_DONTNEED, whole=True)
 
-    import numpy as np
 
-    if not (isinstance(array, np.memmap) and array.mode == "r" and sys.platform == "linux"):
-        return
-    start = array.ctypes.data
-    first = -(-start // _PAGE) * _PAGE  # whole pages only: neighbours may still be in use
-    last = (start + array.nbytes) // _PAGE * _PAGE
-    if last > first:
-        ctypes.CDLL(None).madvise(
-            ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED
-        )
+def prefetch_pages(array: object) -> None:
+    """Have the kernel read the pages under a read-only memory map's slice now, in the
+    background: the reads of many scattered slices of a file not in the page cache then
+    overlap rather than fault in one after another. Anything else is left alone."""
+    _advise(array, _MADV_WILLNEED, whole=False)

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from histosearch.fileio import release_pages
+from histosearch.fileio import prefetch_pages, release_pages
 from histosearch.search.patch_index import PatchIndex, faiss_threads
 from histosearch.search.similarity import l2_normalize, slide_similarities
 
@@ -328,24 +328,38 @@ def exact_similarities(
     store: np.ndarray, offsets: np.ndarray, query: np.ndarray, slides: np.ndarray
 ) -> np.ndarray:
     """The WSI measure of the query against `slides` (ascending indices), reading only their
-    rows, a run of about SCAN_ROWS rows at a time."""
+    rows, a run of about SCAN_ROWS rows at a time; a memory-mapped store's rows of the next
+    run are read ahead meanwhile (`prefetch_pages`)."""
     sims = np.empty(len(slides))
-    start = 0
-    while start < len(slides):
-        stop, rows = start, 0
-        while stop < len(slides) and (rows == 0 or rows < SCAN_ROWS):
-            rows += offsets[slides[stop] + 1] - offsets[slides[stop]]
-            stop += 1
-        run = slides[start:stop]
+    sizes = offsets[slides + 1] - offsets[slides]
+    bounds = [0]
+    while bounds[-1] < len(slides):
+        rows = np.cumsum(sizes[bounds[-1] :])
+        bounds.append(bounds[-1] + int(np.searchsorted(rows, SCAN_ROWS)) + 1)
+    bounds[-1] = min(bounds[-1], len(slides))
+    runs = [slides[a:b] for a, b in itertools.pairwise(bounds)]
+    for i, run in enumerate(runs):
+        if i == 0:
+            _prefetch(store, offsets, run)
+        if i + 1 < len(runs):
+            _prefetch(store, offsets, runs[i + 1])
         if np.all(np.diff(run) == 1):  # contiguous slides: one slice of the store
             block = store[offsets[run[0]] : offsets[run[-1] + 1]]
         else:
             block = np.concatenate([store[offsets[s] : offsets[s + 1]] for s in run])
         local = np.concatenate([[0], np.cumsum(offsets[run + 1] - offsets[run])])
-        sims[start:stop] = slide_similarities(query, block, local)
+        sims[bounds[i] : bounds[i + 1]] = slide_similarities(query, block, local)
         release_pages(block)  # a scan of a store larger than memory does not hold it
-        start = stop
     return sims
+
+
+def _prefetch(store: np.ndarray, offsets: np.ndarray, run: np.ndarray) -> None:
+    """Start reading the store rows of the slides of `run` (one range when contiguous)."""
+    if np.all(np.diff(run) == 1):
+        prefetch_pages(store[offsets[run[0]] : offsets[run[-1] + 1]])
+    else:
+        for s in run.tolist():
+            prefetch_pages(store[offsets[s] : offsets[s + 1]])
 
 
 def rank_slides(
