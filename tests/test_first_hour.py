@@ -199,6 +199,12 @@ def test_class_sub_folders_are_labels_for_index_and_eval(tmp_path: Path):
     assert all(name.startswith(label.replace("_", "")) for name, label in labels.items())
     labelled = read_labelled_manifest(folder)
     assert labelled.labels.count("lung_n") == 3 and len(labelled.paths) == 9
+    # a folder has no columns: --column is refused, not ignored
+    with pytest.raises(LabelledSetError, match="--column label=tissue: a folder of class"):
+        read_labelled_manifest(folder, mapping={"label": "tissue"})
+    command = ["index", str(folder), "--archive", str(archive), "--column", "label=tissue"]
+    refused = runner.invoke(app, command)
+    assert refused.exit_code != 0 and "only manifest CSVs have columns" in str(refused.exception)
     # files beside the class folders: no labels for index, refused by eval
     (folder / "loose.jpeg").symlink_to(labelled.paths[0].resolve())
     with pytest.raises(LabelledSetError, match="not a folder of class sub-folders"):

@@ -382,6 +382,11 @@ def collect_items(
 
     With a `failures` list, an input that gives nothing (a manifest refused, a folder without
     slides) is recorded there as (name, message) and the others go on; without, it raises."""
+    if mapping and inputs and not any(p.suffix.lower() == ".csv" for p in inputs):
+        renamed = ", ".join(f"{name}={column}" for name, column in mapping.items())
+        raise ManifestError(
+            inputs[0], f"--column {renamed}: only manifest CSVs have columns, and none is given"
+        )
     items: list[Item] = []
     for path in inputs:
         try:

@@ -58,6 +58,13 @@ def read_labelled_manifest(
     (read as `index` reads them: `mapping` renames them, unknown ones are warned about),
     files, classes."""
     if path.is_dir():
+        if mapping:
+            renamed = ", ".join(f"{name}={column}" for name, column in mapping.items())
+            raise LabelledSetError(
+                path,
+                f"--column {renamed}: a folder of class sub-folders has no columns to read "
+                "(give a manifest CSV to read its columns)",
+            )
         return read_labelled_folder(path)
     rows, header, missing = read_manifest_rows(path, (), mapping)
     warn_unknown_columns(path, header)
