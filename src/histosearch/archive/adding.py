@@ -16,6 +16,7 @@ from histosearch.embed.options import DEFAULT_OPTIONS, EmbedOptions
 from histosearch.encoders import Encoder
 from histosearch.errors import HistosearchError
 from histosearch.inputs import Item
+from histosearch.slide import magnification_from_mpp
 
 # Patches (single or in groups) are embedded together in runs of about this many images, so
 # that they share one data loader; each entry is stored as soon as its run is done.
@@ -42,7 +43,8 @@ def store_item(archive: ArchiveFolder, item: Item, embedded: EmbeddedFile) -> No
     patches = is_patch_item(item, archive.tiling.tile_size)
     mpp = embedded.mpp
     if patches and mpp is None:  # the scale a manifest row gives, recorded, not used
-        mpp = item.mpp or (10.0 / item.objective_power if item.objective_power else None)
+        power = item.objective_power
+        mpp = item.mpp or (magnification_from_mpp(power) if power else None)  # 10/x both ways
     archive.store_slide(
         item.key,
         embedded.features,

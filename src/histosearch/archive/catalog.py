@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histosearch.errors import HistosearchError
+from histosearch.slide.base import magnification_from_mpp
 
 CATALOG = "catalog.sqlite"
 # A patch recorded within this fraction of the archive's magnification is at its scale.
@@ -136,7 +137,7 @@ class SlideRecord:
             return None
         if self.mpp is None:
             return "unknown"
-        own = 10.0 / self.mpp  # the nominal magnification, as slide.base reckons it
+        own = magnification_from_mpp(self.mpp)
         return None if abs(own / magnification - 1) <= SCALE_TOLERANCE else f"{own:.3g}x"
 
     @property
