@@ -53,6 +53,8 @@ def test_small_scale_run_writes_the_figures_and_the_plot(tmp_path: Path):
     assert (tmp_path / "sources.npz").is_file() and (tmp_path / "index.faiss").is_file()
     # stage 1's sketches kept together, as the archive keeps them
     assert (tmp_path / "sketches-128.npz").is_file() and result.sketch_gb > 0 < result.sketch_s
+    # and what writing them again costs the archive's writer, its files gone after
+    assert result.rewrite_s > 0 and not list(tmp_path.glob("rewritten-*"))
     write_results([result], tmp_path / "r.json")
     figures = json.loads((tmp_path / "r.json").read_text())
     assert set(figures) - {"details"} == set(SCALE_KEYS)

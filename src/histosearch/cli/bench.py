@@ -402,7 +402,8 @@ def bench_scale_command(
         for key, value in result.figures().items():
             table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
         details = ("index", "queries", "exact_queries", "exact_pass_s", "exact_screened")
-        for key in (*details, "generate_s", "store_gb", "index_gb", "sketch_s", "sketch_gb"):
+        sizes = ("generate_s", "store_gb", "index_gb", "sketch_s", "sketch_gb", "rewrite_s")
+        for key in (*details, *sizes):
             value = getattr(result, key)
             table.add_row(key, value if isinstance(value, str) else f"{value:.4g}")
         table.add_row("stage 1", ", ".join(f"{k} {v}" for k, v in result.shortlist.items()))
