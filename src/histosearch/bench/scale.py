@@ -232,10 +232,11 @@ def exact_rankings(
     """The exact scan of every query at once, for stores too big to scan once per query.
 
     The store is read once, EXACT_BLOCK_ROWS rows (whole slides) at a time and not memory
-    mapped, and the WSI measure of every query against every slide is taken in bfloat16 (three
-    times float32's speed here). Each query's best slides by that screen are then measured in
-    float32 as the search measures them; the screen widens until the k-th float32 similarity
-    clears the best left-out screen score by BF16_ERROR, which bounds the bfloat16 error.
+    mapped, and the WSI measure of every query against every slide is taken in bfloat16 (about
+    four times float32's speed here, its chunks padded as similarity pads them). Each query's
+    best slides by that screen are then measured in float32 as the search measures them; the
+    screen widens until the k-th float32 similarity clears the best left-out screen score by
+    BF16_ERROR, which bounds the bfloat16 error.
     """
     import torch
 

@@ -275,6 +275,8 @@ class _Merged:
         ids = np.array([r.id for r in self.records], np.int64)
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
+        self.rows = sum(r.n_patches for r in self.records)  # stage 1's neighbours rule
+        self.offsets = np.arange(len(self.records) + 1)  # one "row" per slide: _FanoutIndex
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """The places in `records` of slide ids (-1 for an id not among them)."""
@@ -440,11 +442,13 @@ class ShardedSearcher(Searcher):
         if n_left <= wanted:
             return None
         index = _FanoutIndex(self.fanout, merged, skip)
-        offsets = np.arange(len(merged.records) + 1)
-        rows = sum(r.n_patches for r in merged.records)
         mosaic = query_mosaic(query.vectors)
         votes = slide_votes(
-            index, offsets, query.vectors, neighbours=knobs.neighbours_for(rows), mosaic=mosaic
+            index,
+            merged.offsets,
+            query.vectors,
+            neighbours=knobs.neighbours_for(merged.rows),
+            mosaic=mosaic,
         )
         reached = np.flatnonzero(votes > 0)
         sketched = knobs.sketched_for(len(merged.records))
