@@ -665,7 +665,7 @@ def plot_latency(results: list[Path], out: Path) -> None:
         rows.extend(loaded if isinstance(loaded, list) else [loaded])
     rows.sort(key=lambda r: r["patches"])
     patches = [r["patches"] for r in rows]
-    figure, axes = plt.subplots(figsize=(5.5, 4))
+    figure, axes = plt.subplots(figsize=(5.5, 4.6))
     axes.loglog(patches, [r["exact_query_p50_s"] for r in rows], "o-", label="exact scan (p50)")
     axes.loglog(patches, [r["slide_query_p50_s"] for r in rows], "s-", label="two-stage (p50)")
     axes.loglog(patches, [r["slide_query_p95_s"] for r in rows], "s--", label="two-stage (p95)")
@@ -675,7 +675,7 @@ def plot_latency(results: list[Path], out: Path) -> None:
     axes.set_ylabel("query latency (s)")
     axes.set_title("Slide query latency, 2-core CPU")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
     figure.tight_layout()
     with atomic_path(out) as tmp:
         figure.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
