@@ -19,8 +19,10 @@ import pytest
 from data_paths import CMU
 
 from histosearch import Archive, ArchiveError, ArchiveSettings, Searcher
+from histosearch.archive import folder
 from histosearch.archive.archive import check_archive
 from histosearch.archive.feedback import Mark, add_mark
+from histosearch.search.upkeep import load_calibration
 
 SETTINGS = ArchiveSettings(encoder="color-histogram", n_features=32)
 FLIPS = 24  # sampled byte positions per file
@@ -165,6 +167,29 @@ def test_a_changed_or_deleted_derived_file_is_refused_then_rebuilt(lc_cmu, copy,
             archive.check(repair=True)
             assert archive.check() == []
             assert results(archive) == expected  # percentiles too: none is null
+
+
+def test_a_derived_file_replaced_while_it_is_checked_is_read_again(copy, monkeypatch):
+    """A reader that opened a derived file just before a writer replaced it (the catalog then
+    records only the new file's checksum) reads the new file, not the old one, nor a refusal."""
+    real = folder.file_checksum
+    replaced = []
+
+    def checksum_then_replace(file):
+        crc = real(file)
+        if not replaced:
+            replaced.append(crc)
+            archive.write_derived(
+                path, lambda f: np.savez(f, patches=np.zeros(1), slides=np.zeros(1), rows=7)
+            )
+        return crc
+
+    with Archive.open(copy) as archive:
+        path = archive.path("calibration", ".npz")
+        before = int(load_calibration(archive)["rows"])
+        monkeypatch.setattr(folder, "file_checksum", checksum_then_replace)
+        assert int(load_calibration(archive)["rows"]) == 7 != before
+        assert replaced  # the old file's bytes were checked, then found replaced
 
 
 def test_repair_keeps_ids_and_marks_and_says_what_it_could_not(copy):

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, BinaryIO, Self
 
 import numpy as np
 
 from histosearch.archive.catalog import ArchiveError, Catalog, SlideRecord
-from histosearch.archive.checksums import mismatch
+from histosearch.archive.checksums import file_checksum, mismatch, write_checksummed
 from histosearch.archive.feature_files import (
     METADATA_ATTR,
     SlideFeatures,
@@ -371,23 +369,24 @@ class ArchiveFolder:
             reducer = make_reducer(kind, self.dim).fit(features)
         except ValueError as error:
             raise ArchiveError(self.root, f"cannot fit the {kind} reduction: {error}") from None
-        buffer = io.BytesIO()
-        save_reducer(reducer, buffer)
-        self.write_derived(self.path("reducer", ".npz", generation), buffer.getvalue())
+        path = self.path("reducer", ".npz", generation)
+        self.write_derived(path, lambda file: save_reducer(reducer, file))
         self._reducer = (generation, reducer)
         return reducer
 
     # -- the derived files, checksummed whole ---------------------------------------------
 
-    def write_derived(self, path: Path, data: bytes, covers: int | None = None) -> None:
-        """Write a derived file (reduction, patch index, calibration) atomically and record
-        its checksum, and `covers` (how much of the store it was derived from, store rows or
-        slides: `derived_covers`) when given. Until the rename, readers may still meet the
-        file it replaces, so its checksum is kept beside the new one until then."""
+    def write_derived(
+        self, path: Path, write: Callable[[BinaryIO], None], covers: int | None = None
+    ) -> None:
+        """Write a derived file (reduction, patch index, sketches, calibration) atomically by
+        `write(file)` and record its checksum, and `covers` (how much of the store it was
+        derived from, store rows or slides: `derived_covers`) when given. Until the rename,
+        readers may still meet the file it replaces, so its checksum is kept beside the new
+        one until then."""
         key = f"checksum:{path.name}"
-        crc = str(zlib.crc32(data))
         with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
+            crc = str(write_checksummed(tmp, write))
             before = self.catalog.settings().get(key, "").split()[:1]
             self.catalog.set({key: " ".join([crc, *before])})
         # recorded after the rename: a crash between leaves a smaller count, never a larger
@@ -400,22 +399,27 @@ class ArchiveFolder:
         value = self.catalog.settings().get(f"covers:{path.name}")
         return int(value) if value is not None and path.is_file() else None
 
-    def read_derived(self, path: Path, what: str) -> bytes:
-        """A derived file's bytes, refused when they match no checksum recorded for it (a
-        file written before checksums were recorded has none, and passes)."""
+    @contextlib.contextmanager
+    def open_derived(self, path: Path, what: str) -> Iterator[BinaryIO]:
+        """A derived file open for reading, refused when its bytes match no checksum recorded
+        for it (a file written before checksums were recorded has none, and passes). The
+        bytes checked are those read: the open file, never the path again."""
         key = f"checksum:{path.name}"
         for _ in range(3):
             try:
-                with path.open("rb") as file:
-                    data = file.read()
-                    inode = os.fstat(file.fileno()).st_ino
+                file = path.open("rb")
             except FileNotFoundError:
                 raise ArchiveError(
                     path, f"the {what} is missing; run histosearch check --archive DIR --repair"
                 ) from None
-            recorded = self.catalog.settings().get(key)
-            if recorded is None or str(zlib.crc32(data)) in recorded.split():
-                return data
+            with file:
+                crc = str(file_checksum(file))
+                recorded = self.catalog.settings().get(key)
+                if recorded is None or crc in recorded.split():
+                    file.seek(0)
+                    yield file
+                    return
+                inode = os.fstat(file.fileno()).st_ino
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_ino == inode:  # not replaced by a writer meanwhile
                     break
@@ -437,13 +441,14 @@ class ArchiveFolder:
         path = self.path("reducer", ".npz", generation)
         reducer = None
         if path.is_file():
-            data = self.read_derived(path, "reduction")
-            try:
-                reducer = load_reducer(io.BytesIO(data))
-            except Exception as error:  # numpy's pickle/zip errors name no file
-                raise ArchiveError(
-                    path, f"unreadable reduction ({type(error).__name__}); run histosearch check"
-                ) from None
+            with self.open_derived(path, "reduction") as file:
+                try:
+                    reducer = load_reducer(file)
+                except Exception as error:  # numpy's pickle/zip errors name no file
+                    raise ArchiveError(
+                        path,
+                        f"unreadable reduction ({type(error).__name__}); run histosearch check",
+                    ) from None
         elif self.settings["reduction"] != "none" and self.catalog.stored_end():
             raise ArchiveError(path, "the reduction is missing; run histosearch check --repair")
         self._reducer = (generation, reducer)

@@ -93,9 +93,8 @@ class Shard(Archive):
             reducer = super().fit_reducer(features, generation)
             self.owner.share_reducer(reducer)
             return reducer
-        buffer = io.BytesIO()
-        save_reducer(shared, buffer)
-        self.write_derived(self.path("reducer", ".npz", generation), buffer.getvalue())
+        path = self.path("reducer", ".npz", generation)
+        self.write_derived(path, lambda file: save_reducer(shared, file))
         self._reducer = (generation, shared)
         return shared
 

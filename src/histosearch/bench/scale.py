@@ -13,13 +13,11 @@ the archive keeps its reduced vectors; no HDF5 files, no encoder over N patches.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
 import shutil
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histosearch.archive.checksums import array_checksum
+from histosearch.archive.checksums import array_checksum, write_checksummed
 from histosearch.archive.reduce import PCAReducer
 from histosearch.bench.common import peak_rss_gb
 from histosearch.fileio import atomic_path
@@ -576,25 +574,16 @@ def bench_scale(
 
 def _rewrite_seconds(workdir: Path, index: PatchIndex, sketches: Sketches) -> float:
     """The seconds the archive's writer takes to write the patch index and the sketches
-    again, as `ArchiveFolder.write_derived` writes them: serialised, checksummed, written to
-    a temporary file and renamed (here into `workdir`, removed after)."""
+    again, as `ArchiveFolder.write_derived` writes them (`write_checksummed` into a temporary
+    file, renamed; here into `workdir`, removed after)."""
     start = time.perf_counter()
-    for name, serialise in (("index", index.to_bytes), ("sketches", lambda: _saved(sketches))):
-        data = serialise()
-        zlib.crc32(data)
+    for name, write in (("index", index.write), ("sketches", sketches.save)):
         with atomic_path(workdir / f"rewritten-{name}") as tmp:
-            tmp.write_bytes(data)
-        del data
+            write_checksummed(tmp, write)
     seconds = time.perf_counter() - start
     for name in ("index", "sketches"):
         (workdir / f"rewritten-{name}").unlink()
     return seconds
-
-
-def _saved(sketches: Sketches) -> bytes:
-    buffer = io.BytesIO()
-    sketches.save(buffer)
-    return buffer.getvalue()
 
 
 def _filtered_queries(

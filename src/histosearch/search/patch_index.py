@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
@@ -203,18 +204,19 @@ class PatchIndex:
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
 
-    def to_bytes(self) -> bytes:
-        """The index serialised as `save` writes it."""
-        return faiss.serialize_index(self.index).tobytes()
+    def write(self, file: BinaryIO) -> None:
+        """Write the index into an open binary file as `save` writes it, a block at a time
+        (no copy of its bytes in memory)."""
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(file.write))
 
     @classmethod
     def load(cls, path: str | Path) -> PatchIndex:
         return cls._of(faiss.read_index(str(path)))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PatchIndex:
-        """An index from the bytes of a saved one."""
-        return cls._of(faiss.deserialize_index(np.frombuffer(data, np.uint8)))
+    def read(cls, file: BinaryIO) -> PatchIndex:
+        """An index from an open binary file holding a saved one, read a block at a time."""
+        return cls._of(faiss.read_index(faiss.PyCallbackIOReader(file.read)))
 
     @classmethod
     def _of(cls, index: faiss.Index) -> PatchIndex:

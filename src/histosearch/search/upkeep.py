@@ -5,7 +5,6 @@ to date through `SEARCH_FILES` (the `histosearch.archive` entry point); searches
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,15 @@ UNSAVED_SHARE = 1 / 512
 
 
 def _read_index(archive: ArchiveFolder, path: Path) -> PatchIndex:
-    data = archive.read_derived(path, "patch index")
-    try:
-        return PatchIndex.from_bytes(data)
-    except RuntimeError as error:
-        raise ArchiveError(
-            path,
-            f"unreadable patch index ({str(error).splitlines()[0][:80]}); "
-            "run histosearch check --repair",
-        ) from None
+    with archive.open_derived(path, "patch index") as file:
+        try:
+            return PatchIndex.read(file)
+        except RuntimeError as error:
+            raise ArchiveError(
+                path,
+                f"unreadable patch index ({str(error).splitlines()[0][:80]}); "
+                "run histosearch check --repair",
+            ) from None
 
 
 def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
@@ -59,13 +58,14 @@ def load_patch_index(archive: ArchiveFolder, view: SearchView) -> PatchIndex:
 
 
 def _read_sketches(archive: ArchiveFolder, path: Path, view: SearchView) -> Sketches:
-    data = archive.read_derived(path, "sketch file (stage 1's rows of each slide)")
-    try:
-        sketches = Sketches.load(io.BytesIO(data))
-    except Exception as error:  # numpy's zip errors name no file
-        raise ArchiveError(
-            path, f"unreadable sketches ({type(error).__name__}); run histosearch check --repair"
-        ) from None
+    with archive.open_derived(path, "sketch file (stage 1's rows of each slide)") as file:
+        try:
+            sketches = Sketches.load(file)
+        except Exception as error:  # numpy's zip errors name no file
+            raise ArchiveError(
+                path,
+                f"unreadable sketches ({type(error).__name__}); run histosearch check --repair",
+            ) from None
     if (
         sketches.per_slide != SKETCH_ROWS
         or sketches.rows.shape[1:] != view.vectors.shape[1:]
@@ -91,14 +91,15 @@ def load_calibration(
     number of store rows they were measured on, of store generation `generation` (the
     current one by default)."""
     path = archive.path("calibration", ".npz", generation)
-    saved = archive.read_derived(path, "calibration (what percentiles are measured against)")
-    try:
-        with np.load(io.BytesIO(saved)) as data:
-            return {k: data[k] for k in ("patches", "slides", "rows")}
-    except Exception as error:  # numpy's zip and pickle errors name no file
-        raise ArchiveError(
-            path, f"unreadable calibration ({type(error).__name__}); run histosearch check --repair"
-        ) from None
+    with archive.open_derived(path, "calibration (what percentiles are measured against)") as file:
+        try:
+            with np.load(file) as data:
+                return {k: data[k] for k in ("patches", "slides", "rows")}
+        except Exception as error:  # numpy's zip and pickle errors name no file
+            raise ArchiveError(
+                path,
+                f"unreadable calibration ({type(error).__name__}); run histosearch check --repair",
+            ) from None
 
 
 def _outdated(covered: int | None, total: int) -> bool:
@@ -146,7 +147,7 @@ class SearchFiles:
             index = PatchIndex.build(view.vectors, archive.index_metric)
         else:
             index.add(view.vectors[index.ntotal :])
-        archive.write_derived(path, index.to_bytes(), covers=len(view.vectors))
+        archive.write_derived(path, index.write, covers=len(view.vectors))
 
     @staticmethod
     def _write_sketches(archive: ArchiveFolder, view: SearchView, path: Path) -> None:
@@ -158,9 +159,8 @@ class SearchFiles:
             sketches = None
         if sketches is None:
             sketches = Sketches.of(view.vectors, view.offsets[:1])
-        buffer = io.BytesIO()
-        sketches.extended(view.vectors, view.offsets).save(buffer)
-        archive.write_derived(path, buffer.getvalue(), covers=len(view.records))
+        extended = sketches.extended(view.vectors, view.offsets)
+        archive.write_derived(path, extended.save, covers=len(view.records))
 
     @staticmethod
     def _calibrate(
@@ -171,10 +171,9 @@ class SearchFiles:
         patch_nn, slide_nn = measure_calibration(
             view, index, CALIBRATION_SLIDES, CALIBRATION_PATCHES, sketches=sketches
         )
-        buffer = io.BytesIO()
-        np.savez(buffer, patches=patch_nn, slides=slide_nn, rows=len(view.vectors))
         archive.write_derived(
-            archive.path("calibration", ".npz", view.generation), buffer.getvalue()
+            archive.path("calibration", ".npz", view.generation),
+            lambda file: np.savez(file, patches=patch_nn, slides=slide_nn, rows=len(view.vectors)),
         )
 
     def problems(self, archive: ArchiveFolder, view: SearchView) -> list[tuple[Path, str]]:
