@@ -104,8 +104,8 @@ class ScaleResult:
     sketch_s: float = 0.0
     sketch_gb: float = 0.0
     # what the add that passes UNSAVED_SHARE costs the archive's writer on top of add_one_s
-    # (`upkeep.SearchFiles`): the patch index and the sketches serialised, checksummed and
-    # written again (measured last, so that peak_rss_gb is the search's)
+    # (`upkeep.SearchFiles`): the patch index and the sketches written again and checksummed
+    # (streamed to disk: peak_rss_gb includes it)
     rewrite_s: float = 0.0
 
     def figures(self) -> dict[str, float | int]:
@@ -539,9 +539,9 @@ def bench_scale(
         index.search(patch[None], 10)
         patch_times.append(time.perf_counter() - start)
 
-    peak_rss = peak_rss_gb()
     on_stage("writing the index and the sketches again")
     rewrite_s = _rewrite_seconds(workdir, index, sketches)
+    peak_rss = peak_rss_gb()
     return ScaleResult(
         patches=len(store),
         slides=len(offsets) - 1,
