@@ -1,12 +1,18 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one behind, and reading memory-mapped
+files larger than memory without holding them resident."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _umask() -> int:
@@ -69,3 +75,18 @@ def prefetch_pages(array: object) -> None:
     background: the reads of many scattered slices of a file not in the page cache then
     overlap rather than fault in one after another. Anything else is left alone."""
     _advise(array, _MADV_WILLNEED, whole=False)
+
+
+def gather_rows(array: np.ndarray, rows: np.ndarray, run: int) -> np.ndarray:
+    """`array[rows]` for ascending `rows`, read `run` rows of `array` at a time: a read-only
+    memory map's pages are released after each run (`release_pages`), so rows gathered from
+    all over a file larger than memory do not leave the whole file counted as resident."""
+    import numpy as np
+
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    bounds = np.searchsorted(rows, np.arange(0, len(array) + run, run))
+    for first, last in itertools.pairwise(bounds.tolist()):
+        if last > first:
+            out[first:last] = array[rows[first:last]]
+            release_pages(array[rows[first] : rows[last - 1] + 1])
+    return out

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import faiss
 import numpy as np
 
-from histosearch.fileio import atomic_path, release_pages
+from histosearch.fileio import atomic_path, gather_rows, release_pages
 from histosearch.search.similarity import l2_normalize
 
 METRICS = ("cosine", "l2")
@@ -126,8 +126,7 @@ class PatchIndex:
             ivf = faiss.extract_index_ivf(index)
             size = min(len(sample), TRAIN_PER_LIST * ivf.nlist)
             rows = np.sort(np.random.default_rng(seed).choice(len(sample), size, replace=False))
-            index.train(_prepared(sample[rows], metric))
-            release_pages(sample)
+            index.train(_prepared(gather_rows(sample, rows, ADD_CHUNK), metric))
         patch_index.nprobe = nprobe
         return patch_index
 

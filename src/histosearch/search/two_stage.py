@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from histosearch.fileio import prefetch_pages, release_pages
+from histosearch.fileio import gather_rows, prefetch_pages, release_pages
 from histosearch.search.patch_index import PatchIndex, faiss_threads
 from histosearch.search.similarity import l2_normalize, slide_similarities
 
@@ -207,7 +207,7 @@ class Sketches:
         new = np.arange(self.n_slides, len(offsets) - 1)
         if not len(new):
             return self
-        rows = _gather(store, sketch_picks(offsets, new, self.per_slide))
+        rows = gather_rows(store, sketch_picks(offsets, new, self.per_slide), SCAN_ROWS)
         sizes = np.minimum(np.diff(offsets)[new], self.per_slide)
         starts = np.concatenate([self.starts, self.starts[-1] + np.cumsum(sizes)])
         if len(self.rows):
@@ -221,18 +221,6 @@ class Sketches:
     def load(cls, file: BinaryIO | Path) -> Sketches:
         with np.load(file) as saved:
             return cls(saved["rows"], saved["starts"], int(saved["per_slide"]))
-
-
-def _gather(store: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """store[rows] for ascending `rows`, read SCAN_ROWS store rows at a time: a memory-mapped
-    store's pages are released after each run (a pass over a store larger than memory)."""
-    out = np.empty((len(rows), store.shape[1]), store.dtype)
-    bounds = np.searchsorted(rows, np.arange(0, len(store) + SCAN_ROWS, SCAN_ROWS))
-    for first, last in itertools.pairwise(bounds.tolist()):
-        if last > first:
-            out[first:last] = store[rows[first:last]]
-            release_pages(store[rows[first] : rows[last - 1] + 1])
-    return out
 
 
 def _sketch_rows(
